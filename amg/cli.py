@@ -1,0 +1,204 @@
+"""The `amg` command: data, train, eval, import.
+
+Every subcommand prints progress to stderr and results to stdout, so results can be piped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tabulate import tabulate
+
+from amg.data.synthetic import SynthConfig
+
+EXIT_USAGE = 2
+
+
+def progress(message: str) -> None:
+    print(f"[amg] {message}", file=sys.stderr, flush=True)
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from amg.data.synthetic import generate
+
+    config = SynthConfig(train_ids=args.ids, test_ids=args.test_ids or args.ids,
+                         images_per_id=args.images_per_id, num_cameras=args.cameras, seed=args.seed)
+    manifest = generate(args.out, config, progress)
+    print(json.dumps(manifest, indent=2))
+    return 0
+
+
+def cmd_data_info(args: argparse.Namespace) -> int:
+    from amg.data.layout import load_dataset
+
+    print(load_dataset(args.root, args.layout).summary())
+    return 0
+
+
+def _load_dataset(root: str | None, layout: str):
+    from amg.data.layout import load_dataset
+    from amg.zoo import synthetic_root
+
+    return load_dataset(root if root else synthetic_root(progress=progress), layout if root else "auto")
+
+
+def _training_config(args: argparse.Namespace):
+    from amg.finetune import TrainConfig
+
+    return TrainConfig(steps=args.steps, lr=args.lr, seed=args.seed, num_identities=args.batch_ids,
+                       num_instances=args.batch_instances)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from amg.model import save_model
+    from amg.zoo import default_model, train_on_dataset
+
+    _set_threads(args.threads)
+    training = _training_config(args)
+    if args.data is None and args.out is None:
+        model, path = default_model(args.preset, training=training, progress=progress)
+        print(path)
+        return 0
+    if args.out is None:
+        raise ValueError("--out is required when training on --data")
+    dataset = _load_dataset(args.data, args.layout)
+    overrides = {"num_cameras": dataset.num_cameras} if args.sie else {}
+    img_size = tuple(args.img_size) if args.img_size else None
+    model, summary = train_on_dataset(args.preset, dataset, training, img_size, progress, **overrides)
+    print(save_model(model, args.out, **summary))
+    return 0
+
+
+def _model_for_eval(args: argparse.Namespace):
+    from amg.model import load_model
+    from amg.zoo import default_model
+
+    if args.model:
+        return load_model(args.model)
+    return default_model(progress=progress)[0]
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from amg.evaluate import Evaluator
+
+    _set_threads(args.threads)
+    model = _model_for_eval(args)
+    dataset = _load_dataset(args.data, args.layout)
+    progress(f"evaluating on {dataset.name} at {dataset.root}")
+    results = Evaluator(dataset, model.config.img_size, progress).evaluate(model, args.metric)
+    rows = [[name, r.num_queries, *(f"{100 * v:.2f}" for v in r.as_dict().values())] for name, r in results.items()]
+    headers = ["query set", "queries", *(k if k.startswith("m") else k.replace("rank", "Rank-") for k in
+                                         next(iter(results.values())).as_dict())]
+    if args.json:
+        print(json.dumps({name: r.as_dict() | {"queries": r.num_queries} for name, r in results.items()}, indent=2))
+    else:
+        print(tabulate(rows, headers=headers, tablefmt="github"))
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from amg.checkpoints import import_state_dict
+    from amg.model import build_model, save_model
+
+    overrides = {}
+    if args.num_cameras is not None:
+        overrides["num_cameras"] = args.num_cameras
+    if args.img_size:
+        overrides["img_size"] = tuple(args.img_size)
+    model = build_model(args.preset, num_classes=args.num_classes, **overrides)
+    grid = tuple(args.source_grid) if args.source_grid else None
+    report = import_state_dict(model, args.checkpoint, args.format, grid)
+    progress(report.summary())
+    print(save_model(model, args.out, imported_from=str(args.checkpoint), import_format=report.format))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from amg.model import DEFAULT_PRESET, PRESETS
+
+    parser = argparse.ArgumentParser(
+        prog="amg",
+        description="AMG-Bench: Attention Map Guided pruning of ViT person Re-ID models, and its benchmarks.",
+        epilog="Without --data, commands use the embedded default: a synthetic Re-ID set and a small model "
+               "trained on it, both generated once and cached in $AMG_CACHE_DIR (default ~/.cache/amg-bench).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = sub.add_parser("data", help="generate or inspect Re-ID data sets")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    synth = data_sub.add_parser("synth", help="write the synthetic holistic + occluded set (Market-1501 layout)")
+    synth.add_argument("--out", required=True, type=Path, help="folder to create (must not exist or be empty)")
+    synth.add_argument("--ids", type=int, default=SynthConfig.train_ids, help="training identities (default %(default)s)")
+    synth.add_argument("--test-ids", type=int, default=None, help="test identities (default: same as --ids)")
+    synth.add_argument("--images-per-id", type=int, default=SynthConfig.images_per_id,
+                       help="images per identity (default %(default)s)")
+    synth.add_argument("--cameras", type=int, default=SynthConfig.num_cameras, help="cameras, 2..6 (default %(default)s)")
+    synth.add_argument("--seed", type=int, default=SynthConfig.seed, help="random seed (default %(default)s)")
+    synth.set_defaults(func=cmd_data_synth)
+    info = data_sub.add_parser("info", help="read a data set and print its splits")
+    info.add_argument("root", type=Path, help="data set root (Market-1501, DukeMTMC-reID, Occluded-Duke, MSMT17)")
+    info.add_argument("--layout", default="auto", help="auto|market1501|dukemtmc|occluded_duke|msmt17")
+    info.set_defaults(func=cmd_data_info)
+
+    def add_data_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--data", default=None, help="real data set root (default: the cached synthetic set)")
+        p.add_argument("--layout", default="auto", help="layout of --data (default: detect)")
+        p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+    train = sub.add_parser("train", help="train a Re-ID model (default: the cached embedded default)")
+    train.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS), help="model preset (default %(default)s)")
+    train.add_argument("--steps", type=int, default=1000, help="optimizer steps (default %(default)s)")
+    train.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default %(default)s)")
+    train.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
+    train.add_argument("--batch-ids", type=int, default=16, help="identities per PK batch (default %(default)s)")
+    train.add_argument("--batch-instances", type=int, default=4, help="images per identity in a batch (default %(default)s)")
+    train.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"), help="input size (default: the preset's)")
+    train.add_argument("--sie", action="store_true", help="add a camera embedding (SIE) sized to the data set")
+    train.add_argument("--out", default=None, help="where to save the model (required with --data)")
+    add_data_options(train)
+    train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser("eval", help="Rank-1/5/10, mAP and mINP on every query set")
+    evaluate.add_argument("model", nargs="?", default=None, help="model file (default: the cached default model)")
+    evaluate.add_argument("--metric", default="euclidean", choices=["euclidean", "cosine"])
+    evaluate.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_data_options(evaluate)
+    evaluate.set_defaults(func=cmd_eval)
+
+    imp = sub.add_parser("import", help="convert a TransReID / timm / LA-Transformer .pth into an amg model file")
+    imp.add_argument("checkpoint", type=Path, help="the .pth state dict")
+    imp.add_argument("--preset", required=True, choices=sorted(PRESETS), help="architecture the weights belong to")
+    imp.add_argument("--out", required=True, type=Path, help="amg model file to write")
+    imp.add_argument("--format", default="auto", help="auto|transreid|timm|la_transformer")
+    imp.add_argument("--num-classes", type=int, default=0, help="training identities of its classifier (0: none)")
+    imp.add_argument("--num-cameras", type=int, default=None, help="SIE cameras (default: the preset's)")
+    imp.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"), help="input size (default: the preset's)")
+    imp.add_argument("--source-grid", type=int, nargs=2, metavar=("ROWS", "COLS"),
+                     help="the checkpoint's patch grid, when its position embedding is not square")
+    imp.set_defaults(func=cmd_import)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        # Bad input is the user's to fix: say what, without a traceback.
+        print(f"amg {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

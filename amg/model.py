@@ -1,0 +1,241 @@
+"""ReIDViT: a timm VisionTransformer backbone with a Re-ID BNNeck, its presets, and saving/loading.
+
+The forward pass is spelled out here (patch embed -> position (+camera) embedding -> blocks ->
+final norm -> class token -> BatchNorm neck) rather than hidden in timm's `forward_features`,
+because the camera embedding (SIE) has to be added between the position embedding and the blocks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from timm.layers import PatchEmbed
+from timm.models.vision_transformer import VisionTransformer
+
+CHECKPOINT_FORMAT = "amg-reid-v1"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a ReIDViT's shapes (weights come from a state dict)."""
+
+    name: str
+    img_size: tuple[int, int] = (256, 128)  # (height, width): pedestrians are tall
+    patch_size: int = 16
+    patch_stride: int | None = None  # < patch_size gives TransReID's overlapping patches
+    embed_dim: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    num_cameras: int = 0  # > 0 enables the side-information (camera) embedding, SIE
+    sie_scale: float = 3.0  # TransReID's `sie_xishu`
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        stride = self.patch_stride or self.patch_size
+        return tuple((s - self.patch_size) // stride + 1 for s in self.img_size)  # type: ignore[return-value]
+
+    @property
+    def num_tokens(self) -> int:
+        rows, cols = self.grid_size
+        return rows * cols + 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown model config fields {unknown}; known: {sorted(known)}")
+        values = dict(values)
+        values["img_size"] = tuple(values.get("img_size", (256, 128)))
+        return cls(**values)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # The embedded default: trains from scratch on the synthetic set in a few CPU minutes.
+    "small": ModelConfig("small", img_size=(128, 64), embed_dim=192, depth=6, num_heads=6),
+    "vit_tiny": ModelConfig("vit_tiny", embed_dim=192, depth=12, num_heads=3),
+    "vit_small": ModelConfig("vit_small", embed_dim=384, depth=12, num_heads=6),
+    "vit_base": ModelConfig("vit_base", embed_dim=768, depth=12, num_heads=12),
+    # TransReID's ViT-Base: 16x16 patches at stride 12 (211 tokens at 256x128) and camera embedding.
+    "transreid_base": ModelConfig(
+        "transreid_base", embed_dim=768, depth=12, num_heads=12, patch_stride=12, num_cameras=6
+    ),
+}
+DEFAULT_PRESET = "small"
+
+
+def get_config(preset: str, **overrides: Any) -> ModelConfig:
+    """The preset's config with `overrides` applied (e.g. `img_size=(256, 128)`, `num_cameras=8`)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
+    return dataclasses.replace(PRESETS[preset], **overrides)
+
+
+class OverlapPatchEmbed(PatchEmbed):
+    """timm's PatchEmbed with a convolution stride smaller than the patch (TransReID)."""
+
+    def __init__(self, *args: Any, stride: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        conv = self.proj
+        self.proj = nn.Conv2d(
+            conv.in_channels, conv.out_channels, kernel_size=self.patch_size,
+            stride=stride, bias=conv.bias is not None,
+        )
+        self.grid_size = tuple((s - p) // stride + 1 for s, p in zip(self.img_size, self.patch_size))
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+
+    def feat_ratio(self, as_scalar: bool = True) -> Any:
+        stride = self.proj.stride
+        return max(stride) if as_scalar else stride
+
+
+def build_backbone(config: ModelConfig) -> VisionTransformer:
+    embed_layer: Any = PatchEmbed
+    if config.patch_stride and config.patch_stride != config.patch_size:
+        embed_layer = functools.partial(OverlapPatchEmbed, stride=config.patch_stride)
+    backbone = VisionTransformer(
+        img_size=config.img_size,
+        patch_size=config.patch_size,
+        embed_dim=config.embed_dim,
+        depth=config.depth,
+        num_heads=config.num_heads,
+        mlp_ratio=config.mlp_ratio,
+        qkv_bias=config.qkv_bias,
+        num_classes=0,
+        global_pool="token",
+        embed_layer=embed_layer,
+    )
+    # Fail early rather than mis-shape a position embedding later.
+    assert backbone.patch_embed.num_patches + 1 == config.num_tokens
+    return backbone
+
+
+class ReIDViT(nn.Module):
+    """ViT Re-ID model: class token after the final norm -> BatchNorm1d neck -> (training) classifier.
+
+    In training mode `forward` returns `(logits, features)`: logits from the classifier after
+    the neck (ID loss), features before the neck (triplet loss), as in BNNeck / TransReID.
+    In eval mode it returns the neck output, the retrieval feature.
+    """
+
+    def __init__(self, config: ModelConfig, num_classes: int = 0) -> None:
+        super().__init__()
+        self.config = config
+        self.num_classes = num_classes
+        self.backbone = build_backbone(config)
+        dim = config.embed_dim
+        self.sie_embed = (
+            nn.Parameter(torch.zeros(config.num_cameras, 1, dim)) if config.num_cameras > 0 else None
+        )
+        if self.sie_embed is not None:
+            nn.init.trunc_normal_(self.sie_embed, std=0.02)
+        self.neck = nn.BatchNorm1d(dim)
+        self.neck.bias.requires_grad_(False)  # BNNeck: a bias would shift the retrieval space
+        self.classifier = nn.Linear(dim, num_classes, bias=False) if num_classes > 0 else None
+        if self.classifier is not None:
+            nn.init.normal_(self.classifier.weight, std=0.001)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.config.embed_dim
+
+    def forward_tokens(self, images: torch.Tensor, camids: torch.Tensor | None = None) -> torch.Tensor:
+        """All tokens after the final norm, `[B, N, D]` (part-based heads use the patch tokens)."""
+        vit = self.backbone
+        x = vit._pos_embed(vit.patch_embed(images))
+        if self.sie_embed is not None:
+            if camids is None:
+                raise ValueError("this model has a camera embedding (SIE): pass camids to forward")
+            x = x + self.config.sie_scale * self.sie_embed[camids]
+        x = vit.norm_pre(vit.patch_drop(x))
+        x = vit.blocks(x)
+        return vit.norm(x)
+
+    def forward(self, images: torch.Tensor, camids: torch.Tensor | None = None) -> Any:
+        features = self.forward_tokens(images, camids)[:, 0]
+        neck_features = self.neck(features)
+        if not self.training:
+            return neck_features
+        if self.classifier is None:
+            raise RuntimeError("training forward needs a classifier: build the model with num_classes > 0")
+        return self.classifier(neck_features), features
+
+
+def build_model(preset: str = DEFAULT_PRESET, num_classes: int = 0, **overrides: Any) -> ReIDViT:
+    return ReIDViT(get_config(preset, **overrides), num_classes=num_classes)
+
+
+def save_model(model: ReIDViT, path: str | Path, **meta: Any) -> Path:
+    """Write config + weights (+ `meta`) so `load_model` needs nothing else; atomic via rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "config": model.config.to_dict(),
+        "num_classes": model.num_classes,
+        "state_dict": model.state_dict(),
+        "meta": meta,
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    return path
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a corrupt file
+        raise ValueError(f"cannot read checkpoint {path}: {error}") from error
+    if not isinstance(payload, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(payload).__name__}, not a dict")
+    return payload
+
+
+def load_model(path: str | Path) -> ReIDViT:
+    """Load a model written by `save_model` (its config travels with it)."""
+    payload = read_checkpoint(path)
+    if payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"{path} is not an AMG-Bench checkpoint (format {payload.get('format')!r}); "
+            "import foreign state dicts with amg.checkpoints.import_state_dict"
+        )
+    model = ReIDViT(ModelConfig.from_dict(payload["config"]), num_classes=payload["num_classes"])
+    load_exact(model, payload["state_dict"], source=str(path))
+    return model
+
+
+def load_exact(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """load_state_dict that names every missing, unknown and mis-shaped key in one error."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unknown = sorted(set(state_dict) - set(expected))
+    misshaped = [
+        f"{key}: checkpoint {tuple(state_dict[key].shape)} vs model {tuple(value.shape)}"
+        for key, value in expected.items()
+        if key in state_dict and tuple(state_dict[key].shape) != tuple(value.shape)
+    ]
+    if missing or unknown or misshaped:
+        lines = [f"checkpoint {source} does not fit the model:"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing[:20])}")
+        if unknown:
+            lines.append(f"  unknown keys ({len(unknown)}): {', '.join(unknown[:20])}")
+        if misshaped:
+            lines.append(f"  shape mismatches ({len(misshaped)}): {'; '.join(misshaped[:10])}")
+        raise ValueError("\n".join(lines))
+    model.load_state_dict(state_dict, strict=True)

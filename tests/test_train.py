@@ -1,0 +1,74 @@
+"""A short real training run, its determinism, the losses, and the default-model cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import amg.zoo as zoo
+from amg.data.layout import load_dataset
+from amg.data.synthetic import SynthConfig, generate
+from amg.finetune import TrainConfig, learning_rate
+from amg.losses import batch_hard_triplet
+from amg.model import load_model
+
+TINY_DATA = SynthConfig(train_ids=8, test_ids=4, images_per_id=6, num_cameras=3, queries_per_id=2,
+                        distractors=2, junk=1, height=64, width=32, seed=3)
+SHORT = TrainConfig(steps=24, num_identities=4, num_instances=2, warmup_steps=4, lr=1e-3, log_every=8)
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train") / "synth"
+    generate(root, TINY_DATA)
+    return root
+
+
+def test_short_training_run_lowers_the_loss_and_is_reproducible(tiny_root):
+    dataset = load_dataset(tiny_root)
+    model_a, summary = zoo.train_on_dataset("small", dataset, SHORT, img_size=(64, 32))
+    model_b, _ = zoo.train_on_dataset("small", dataset, SHORT, img_size=(64, 32))
+    assert summary["steps"] == SHORT.steps
+    for a, b in zip(model_a.state_dict().values(), model_b.state_dict().values()):
+        assert torch.equal(a, b)
+    assert summary["final_loss"] < summary["first_loss"]
+    assert not model_a.training  # handed back in eval mode
+
+
+def test_learning_rate_warms_up_then_decays():
+    config = TrainConfig(steps=100, warmup_steps=10, lr=1.0, min_lr_fraction=0.01)
+    rates = [learning_rate(step, config) for step in range(100)]
+    assert rates[0] == pytest.approx(0.1) and rates[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(rates[10:], rates[11:]))
+    assert rates[-1] == pytest.approx(0.01, abs=1e-3)
+
+
+def test_batch_hard_triplet_hand_case():
+    # ids 0,0,1,1 on a line at 0, 1, 3, 6: anchor 0 -> hardest pos 1, hardest neg 3: 1 - 3 + 0.3 < 0 -> 0
+    # anchor 1 -> pos 1, neg 2: -0.7 -> 0; anchor 3 -> pos 3, neg 2: 3 - 2 + .3 = 1.3
+    # anchor 6 -> pos 3, neg 5: 0 ; mean = 1.3 / 4
+    features = torch.tensor([[0.0], [1.0], [3.0], [6.0]])
+    loss = batch_hard_triplet(features, torch.tensor([0, 0, 1, 1]), margin=0.3)
+    assert loss.item() == pytest.approx(1.3 / 4, abs=1e-5)
+    with pytest.raises(ValueError, match="two identities"):
+        batch_hard_triplet(features, torch.zeros(4, dtype=torch.long))
+
+
+def test_default_model_is_trained_once_then_loaded(tiny_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("AMG_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(zoo, "synthetic_root", lambda config, progress=None: tiny_root)
+    model, path = zoo.default_model("small", TINY_DATA, SHORT)
+    assert path.is_file() and path.parent == tmp_path / "cache" / "models"
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("a cached model was trained again")
+
+    monkeypatch.setattr(zoo, "train", must_not_train)
+    again, same_path = zoo.default_model("small", TINY_DATA, SHORT)
+    assert same_path == path
+    images = torch.randn(2, 3, 64, 32)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(images), again(images))
+    # a different training config is a different cache entry
+    assert zoo.default_model_path("small", TINY_DATA, TrainConfig(steps=25)) != path
+    assert load_model(path).config.img_size == (64, 32)
