@@ -207,7 +207,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def load_model(path: str | Path) -> ReIDViT:
-    """Load a model written by `save_model` (its config travels with it)."""
+    """Load a model written by `save_model` (its config travels with it), in eval mode."""
     payload = read_checkpoint(path)
     if payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(
@@ -216,7 +216,7 @@ def load_model(path: str | Path) -> ReIDViT:
         )
     model = ReIDViT(ModelConfig.from_dict(payload["config"]), num_classes=payload["num_classes"])
     load_exact(model, payload["state_dict"], source=str(path))
-    return model
+    return model.eval()
 
 
 def load_exact(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:

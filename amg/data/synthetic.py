@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 # Bump whenever a change here changes the images, so cached data sets are regenerated.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 SUPERSAMPLE = 2  # draw at 2x and downsample: anti-aliased edges without per-shape AA
 JPEG_QUALITY = 92
 MANIFEST = "synthetic.json"
@@ -378,9 +378,10 @@ def generate(out: str | Path, config: SynthConfig = SynthConfig(),
     occlusion: list[float] = []
     frame = 0
 
-    def save(folder: str, image: Image.Image, pid: int, camera: int) -> None:
+    def save(folder: str, image: Image.Image, pid: int, camera: int, same_frame: bool = False) -> None:
+        """Write one image; `same_frame` reuses the previous frame number (an occluded twin)."""
         nonlocal frame
-        frame += 1
+        frame += 0 if same_frame else 1
         image.save(folders[folder] / _file_name(pid, camera, frame, 1), quality=JPEG_QUALITY)
         counts[folder] += 1
 
@@ -409,7 +410,7 @@ def generate(out: str | Path, config: SynthConfig = SynthConfig(),
                 save("query", render(config, identity, camera, key)[0], pid, camera)
                 image, hidden = render(config, identity, camera, key, occlude=True)
                 occlusion.append(hidden)
-                save("query_occluded", image, pid, camera)
+                save("query_occluded", image, pid, camera, same_frame=True)
             else:
                 save("bounding_box_test", render(config, identity, camera, key)[0], pid, camera)
     extra_rng = _rng(config, _EXTRA)
