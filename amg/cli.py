@@ -15,6 +15,7 @@ import torch
 from tabulate import tabulate
 
 from amg.data.synthetic import SynthConfig
+from amg.finetune import TrainConfig
 
 EXIT_USAGE = 2
 
@@ -52,9 +53,7 @@ def _load_dataset(root: str | None, layout: str):
     return load_dataset(root if root else synthetic_root(progress=progress), layout if root else "auto")
 
 
-def _training_config(args: argparse.Namespace):
-    from amg.finetune import TrainConfig
-
+def _training_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(steps=args.steps, lr=args.lr, seed=args.seed, num_identities=args.batch_ids,
                        num_instances=args.batch_instances)
 
@@ -157,11 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a Re-ID model (default: the cached embedded default)")
     train.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS), help="model preset (default %(default)s)")
-    train.add_argument("--steps", type=int, default=1000, help="optimizer steps (default %(default)s)")
-    train.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default %(default)s)")
-    train.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
-    train.add_argument("--batch-ids", type=int, default=16, help="identities per PK batch (default %(default)s)")
-    train.add_argument("--batch-instances", type=int, default=4, help="images per identity in a batch (default %(default)s)")
+    train.add_argument("--steps", type=int, default=TrainConfig.steps, help="optimizer steps (default %(default)s)")
+    train.add_argument("--lr", type=float, default=TrainConfig.lr, help="peak learning rate (default %(default)s)")
+    train.add_argument("--seed", type=int, default=TrainConfig.seed, help="random seed (default %(default)s)")
+    train.add_argument("--batch-ids", type=int, default=TrainConfig.num_identities, help="identities per PK batch (default %(default)s)")
+    train.add_argument("--batch-instances", type=int, default=TrainConfig.num_instances, help="images per identity in a batch (default %(default)s)")
     train.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"), help="input size (default: the preset's)")
     train.add_argument("--sie", action="store_true", help="add a camera embedding (SIE) sized to the data set")
     train.add_argument("--out", default=None, help="where to save the model (required with --data)")

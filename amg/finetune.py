@@ -19,7 +19,7 @@ Progress = Callable[[str], None]
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 1000
+    steps: int = 800
     num_identities: int = 16  # P in a PK batch
     num_instances: int = 4  # K in a PK batch
     lr: float = 1e-3
@@ -28,7 +28,7 @@ class TrainConfig:
     warmup_steps: int = 100
     label_smoothing: float = 0.1
     triplet_margin: float = 0.3
-    erase_p: float = 0.5
+    erase_p: float = 0.0  # see README: with 800 CPU steps erasing leaves the small model underfit
     seed: int = 0
     log_every: int = 50
 

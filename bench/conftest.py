@@ -5,6 +5,9 @@ The suite is a thin layer: the model, data and measurements all come from `amg`.
 
 from __future__ import annotations
 
+import contextlib
+from typing import Callable
+
 import pytest
 import torch
 
@@ -22,8 +25,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="torch CPU threads (default: all cores); recorded with every latency")
 
 
-def _progress(message: str) -> None:
-    print(f"[amg] {message}", flush=True)
+def _progress_printer(config: pytest.Config) -> Callable[[str], None]:
+    """Print past pytest's output capture: first-run data generation and training take minutes."""
+    capture = config.pluginmanager.getplugin("capturemanager")
+
+    def progress(message: str) -> None:
+        with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+            print(f"\n[amg] {message}", end="", flush=True)
+
+    return progress
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +55,7 @@ def reid_model(request: pytest.FixtureRequest):
     if checkpoint:
         return load_model(checkpoint).eval(), True
     if preset == DEFAULT_PRESET:
-        return default_model(preset, progress=_progress)[0].eval(), True
+        return default_model(preset, progress=_progress_printer(request.config))[0].eval(), True
     torch.manual_seed(0)
     return build_model(preset).eval(), False
 
@@ -59,5 +69,6 @@ def evaluator(request: pytest.FixtureRequest, reid_model):
     model, trained = reid_model
     if not trained:
         pytest.skip("accuracy needs trained weights: this preset is untrained, pass --amg-checkpoint")
-    root = request.config.getoption("--amg-data") or synthetic_root(progress=_progress)
-    return Evaluator(load_dataset(root), model.config.img_size, _progress)
+    progress = _progress_printer(request.config)
+    root = request.config.getoption("--amg-data") or synthetic_root(progress=progress)
+    return Evaluator(load_dataset(root), model.config.img_size, progress)
