@@ -11,7 +11,7 @@ import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -176,8 +176,11 @@ def build_model(preset: str = DEFAULT_PRESET, num_classes: int = 0, **overrides:
     return ReIDViT(get_config(preset, **overrides), num_classes=num_classes)
 
 
-def save_model(model: ReIDViT, path: str | Path, **meta: Any) -> Path:
-    """Write config + weights (+ `meta`) so `load_model` needs nothing else; atomic via rename."""
+def save_model(model: ReIDViT, path: str | Path, extra: dict[str, Any] | None = None, **meta: Any) -> Path:
+    """Write config + weights (+ `extra` payload entries, + `meta`) so loading needs nothing else.
+
+    Atomic (temp file + rename): an interrupted save never leaves a truncated model file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -186,6 +189,7 @@ def save_model(model: ReIDViT, path: str | Path, **meta: Any) -> Path:
         "num_classes": model.num_classes,
         "state_dict": model.state_dict(),
         "meta": meta,
+        **(extra or {}),
     }
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)
@@ -206,15 +210,24 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return payload
 
 
-def load_model(path: str | Path) -> ReIDViT:
-    """Load a model written by `save_model` (its config travels with it), in eval mode."""
+def load_model(path: str | Path,
+               prepare: Callable[[ReIDViT, dict[str, Any]], None] | None = None) -> ReIDViT:
+    """Load a model written by `save_model` (its config travels with it), in eval mode.
+
+    `prepare(model, payload)` runs before the weights are loaded, to reshape the model
+    (amg.prune uses it to apply a saved plan).
+    """
     payload = read_checkpoint(path)
     if payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(
             f"{path} is not an AMG-Bench checkpoint (format {payload.get('format')!r}); "
-            "import foreign state dicts with amg.checkpoints.import_state_dict"
+            "import foreign state dicts with `amg import` (amg.checkpoints.import_state_dict)"
         )
     model = ReIDViT(ModelConfig.from_dict(payload["config"]), num_classes=payload["num_classes"])
+    if prepare is not None:
+        prepare(model, payload)
+    elif payload.get("plan") is not None:
+        raise ValueError(f"{path} holds a pruned model: load it with amg.prune.load_pruned")
     load_exact(model, payload["state_dict"], source=str(path))
     return model.eval()
 

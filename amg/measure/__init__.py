@@ -1,0 +1,1 @@
+"""Measurements that know nothing about pruning: FLOPs (fvcore), and later latency and memory."""

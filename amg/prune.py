@@ -1,0 +1,262 @@
+"""PrunePlan: which heads and key/value positions each block keeps; making, applying, saving.
+
+A plan speaks of the *original* model: head numbers are those of the unpruned block, token
+positions those of the unpruned sequence (0 is the class token, always kept). Applying a
+plan makes a smaller dense model (physically sliced qkv/proj, static K/V index), never a
+masked one. Plans are JSON: they can be read, diffed and applied without calibration data.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from amg import scores as S
+from amg.attention import patch_model
+from amg.model import ModelConfig, ReIDViT, load_model, save_model
+
+Progress = Callable[[str], None]
+PLAN_VERSION = 1
+
+
+@dataclass
+class PrunePlan:
+    num_heads: int  # heads per block of the model the plan was made for
+    num_tokens: int  # tokens (class token included) of that model
+    kept_heads: list[list[int]]  # per block: original head numbers kept
+    kept_tokens: list[list[int] | None]  # per block: K/V positions kept, None = all
+    policy: dict[str, str] = field(default_factory=dict)
+    ratios: dict[str, float] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)
+    version: int = PLAN_VERSION
+
+    @classmethod
+    def unpruned(cls, config: ModelConfig) -> PrunePlan:
+        return cls(config.num_heads, config.num_tokens, [list(range(config.num_heads))] * config.depth,
+                   [None] * config.depth, {"heads": "none", "tokens": "none"}, {"heads": 0.0, "tokens": 0.0})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> PrunePlan:
+        try:
+            plan = cls(**values)
+        except TypeError as error:
+            raise ValueError(f"not a PrunePlan: {error}") from error
+        if plan.version != PLAN_VERSION:
+            raise ValueError(f"plan version {plan.version} is not supported (expected {PLAN_VERSION})")
+        return plan
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> PrunePlan:
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not a JSON plan: {error}") from error
+
+    def check_fits(self, config: ModelConfig) -> None:
+        """Raise a ValueError naming the first mismatch between this plan and `config`."""
+        problems = []
+        if len(self.kept_heads) != config.depth or len(self.kept_tokens) != config.depth:
+            problems.append(f"plan has {len(self.kept_heads)} blocks, model has {config.depth}")
+        if self.num_heads != config.num_heads:
+            problems.append(f"plan is for {self.num_heads} heads per block, model has {config.num_heads}")
+        if self.num_tokens != config.num_tokens:
+            problems.append(f"plan is for {self.num_tokens} tokens, model has {config.num_tokens}")
+        for block, heads in enumerate(self.kept_heads):
+            if not heads:
+                problems.append(f"block {block} keeps no head (at least one per block must stay)")
+            elif min(heads) < 0 or max(heads) >= config.num_heads or len(set(heads)) != len(heads):
+                problems.append(f"block {block}: head numbers {heads} are not distinct numbers in [0, {config.num_heads})")
+        for block, tokens in enumerate(self.kept_tokens):
+            if tokens is None:
+                continue
+            if 0 not in tokens:
+                problems.append(f"block {block}: the class token (position 0) must be kept")
+            if min(tokens) < 0 or max(tokens) >= config.num_tokens or len(set(tokens)) != len(tokens):
+                problems.append(f"block {block}: K/V positions are not distinct numbers in [0, {config.num_tokens})")
+        if problems:
+            raise ValueError("plan does not fit the model: " + "; ".join(problems))
+
+    @property
+    def heads_kept(self) -> int:
+        return sum(len(h) for h in self.kept_heads)
+
+
+def check_ratio(name: str, ratio: float) -> float:
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"{name} ratio must be in [0, 1), got {ratio}")
+    return float(ratio)
+
+
+# ---------------------------------------------------------------------------------- selection
+
+
+def select_heads(removal_scores: Sequence[torch.Tensor], head_ids: Sequence[Sequence[int]], ratio: float,
+                 allocation: str = "global", total_heads: int | None = None) -> list[list[int]]:
+    """Kept original head numbers per block after removing `ratio` of all heads.
+
+    `total_heads` (default: the heads now present) is what the ratio is a fraction of, so
+    that iterative pruning can aim at a fraction of the original model. Higher score goes
+    first; every block keeps at least one head.
+    """
+    check_ratio("head", ratio)
+    present = sum(len(ids) for ids in head_ids)
+    to_remove = round(ratio * (total_heads or present)) - ((total_heads or present) - present)
+    remove: set[tuple[int, int]] = set()
+    if allocation == "per-block":
+        for block, (score, ids) in enumerate(zip(removal_scores, head_ids)):
+            count = min(round(ratio * len(ids)), len(ids) - 1)
+            for position in torch.argsort(score, descending=True)[:count].tolist():
+                remove.add((block, position))
+    else:
+        order = sorted(((float(s), b, p) for b, score in enumerate(removal_scores) for p, s in enumerate(score)),
+                       key=lambda item: (-item[0], item[1], item[2]))
+        left = [len(ids) for ids in head_ids]
+        for _, block, position in order:
+            if len(remove) >= to_remove:
+                break
+            if left[block] > 1:  # never empty a block
+                remove.add((block, position))
+                left[block] -= 1
+    return [[ids[p] for p in range(len(ids)) if (b, p) not in remove] for b, ids in enumerate(head_ids)]
+
+
+def select_tokens(keep_scores: Sequence[torch.Tensor], ratio: float, min_keep: int = 1) -> list[list[int] | None]:
+    """Kept K/V positions per block after dropping `ratio` of all non-class positions globally.
+
+    Position 0 (class token) is always kept, and every block keeps `min_keep` patch positions.
+    """
+    check_ratio("token", ratio)
+    if ratio == 0:
+        return [None] * len(keep_scores)
+    candidates = sorted(((float(s), b, p) for b, score in enumerate(keep_scores) for p, s in enumerate(score) if p > 0),
+                        key=lambda item: (item[0], item[1], item[2]))
+    to_drop = round(ratio * len(candidates))
+    left = [len(score) - 1 for score in keep_scores]
+    dropped: set[tuple[int, int]] = set()
+    for _, block, position in candidates:
+        if len(dropped) >= to_drop:
+            break
+        if left[block] > min_keep:
+            dropped.add((block, position))
+            left[block] -= 1
+    return [[p for p in range(len(score)) if (b, p) not in dropped] for b, score in enumerate(keep_scores)]
+
+
+def head_removal_scores(model: ReIDViT, policy: str, allocation: str, calibration: S.Calibration | None,
+                        seed: int) -> list[torch.Tensor]:
+    if policy not in S.HEAD_POLICIES:
+        raise ValueError(f"unknown head policy {policy!r}; choose one of {S.HEAD_POLICIES}")
+    if policy == "random":
+        return S.random_removal_scores([m.num_heads for m in patch_model(model)], seed)
+    if policy == "magnitude":
+        return S.magnitude_removal_scores(model)
+    if calibration is None:
+        raise ValueError(f"head policy {policy!r} needs calibration data")
+    if policy == "amg":
+        return S.amg_head_removal_scores(calibration, allocation)
+    if policy == "amg-lowest":
+        return S.lowest_entropy_removal_scores(calibration)
+    return S.gradient_removal_scores(calibration)
+
+
+def token_keep_scores(model: ReIDViT, policy: str, calibration: S.Calibration | None, seed: int) -> list[torch.Tensor]:
+    if policy not in S.TOKEN_POLICIES:
+        raise ValueError(f"unknown static token policy {policy!r}; choose one of {S.TOKEN_POLICIES}")
+    if policy == "random":
+        return S.random_token_keep_scores([model.config.num_tokens] * model.config.depth, seed)
+    if calibration is None:
+        raise ValueError("token policy 'amg' needs calibration data")
+    return S.amg_token_keep_scores(calibration)
+
+
+@dataclass
+class CalibrationData:
+    """uint8 images (+ training labels and camera ids) used to score heads and tokens."""
+
+    images: torch.Tensor
+    labels: list[int] | None = None
+    camids: list[int] | None = None
+    description: dict[str, Any] = field(default_factory=dict)
+    loss: str = "id"
+    teacher: ReIDViT | None = None
+
+    def run(self, model: ReIDViT, progress: Progress | None) -> S.Calibration:
+        return S.calibrate(model, self.images, self.labels, self.camids, self.loss, self.teacher, progress=progress)
+
+
+def make_plan(model: ReIDViT, heads: float = 0.0, tokens: float = 0.0, head_policy: str = "amg",
+              token_policy: str = "amg", allocation: str = "global", data: CalibrationData | None = None,
+              seed: int = 0, progress: Progress | None = None) -> PrunePlan:
+    """Score and select: heads first, then tokens scored on the head-pruned model (as the reference)."""
+    check_ratio("head", heads)
+    check_ratio("token", tokens)
+    if allocation not in S.HEAD_ALLOCATIONS:
+        raise ValueError(f"unknown head allocation {allocation!r}; choose one of {S.HEAD_ALLOCATIONS}")
+    work = copy.deepcopy(model)
+    modules = patch_model(work)
+    needs_data = (heads > 0 and head_policy not in ("random", "magnitude")) or (tokens > 0 and token_policy == "amg")
+    if needs_data and data is None:
+        raise ValueError("this plan needs calibration data (policy 'amg' or 'gradient')")
+    plan = PrunePlan.unpruned(work.config)
+    plan.policy = {"heads": head_policy if heads else "none", "tokens": token_policy if tokens else "none",
+                   "allocation": allocation}
+    plan.ratios = {"heads": heads, "tokens": tokens}
+    plan.calibration = dict(data.description) if data is not None and needs_data else {}
+    if heads > 0:
+        calibration = data.run(work, progress) if head_policy not in ("random", "magnitude") else None
+        scores = head_removal_scores(work, head_policy, allocation, calibration, seed)
+        plan.kept_heads = select_heads(scores, [m.head_ids for m in modules], heads,
+                                       "per-block" if allocation == "per-block" else "global")
+        apply_plan(work, plan)
+    if tokens > 0:
+        calibration = data.run(work, progress) if token_policy == "amg" else None
+        plan.kept_tokens = select_tokens(token_keep_scores(work, token_policy, calibration, seed), tokens)
+    return plan
+
+
+def apply_plan(model: ReIDViT, plan: PrunePlan) -> ReIDViT:
+    """Prune `model` in place to `plan` (it may already be pruned to a superset of the plan)."""
+    plan.check_fits(model.config)
+    for module, heads, tokens in zip(patch_model(model), plan.kept_heads, plan.kept_tokens):
+        if sorted(heads) != sorted(module.head_ids):
+            module.keep_heads(heads)
+        module.keep_tokens(tokens, model.config.num_tokens)
+    model.plan = plan
+    return model
+
+
+def current_plan(model: ReIDViT) -> PrunePlan:
+    return getattr(model, "plan", None) or PrunePlan.unpruned(model.config)
+
+
+# ------------------------------------------------------------------------------ save and load
+
+
+def save_pruned(model: ReIDViT, path: str | Path, **meta: Any) -> Path:
+    """An amg model file with the plan inside; `load_pruned` rebuilds the shapes from it."""
+    return save_model(model, path, extra={"plan": current_plan(model).to_dict()}, **meta)
+
+
+def _apply_saved_plan(model: ReIDViT, payload: dict[str, Any]) -> None:
+    if payload.get("plan") is not None:
+        apply_plan(model, PrunePlan.from_dict(payload["plan"]))
+
+
+def load_pruned(path: str | Path) -> ReIDViT:
+    """Load any amg model file, pruned (with a plan) or not, in eval mode."""
+    return load_model(path, prepare=_apply_saved_plan)
