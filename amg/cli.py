@@ -78,13 +78,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_for_eval(args: argparse.Namespace):
-    from amg.model import load_model
+def _load_model_arg(name: str | None, num_classes: int = 0):
+    """A model file (pruned or not), a preset name (the default one: cached trained weights;
+    others: random weights, for timing and scoring-cost studies), or None for the default."""
+    from amg.model import DEFAULT_PRESET, PRESETS, build_model
+    from amg.prune import load_pruned
     from amg.zoo import default_model
 
-    if args.model:
-        return load_model(args.model)
-    return default_model(progress=progress)[0]
+    if name is None or name == DEFAULT_PRESET:
+        return default_model(progress=progress)[0]
+    if name in PRESETS:
+        progress(f"preset {name!r} has no trained weights here: using random weights")
+        torch.manual_seed(0)
+        return build_model(name, num_classes=num_classes).eval()
+    return load_pruned(name)
+
+
+def _model_for_eval(args: argparse.Namespace):
+    return _load_model_arg(args.model)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -102,6 +113,58 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(json.dumps({name: r.as_dict() | {"queries": r.num_queries} for name, r in results.items()}, indent=2))
     else:
         print(tabulate(rows, headers=headers, tablefmt="github"))
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    import time
+
+    from amg.data.layout import relabel_pids
+    from amg.data.preload import preload_images
+    from amg.prune import CalibrationData, apply_plan, make_plan, save_pruned
+
+    _set_threads(args.threads)
+    dataset = _load_dataset(args.data, args.layout)
+    labels, _ = relabel_pids(dataset.train)
+    model = _load_model_arg(args.model, num_classes=max(labels) + 1)
+    if model.classifier is not None and model.num_classes != max(labels) + 1:
+        raise ValueError(f"the model's classifier has {model.num_classes} identities but the calibration "
+                         f"data's training split has {max(labels) + 1}: calibrate on the data it was trained on")
+    generator = torch.Generator().manual_seed(args.seed)
+    count = min(args.calibration_images, len(dataset.train))
+    chosen = torch.randperm(len(dataset.train), generator=generator)[:count].tolist()
+    samples = [dataset.train[i] for i in chosen]
+    progress(f"loading {count} calibration images from {dataset.root}")
+    data = CalibrationData(
+        preload_images(samples, model.config.img_size), [labels[i] for i in chosen], [s.camid for s in samples],
+        description={"dataset": str(dataset.root), "split": "train", "images": count, "seed": args.seed,
+                     "loss": "id"},
+    )
+    start = time.perf_counter()
+    plan = make_plan(model, heads=args.heads, tokens=args.tokens, head_policy=args.head_policy or args.policy,
+                     token_policy=args.token_policy or args.policy, allocation=args.allocation, data=data,
+                     seed=args.seed, progress=progress)
+    apply_plan(model, plan)
+    progress(f"scored and pruned in {time.perf_counter() - start:.1f}s: "
+             f"{plan.heads_kept}/{plan.num_heads * len(plan.kept_heads)} heads kept")
+    print(save_pruned(model, args.out, source=str(args.model or "default")))
+    if args.plan_out:
+        plan.save(args.plan_out)
+    return 0
+
+
+def cmd_flops(args: argparse.Namespace) -> int:
+    from amg.measure.flops import count_macs
+    from amg.model import ReIDViT
+
+    model = _load_model_arg(args.model)
+    report = count_macs(model, args.batch)
+    unpruned = count_macs(ReIDViT(model.config).eval(), args.batch)
+    rows = [["parameters", f"{report.params / 1e6:.3f} M", f"{unpruned.params / 1e6:.3f} M",
+             f"{100 * (1 - report.params / unpruned.params):.1f}%"],
+            ["GMACs / image", f"{report.gmacs_per_image:.4f}", f"{unpruned.gmacs_per_image:.4f}",
+             f"{100 * (1 - report.total / unpruned.total):.1f}%"]]
+    print(tabulate(rows, headers=["", "this model", "unpruned", "saved"], tablefmt="github"))
     return 0
 
 
@@ -173,6 +236,31 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print JSON instead of a table")
     add_data_options(evaluate)
     evaluate.set_defaults(func=cmd_eval)
+
+    prune = sub.add_parser("prune", help="score heads / key-value tokens on calibration images and prune",
+                           description="Score on calibration images from the training split, remove heads "
+                                       "(then key/value tokens, scored on the head-pruned model), save the "
+                                       "smaller model with its plan.")
+    prune.add_argument("--model", default=None,
+                       help="model file, or a preset (the default preset uses its cached trained weights; "
+                            "other presets get random weights); default: the embedded default model")
+    prune.add_argument("--heads", type=float, default=0.0, help="fraction of all heads to remove, in [0, 1)")
+    prune.add_argument("--tokens", type=float, default=0.0, help="fraction of key/value positions to drop, in [0, 1)")
+    prune.add_argument("--policy", default="amg", help="policy for both heads and tokens (default %(default)s)")
+    prune.add_argument("--head-policy", default=None, help="amg | amg-lowest | random | magnitude | gradient")
+    prune.add_argument("--token-policy", default=None, help="amg | random")
+    prune.add_argument("--allocation", default="global", help="head allocation: global | per-block | normalized")
+    prune.add_argument("--calibration-images", type=int, default=256, help="calibration images (default %(default)s)")
+    prune.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and random policies")
+    prune.add_argument("--out", required=True, type=Path, help="pruned model file to write")
+    prune.add_argument("--plan-out", type=Path, default=None, help="also write the plan as JSON")
+    add_data_options(prune)
+    prune.set_defaults(func=cmd_prune)
+
+    flops = sub.add_parser("flops", help="parameters and fvcore MACs (multiply-adds) against the unpruned model")
+    flops.add_argument("model", nargs="?", default=None, help="model file or preset (default: the default model)")
+    flops.add_argument("--batch", type=int, default=1, help="batch size to trace (default %(default)s)")
+    flops.set_defaults(func=cmd_flops)
 
     imp = sub.add_parser("import", help="convert a TransReID / timm / LA-Transformer .pth into an amg model file")
     imp.add_argument("checkpoint", type=Path, help="the .pth state dict")

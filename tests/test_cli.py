@@ -75,3 +75,30 @@ def test_import_transreid_checkpoint(tmp_path, capsys):
     images = torch.randn(1, 3, 64, 32)
     with torch.no_grad():
         assert torch.equal(load_model(out).eval()(images), source(images))
+
+
+def test_prune_then_flops_and_eval(tiny_root, tmp_path, capsys):
+    model_path = tmp_path / "tiny.pt"
+    assert main(["train", "--data", str(tiny_root), "--out", str(model_path), "--steps", "2",
+                 "--batch-ids", "3", "--batch-instances", "2", "--img-size", "64", "32"]) == 0
+    pruned = tmp_path / "pruned.pt"
+    plan_json = tmp_path / "plan.json"
+    assert main(["prune", "--model", str(model_path), "--data", str(tiny_root), "--heads", "0.25",
+                 "--tokens", "0.25", "--calibration-images", "8", "--out", str(pruned),
+                 "--plan-out", str(plan_json)]) == 0
+    err = capsys.readouterr().err
+    assert "calibration 8/8 images" in err  # progress while scoring
+    plan = json.loads(plan_json.read_text())
+    assert plan["policy"] == {"heads": "amg", "tokens": "amg", "allocation": "global"}
+    assert main(["flops", str(pruned)]) == 0
+    table = capsys.readouterr().out
+    saved = float(table.split("GMACs / image")[1].split("|")[3].strip().rstrip("%"))
+    assert saved > 0
+    assert main(["eval", str(pruned), "--data", str(tiny_root), "--json"]) == 0
+    assert set(json.loads(capsys.readouterr().out)) == {"query", "occluded"}
+
+
+def test_prune_refuses_bad_ratio(tiny_root, tmp_path, capsys):
+    assert main(["prune", "--model", "vit_tiny", "--data", str(tiny_root), "--heads", "1.0",
+                 "--head-policy", "random", "--out", str(tmp_path / "x.pt")]) == 2
+    assert "ratio must be in [0, 1)" in capsys.readouterr().err
