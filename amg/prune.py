@@ -18,6 +18,7 @@ import torch
 
 from amg import scores as S
 from amg.attention import patch_model
+from amg.measure.flops import analytic_model_macs
 from amg.model import ModelConfig, ReIDViT, load_model, save_model
 
 Progress = Callable[[str], None]
@@ -195,8 +196,9 @@ class CalibrationData:
     loss: str = "id"
     teacher: ReIDViT | None = None
 
-    def run(self, model: ReIDViT, progress: Progress | None) -> S.Calibration:
-        return S.calibrate(model, self.images, self.labels, self.camids, self.loss, self.teacher, progress=progress)
+    def run(self, model: ReIDViT, progress: Progress | None, gradients: bool = True) -> S.Calibration:
+        return S.calibrate(model, self.images, self.labels, self.camids, self.loss, self.teacher,
+                           gradients=gradients, progress=progress)
 
 
 def make_plan(model: ReIDViT, heads: float = 0.0, tokens: float = 0.0, head_policy: str = "amg",
@@ -218,7 +220,9 @@ def make_plan(model: ReIDViT, heads: float = 0.0, tokens: float = 0.0, head_poli
     plan.ratios = {"heads": heads, "tokens": tokens}
     plan.calibration = dict(data.description) if data is not None and needs_data else {}
     if heads > 0:
-        calibration = data.run(work, progress) if head_policy not in ("random", "magnitude") else None
+        calibration = None
+        if head_policy not in ("random", "magnitude"):  # entropy needs the maps only, no backward pass
+            calibration = data.run(work, progress, gradients=head_policy == "gradient")
         scores = head_removal_scores(work, head_policy, allocation, calibration, seed)
         plan.kept_heads = select_heads(scores, [m.head_ids for m in modules], heads,
                                        "per-block" if allocation == "per-block" else "global")
@@ -226,6 +230,66 @@ def make_plan(model: ReIDViT, heads: float = 0.0, tokens: float = 0.0, head_poli
     if tokens > 0:
         calibration = data.run(work, progress) if token_policy == "amg" else None
         plan.kept_tokens = select_tokens(token_keep_scores(work, token_policy, calibration, seed), tokens)
+    return plan
+
+
+def plan_macs(config: ModelConfig, plan: PrunePlan) -> int:
+    """Analytic per-image MACs of the blocks under `plan` (instant; fvcore confirms the final plan)."""
+    return analytic_model_macs(
+        config.num_tokens, config.embed_dim, config.embed_dim // config.num_heads,
+        int(config.embed_dim * config.mlp_ratio), [len(h) for h in plan.kept_heads],
+        [config.num_tokens if t is None else len(t) for t in plan.kept_tokens],
+    )
+
+
+MAX_SEARCH_RATIO = 0.95
+
+
+def plan_for_saving(model: ReIDViT, target: float, mode: str = "both", head_policy: str = "amg",
+                    token_policy: str = "amg", allocation: str = "global", data: CalibrationData | None = None,
+                    seed: int = 0, progress: Progress | None = None) -> PrunePlan:
+    """A plan removing about `target` of the blocks' MACs, by heads, tokens or both (equal ratios).
+
+    The ratio is found by bisection on the analytic MAC count, with scores from one calibration
+    of the unpruned model; the returned plan is then made properly by `make_plan` (tokens scored
+    on the head-pruned model), so its measured saving can differ slightly from `target`.
+    """
+    if not 0.0 < target < 1.0:
+        raise ValueError(f"target MACs saving must be in (0, 1), got {target}")
+    if mode not in ("heads", "tokens", "both"):
+        raise ValueError(f"mode must be heads, tokens or both, got {mode!r}")
+    work = copy.deepcopy(model)
+    modules = patch_model(work)
+    use_heads, use_tokens = mode in ("heads", "both"), mode in ("tokens", "both")
+    needs_data = (use_heads and head_policy not in ("random", "magnitude")) or (use_tokens and token_policy == "amg")
+    if needs_data and data is None:
+        raise ValueError("this plan needs calibration data (policy 'amg' or 'gradient')")
+    calibration = data.run(work, progress, gradients=use_tokens or head_policy == "gradient") if needs_data else None
+    head_scores = head_removal_scores(work, head_policy, allocation, calibration, seed) if use_heads else None
+    token_scores = token_keep_scores(work, token_policy, calibration, seed) if use_tokens else None
+    full = plan_macs(work.config, PrunePlan.unpruned(work.config))
+    candidate = PrunePlan.unpruned(work.config)
+
+    def saving(ratio: float) -> float:
+        if head_scores is not None:
+            candidate.kept_heads = select_heads(head_scores, [m.head_ids for m in modules], ratio,
+                                                "per-block" if allocation == "per-block" else "global")
+        if token_scores is not None:
+            candidate.kept_tokens = select_tokens(token_scores, ratio)
+        return 1 - plan_macs(work.config, candidate) / full
+
+    reachable = saving(MAX_SEARCH_RATIO)
+    if reachable < target:
+        raise ValueError(f"a {target:.0%} MACs saving is out of reach by {mode}: at ratio {MAX_SEARCH_RATIO} "
+                         f"the saving is {reachable:.1%}")
+    low, high = 0.0, MAX_SEARCH_RATIO
+    for _ in range(30):
+        middle = (low + high) / 2
+        low, high = (middle, high) if saving(middle) < target else (low, middle)
+    plan = make_plan(model, heads=high if use_heads else 0.0, tokens=high if use_tokens else 0.0,
+                     head_policy=head_policy, token_policy=token_policy, allocation=allocation, data=data,
+                     seed=seed, progress=progress)
+    plan.ratios["target_macs_saving"] = target
     return plan
 
 

@@ -37,8 +37,9 @@ class Calibration:
     """What the calibration pass measured, per block (indices follow the model's current heads)."""
 
     mean_attention: list[torch.Tensor]  # [heads, N_q, N_kv]: attention averaged over images
-    token_taylor: list[torch.Tensor]  # [N_kv]: signed sum over images, heads, queries of A * dL/dA
-    head_taylor: list[torch.Tensor]  # [heads]: sum over images of |sum(head output * dL/d output)|
+    # None when calibrated without gradients:
+    token_taylor: list[torch.Tensor] | None  # [N_kv]: signed sum over images, heads, queries of A * dL/dA
+    head_taylor: list[torch.Tensor] | None  # [heads]: sum over images of |sum(head output * dL/d output)|
     images: int
     loss: str
 
@@ -56,12 +57,13 @@ def _loss(model, images: torch.Tensor, labels: torch.Tensor | None, camids: torc
 
 def calibrate(model, images: torch.Tensor, labels: Sequence[int] | None = None,
               camids: Sequence[int] | None = None, loss: str = "id", teacher=None,
-              batch_size: int = 32, progress: Progress | None = None) -> Calibration:
-    """Run uint8 `images` through `model` (eval mode) with attention capture and backprop.
+              batch_size: int = 32, gradients: bool = True, progress: Progress | None = None) -> Calibration:
+    """Run uint8 `images` through `model` (eval mode) with attention capture (and backprop).
 
     loss="id": cross-entropy of the model's own classifier on `labels` (train-set labels).
     loss="distill": squared distance of the class-token features to `teacher`'s (label-free;
     the teacher must differ from the model, e.g. the unpruned model during iterative pruning).
+    gradients=False skips the backward pass: enough for entropy, which needs only the maps.
     """
     if loss not in ("id", "distill"):
         raise ValueError(f"unknown calibration loss {loss!r}; use 'id' or 'distill'")
@@ -73,34 +75,43 @@ def calibrate(model, images: torch.Tensor, labels: Sequence[int] | None = None,
     model.eval()
     device = next(model.parameters()).device
     needs_camids = model.sie_embed is not None
-    sums = [torch.zeros(m.num_heads, 1, 1, device=device) for m in modules]  # widened on first batch
-    token_taylor: list[torch.Tensor] = [torch.zeros(0)] * len(modules)
-    head_taylor = [torch.zeros(m.num_heads, device=device) for m in modules]
-    for start in range(0, len(images), batch_size):
-        batch = normalize(images[start:start + batch_size].to(device))
-        cams = torch.as_tensor(camids[start:start + batch_size], device=device) if needs_camids else None
-        batch_labels = None if labels is None else torch.as_tensor(labels[start:start + batch_size], device=device)
-        target = None
-        if loss == "distill":
-            with torch.no_grad():
-                target = teacher.eval().forward_tokens(batch, cams)[:, 0]
-        model.zero_grad(set_to_none=True)
-        with capture_attention(model, retain_grad=True) as capture:
-            value = _loss(model, batch, batch_labels, cams, target)
-            value.backward()
-        for block, module in enumerate(modules):
-            (attn,) = capture.maps(block)
-            (output,) = capture.head_outputs(block)
-            sums[block] = sums[block] + attn.detach().sum(dim=0)
-            taylor = (attn.detach() * attn.grad).sum(dim=(0, 1, 2))
-            token_taylor[block] = taylor if start == 0 else token_taylor[block] + taylor
-            per_image = (output.detach() * output.grad).sum(dim=(2, 3)).abs()  # [B, heads]
-            head_taylor[block] += per_image.sum(dim=0)
-        if progress:
-            progress(f"calibration {min(start + batch_size, len(images))}/{len(images)} images")
-    model.zero_grad(set_to_none=True)
+    attention_sums: list[torch.Tensor | float] = [0.0] * len(modules)
+    token_taylor: list[torch.Tensor | float] = [0.0] * len(modules)
+    head_taylor: list[torch.Tensor | float] = [0.0] * len(modules)
+    # Only activation gradients are needed: freezing the weights skips every weight-gradient matmul.
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for parameter in trainable:
+        parameter.requires_grad_(False)
+    try:
+        for start in range(0, len(images), batch_size):
+            batch = normalize(images[start:start + batch_size].to(device)).requires_grad_(gradients)
+            cams = torch.as_tensor(camids[start:start + batch_size], device=device) if needs_camids else None
+            batch_labels = None if labels is None else torch.as_tensor(labels[start:start + batch_size], device=device)
+            target = None
+            if loss == "distill" and gradients:
+                with torch.no_grad():
+                    target = teacher.eval().forward_tokens(batch, cams)[:, 0]
+            with torch.set_grad_enabled(gradients), capture_attention(model, retain_grad=gradients) as capture:
+                if gradients:
+                    _loss(model, batch, batch_labels, cams, target).backward()
+                else:
+                    model(batch, cams)
+            for block in range(len(modules)):
+                (attn,) = capture.maps(block)
+                attention_sums[block] = attention_sums[block] + attn.detach().sum(dim=0)
+                if gradients:
+                    (output,) = capture.head_outputs(block)
+                    token_taylor[block] = token_taylor[block] + (attn.detach() * attn.grad).sum(dim=(0, 1, 2))
+                    per_image = (output.detach() * output.grad).sum(dim=(2, 3)).abs()  # [B, heads]
+                    head_taylor[block] = head_taylor[block] + per_image.sum(dim=0)
+            if progress:
+                progress(f"calibration {min(start + batch_size, len(images))}/{len(images)} images")
+    finally:
+        for parameter in trainable:
+            parameter.requires_grad_(True)
     count = len(images)
-    return Calibration([s / count for s in sums], token_taylor, head_taylor, count, loss)
+    return Calibration([s / count for s in attention_sums], token_taylor if gradients else None,
+                       head_taylor if gradients else None, count, loss)
 
 
 # ------------------------------------------------------------------------------ head scores
@@ -141,6 +152,8 @@ def lowest_entropy_removal_scores(calibration: Calibration) -> list[torch.Tensor
 
 def gradient_removal_scores(calibration: Calibration) -> list[torch.Tensor]:
     """Michel et al. 2019: E|sum(head output · dL/d output)|, L2-normalised per block; low goes first."""
+    if calibration.head_taylor is None:
+        raise ValueError("gradient head scores need a calibration with gradients")
     return [-(t / t.norm().clamp_min(1e-12)) for t in calibration.head_taylor]
 
 
@@ -167,6 +180,8 @@ def random_removal_scores(head_counts: Sequence[int], seed: int) -> list[torch.T
 
 def amg_token_keep_scores(calibration: Calibration) -> list[torch.Tensor]:
     """AMG: |sum A·dL/dA| per key, L2-normalised per block, scaled by (1 - 0.03·l)."""
+    if calibration.token_taylor is None:
+        raise ValueError("AMG token scores need a calibration with gradients")
     scores = []
     for block, taylor in enumerate(calibration.token_taylor):
         s = taylor.abs()

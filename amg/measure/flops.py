@@ -86,3 +86,12 @@ def analytic_block_macs(tokens: int, kv_tokens: int, dim: int, heads: int, head_
         "proj": tokens * inner * dim,
         "mlp": 2 * tokens * dim * mlp_hidden,
     }
+
+
+def analytic_model_macs(tokens: int, dim: int, head_dim: int, mlp_hidden: int, heads_per_block: list[int],
+                        kv_per_block: list[int], patch_macs: int = 0) -> int:
+    """Per-image MACs of all blocks' matmuls (+ `patch_macs` for the patch embedding)."""
+    return patch_macs + sum(
+        sum(analytic_block_macs(tokens, kv, dim, heads, head_dim, mlp_hidden).values())
+        for heads, kv in zip(heads_per_block, kv_per_block)
+    )
