@@ -65,6 +65,32 @@ class PrunableAttention(nn.Module):
                 is_causal: bool = False) -> torch.Tensor:
         if attn_mask is not None or is_causal:
             raise ValueError("PrunableAttention takes no attention mask: pruning is static (kv_index)")
+        q, k, v = self.project(x)
+        if self.recorder is None:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+            out = attn @ v
+            self.recorder.record(self.block_index, attn, out)
+        return self.merge_heads(out)
+
+    def forward_with_cues(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(output, keys `[B, heads, N_kv, d]`, class-token attention `[B, heads, N_kv]`).
+
+        The cues dynamic token policies decide by (ToMe: keys; EViT: class attention); the
+        class row is one extra query, far cheaper than the full explicit attention map.
+        """
+        q, k, v = self.project(x)
+        out = F.scaled_dot_product_attention(q, k, v)
+        cls_attention = ((q[:, :, :1] * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)[:, :, 0]
+        return self.merge_heads(out), k, cls_attention
+
+    def merge_heads(self, out: torch.Tensor) -> torch.Tensor:
+        batch, _, tokens, _ = out.shape
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, self.inner_dim))
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q `[B, heads, N, d]`, and k, v at the kept positions `[B, heads, N_kv, d]`."""
         batch, tokens, _ = x.shape
         heads, dim = self.num_heads, self.head_dim
         if self.kv_index is None:
@@ -78,13 +104,7 @@ class PrunableAttention(nn.Module):
             kept = x.index_select(1, self.kv_index)
             kv = F.linear(kept, weight[inner:], None if bias is None else bias[inner:])
             k, v = kv.reshape(batch, kept.shape[1], 2, heads, dim).permute(2, 0, 3, 1, 4).unbind(0)
-        if self.recorder is None:
-            out = F.scaled_dot_product_attention(q, k, v)
-        else:
-            attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-            out = attn @ v
-            self.recorder.record(self.block_index, attn, out)
-        return self.proj(out.transpose(1, 2).reshape(batch, tokens, self.inner_dim))
+        return q, k, v
 
     def keep_heads(self, original_ids: Sequence[int]) -> None:
         """Physically keep only the heads with these original numbers (in their current order)."""

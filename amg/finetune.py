@@ -11,7 +11,7 @@ import torch
 
 from amg.data.sampler import PKSampler
 from amg.data.transforms import BatchAugment, normalize
-from amg.losses import batch_hard_triplet, id_loss
+from amg.losses import batch_hard_triplet, id_loss, soft_distillation
 from amg.model import ReIDViT
 
 Progress = Callable[[str], None]
@@ -31,12 +31,18 @@ class TrainConfig:
     erase_p: float = 0.0  # see README: with 800 CPU steps erasing leaves the small model underfit
     seed: int = 0
     log_every: int = 50
+    # Soft distillation from a teacher (the unpruned model) when fine-tuning a pruned one:
+    # loss = (1 - alpha) * (ID + triplet) + alpha * tau^2 * KL, the reference's alpha 0.2, tau 1.
+    distill_alpha: float = 0.2
+    distill_tau: float = 1.0
 
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ValueError("steps must be >= 1")
         if self.lr <= 0:
             raise ValueError("lr must be > 0")
+        if not 0.0 <= self.distill_alpha <= 1.0:
+            raise ValueError(f"distill_alpha must be in [0, 1], got {self.distill_alpha}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -59,6 +65,11 @@ def learning_rate(step: int, config: TrainConfig) -> float:
     return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def teacher_classify(teacher: ReIDViT, images: torch.Tensor, camids: torch.Tensor | None) -> torch.Tensor:
+    """The teacher's logits in eval mode (its BatchNorm neck uses running statistics)."""
+    return teacher.classifier(teacher.neck(teacher.forward_tokens(images, camids)[:, 0]))
+
+
 def _pk_batches(labels: list[int], config: TrainConfig):
     """Endless PK batches, reshuffled every epoch."""
     sampler = PKSampler(labels, config.num_identities, config.num_instances, seed=config.seed)
@@ -72,14 +83,22 @@ def _pk_batches(labels: list[int], config: TrainConfig):
 
 
 def train(model: ReIDViT, images: torch.Tensor, labels: list[int], camids: list[int],
-          config: TrainConfig = TrainConfig(), progress: Progress | None = None) -> TrainLog:
-    """Train `model` in place on preloaded uint8 `images` with contiguous `labels`."""
+          config: TrainConfig = TrainConfig(), progress: Progress | None = None,
+          teacher: ReIDViT | None = None) -> TrainLog:
+    """Train `model` in place on preloaded uint8 `images` with contiguous `labels`.
+
+    With a `teacher` (same identities), its logits are soft targets (`distill_alpha`, `distill_tau`).
+    """
     if model.classifier is None or model.num_classes < max(labels) + 1:
         raise ValueError(
             f"model classifier has {model.num_classes} classes but labels go up to {max(labels)}"
         )
     if not len(images) == len(labels) == len(camids):
         raise ValueError("images, labels and camids must have the same length")
+    if teacher is not None:
+        if teacher.classifier is None or teacher.num_classes != model.num_classes:
+            raise ValueError("the distillation teacher needs a classifier over the same identities as the model")
+        teacher.eval()
     generator = torch.Generator().manual_seed(config.seed)
     augment = BatchAugment(model.config.img_size, erase_p=config.erase_p)
     decay, no_decay = [], []
@@ -110,6 +129,11 @@ def train(model: ReIDViT, images: torch.Tensor, labels: list[int], camids: list[
         loss = id_loss(logits, batch_labels, config.label_smoothing) + batch_hard_triplet(
             features, batch_labels, config.triplet_margin
         )
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_logits = teacher_classify(teacher, batch, camid_tensor[index] if needs_camids else None)
+            loss = (1 - config.distill_alpha) * loss + config.distill_alpha * soft_distillation(
+                logits, teacher_logits, config.distill_tau)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -20,3 +20,11 @@ def batch_hard_triplet(features: torch.Tensor, labels: torch.Tensor, margin: flo
 
 def id_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.1) -> torch.Tensor:
     return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+
+
+def soft_distillation(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """Hinton's soft-target loss: tau^2 * KL(softmax(teacher / tau) || softmax(student / tau))."""
+    if tau <= 0:
+        raise ValueError(f"distillation temperature must be > 0, got {tau}")
+    return F.kl_div(F.log_softmax(student_logits / tau, dim=1), F.log_softmax(teacher_logits / tau, dim=1),
+                    reduction="batchmean", log_target=True) * tau * tau

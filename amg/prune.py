@@ -119,8 +119,9 @@ def select_heads(removal_scores: Sequence[torch.Tensor], head_ids: Sequence[Sequ
     to_remove = round(ratio * (total_heads or present)) - ((total_heads or present) - present)
     remove: set[tuple[int, int]] = set()
     if allocation == "per-block":
+        per_block = (total_heads or present) / len(head_ids)  # heads a block had originally
         for block, (score, ids) in enumerate(zip(removal_scores, head_ids)):
-            count = min(round(ratio * len(ids)), len(ids) - 1)
+            count = min(round(ratio * per_block) - round(per_block - len(ids)), len(ids) - 1)
             for position in torch.argsort(score, descending=True)[:count].tolist():
                 remove.add((block, position))
     else:
@@ -215,6 +216,9 @@ def make_plan(model: ReIDViT, heads: float = 0.0, tokens: float = 0.0, head_poli
     if needs_data and data is None:
         raise ValueError("this plan needs calibration data (policy 'amg' or 'gradient')")
     plan = PrunePlan.unpruned(work.config)
+    # Start from what the model already is (iterative pruning calls this on pruned models).
+    plan.kept_heads = [list(m.head_ids) for m in modules]
+    plan.kept_tokens = [None if m.kv_index is None else m.kv_index.tolist() for m in modules]
     plan.policy = {"heads": head_policy if heads else "none", "tokens": token_policy if tokens else "none",
                    "allocation": allocation}
     plan.ratios = {"heads": heads, "tokens": tokens}
@@ -225,7 +229,8 @@ def make_plan(model: ReIDViT, heads: float = 0.0, tokens: float = 0.0, head_poli
             calibration = data.run(work, progress, gradients=head_policy == "gradient")
         scores = head_removal_scores(work, head_policy, allocation, calibration, seed)
         plan.kept_heads = select_heads(scores, [m.head_ids for m in modules], heads,
-                                       "per-block" if allocation == "per-block" else "global")
+                                       "per-block" if allocation == "per-block" else "global",
+                                       total_heads=work.config.depth * work.config.num_heads)
         apply_plan(work, plan)
     if tokens > 0:
         calibration = data.run(work, progress) if token_policy == "amg" else None

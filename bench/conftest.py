@@ -21,6 +21,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "others are timed with random weights unless --amg-checkpoint is given")
     group.addoption("--amg-checkpoint", default=None, help="an amg model file to benchmark instead")
     group.addoption("--amg-data", default=None, help="real data set root for accuracy (default: synthetic)")
+    group.addoption("--amg-latency-model", default="vit_small", choices=sorted(PRESETS),
+                    help="preset timed pruned vs unpruned in test_pruned_latency (random weights; "
+                         "default %(default)s at 256x128, the size the pruning targets are stated at)")
     group.addoption("--amg-threads", type=int, default=None,
                     help="torch CPU threads (default: all cores); recorded with every latency")
 

@@ -79,3 +79,26 @@ def test_counting_leaves_training_mode_alone():
     model = copy.deepcopy(model_for(0, 0)).train()
     count_macs(model)
     assert model.training
+
+
+@pytest.mark.parametrize("mode, target", [("heads", 0.3), ("both", 0.2), ("tokens", 0.1)])
+def test_plan_for_saving_reaches_the_measured_target(mode, target):
+    from amg.prune import plan_for_saving
+
+    torch.manual_seed(0)
+    model = ReIDViT(CONFIG).eval()
+    plan = plan_for_saving(model, target, mode, head_policy="random", token_policy="random", seed=2)
+    full = count_macs(model)
+    pruned = count_macs(apply_plan(copy.deepcopy(model), plan))
+    block_total = lambda report: sum(v for k, v in report.by_module.items()  # noqa: E731
+                                     if k.count(".") == 3 and k.split(".")[-1] in ("attn", "mlp"))
+    saved = 1 - block_total(pruned) / block_total(full)
+    assert saved == pytest.approx(target, abs=0.03)
+    assert plan.ratios["target_macs_saving"] == target
+
+
+def test_unreachable_saving_is_explained():
+    from amg.prune import plan_for_saving
+
+    with pytest.raises(ValueError, match="out of reach by tokens"):
+        plan_for_saving(ReIDViT(CONFIG).eval(), 0.6, "tokens", token_policy="random")

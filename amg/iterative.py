@@ -1,0 +1,82 @@
+"""Iterative pruning: remove a few heads, fine-tune briefly with distillation, re-score, repeat.
+
+The reference removes 67% of LA-Tiny's heads in 24 small steps with an epoch of fine-tuning
+between them; here the number of rounds and the fine-tuning steps per round are parameters.
+Heads go first over the rounds; key/value tokens are then scored once on the head-pruned,
+fine-tuned model and removed, followed by a last fine-tuning round. The teacher throughout
+is the unpruned model (soft distillation, `TrainConfig.distill_alpha` / `distill_tau`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from amg.finetune import TrainConfig, train
+from amg.model import ReIDViT
+from amg.prune import CalibrationData, Progress, PrunePlan, apply_plan, make_plan
+
+
+@dataclass(frozen=True)
+class IterativeConfig:
+    rounds: int = 4  # head-pruning rounds
+    finetune_steps: int = 60  # fine-tuning steps after each round (and after the token step)
+    finetune_lr: float = 2e-4
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1 or self.finetune_steps < 0:
+            raise ValueError("rounds must be >= 1 and finetune_steps >= 0")
+
+
+@dataclass
+class TrainingSet:
+    """Preloaded uint8 training images with contiguous labels (the model's classifier ids)."""
+
+    images: torch.Tensor
+    labels: list[int]
+    camids: list[int]
+
+
+def finetune(model: ReIDViT, teacher: ReIDViT, data: TrainingSet, steps: int, config: IterativeConfig,
+             base: TrainConfig, progress: Progress | None) -> None:
+    if steps == 0:
+        return
+    recipe = dataclasses.replace(base, steps=steps, lr=config.finetune_lr, warmup_steps=min(10, steps),
+                                 log_every=max(1, steps))
+    train(model, data.images, data.labels, data.camids, recipe, progress, teacher=teacher)
+
+
+def iterative_prune(model: ReIDViT, heads: float, tokens: float, calibration: CalibrationData,
+                    training: TrainingSet, config: IterativeConfig = IterativeConfig(),
+                    head_policy: str = "amg", token_policy: str = "amg", allocation: str = "global",
+                    base: TrainConfig = TrainConfig(), seed: int = 0,
+                    progress: Progress | None = None) -> tuple[ReIDViT, PrunePlan]:
+    """A pruned, fine-tuned copy of `model` and its plan; `model` itself is left untouched."""
+    teacher = copy.deepcopy(model).eval()
+    student = copy.deepcopy(model)
+    plan = None
+    for round_index in range(1, config.rounds + 1 if heads > 0 else 1):
+        ratio = heads * round_index / config.rounds
+        if progress:
+            progress(f"round {round_index}/{config.rounds}: heads to {ratio:.0%} removed")
+        plan = make_plan(student, heads=ratio, head_policy=head_policy, allocation=allocation,
+                         data=calibration, seed=seed + round_index, progress=progress)
+        apply_plan(student, plan)
+        finetune(student, teacher, training, config.finetune_steps, config, base, progress)
+    if tokens > 0:
+        if progress:
+            progress(f"tokens: {tokens:.0%} of key/value positions removed")
+        plan = make_plan(student, tokens=tokens, token_policy=token_policy, data=calibration, seed=seed,
+                         progress=progress)
+        apply_plan(student, plan)
+        finetune(student, teacher, training, config.finetune_steps, config, base, progress)
+    plan = plan or PrunePlan.unpruned(model.config)
+    plan.policy = {"heads": head_policy if heads else "none", "tokens": token_policy if tokens else "none",
+                   "allocation": allocation,
+                   "schedule": f"iterative x{config.rounds}, {config.finetune_steps} fine-tune steps, distilled"}
+    plan.ratios = {"heads": heads, "tokens": tokens}
+    student.plan = plan
+    return student.eval(), plan
