@@ -141,10 +141,21 @@ def cmd_prune(args: argparse.Namespace) -> int:
                      "loss": "id"},
     )
     start = time.perf_counter()
-    plan = make_plan(model, heads=args.heads, tokens=args.tokens, head_policy=args.head_policy or args.policy,
-                     token_policy=args.token_policy or args.policy, allocation=args.allocation, data=data,
-                     seed=args.seed, progress=progress)
-    apply_plan(model, plan)
+    policies = {"head_policy": args.head_policy or args.policy, "token_policy": args.token_policy or args.policy,
+                "allocation": args.allocation}
+    if args.iterative_rounds > 0:
+        from amg.iterative import IterativeConfig, TrainingSet, iterative_prune
+
+        progress(f"loading {len(dataset.train)} training images for fine-tuning")
+        training = TrainingSet(preload_images(dataset.train, model.config.img_size), labels,
+                               [s.camid for s in dataset.train])
+        model, plan = iterative_prune(model, args.heads, args.tokens, data, training,
+                                      IterativeConfig(args.iterative_rounds, args.finetune_steps),
+                                      seed=args.seed, progress=progress, **policies)
+    else:
+        plan = make_plan(model, heads=args.heads, tokens=args.tokens, data=data, seed=args.seed,
+                         progress=progress, **policies)
+        apply_plan(model, plan)
     progress(f"scored and pruned in {time.perf_counter() - start:.1f}s: "
              f"{plan.heads_kept}/{plan.num_heads * len(plan.kept_heads)} heads kept")
     print(save_pruned(model, args.out, source=str(args.model or "default")))
@@ -248,8 +259,14 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--tokens", type=float, default=0.0, help="fraction of key/value positions to drop, in [0, 1)")
     prune.add_argument("--policy", default="amg", help="policy for both heads and tokens (default %(default)s)")
     prune.add_argument("--head-policy", default=None, help="amg | amg-lowest | random | magnitude | gradient")
-    prune.add_argument("--token-policy", default=None, help="amg | random")
+    prune.add_argument("--token-policy", default=None,
+                       help="amg | random (static K/V positions) | evit | tome (dynamic baselines)")
     prune.add_argument("--allocation", default="global", help="head allocation: global | per-block | normalized")
+    prune.add_argument("--iterative-rounds", type=int, default=0,
+                       help="prune heads over this many rounds, fine-tuning (distilled from the unpruned "
+                            "model) after each; 0 = one-shot (default)")
+    prune.add_argument("--finetune-steps", type=int, default=60,
+                       help="fine-tuning steps per iterative round (default %(default)s)")
     prune.add_argument("--calibration-images", type=int, default=256, help="calibration images (default %(default)s)")
     prune.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and random policies")
     prune.add_argument("--out", required=True, type=Path, help="pruned model file to write")

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+from timm.models.vision_transformer import Block
 from torch import nn
 
 from amg.attention import patch_model
@@ -81,23 +82,30 @@ def bipartite_merge(x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, r
     return merged_x / merged_size, merged_size
 
 
-class DynamicTokenBlock(nn.Module):
-    """A timm Block whose token sequence shrinks after its attention (EViT or ToMe)."""
+class DynamicTokenBlock(Block):
+    """A timm Block whose token sequence shrinks after its attention (EViT or ToMe).
 
-    def __init__(self, block: nn.Module, policy: str, amount: float | int, sizes: dict) -> None:
-        super().__init__()
-        if policy not in DYNAMIC_POLICIES:
-            raise ValueError(f"unknown dynamic token policy {policy!r}; choose one of {DYNAMIC_POLICIES}")
+    Applied by swapping a Block's class in place (as ToMe does): parameter names, and so
+    state dicts, stay those of the timm model.
+    """
+
+    policy: str
+    amount: float
+    sizes: dict  # shared by a model's ToMe blocks: how many tokens each token stands for
+
+    @classmethod
+    def convert(cls, block: Block, policy: str, amount: float, sizes: dict) -> DynamicTokenBlock:
         if block.attn.kv_index is not None:
             raise ValueError("dynamic token policies need all key/value positions: this block has a static "
                              "K/V index (combine them with head pruning only)")
-        self.block, self.policy, self.amount = block, policy, amount
-        self.sizes = sizes  # shared by the model's ToMe blocks: how many tokens each token stands for
+        block.__class__ = cls
+        block.policy, block.amount, block.sizes = policy, amount, sizes
+        return block
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        block = self.block
-        out, keys, cls_attention = block.attn.forward_with_cues(block.norm1(x))
-        x = x + block.drop_path1(block.ls1(out))
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                is_causal: bool = False) -> torch.Tensor:
+        out, keys, cls_attention = self.attn.forward_with_cues(self.norm1(x))
+        x = x + self.drop_path1(self.ls1(out))
         if self.policy == "evit":
             keep = round(self.amount * (int(x.shape[1]) - 1))  # int(): fvcore traces shapes as tensors
             x = evit_reduce(x, cls_attention[:, :, 1:].mean(dim=1), keep)
@@ -106,7 +114,7 @@ class DynamicTokenBlock(nn.Module):
             if size is None or size.shape[:2] != x.shape[:2]:  # a new forward pass starts full size
                 size = torch.ones(x.shape[0], x.shape[1], 1, device=x.device, dtype=x.dtype)
             x, self.sizes["size"] = bipartite_merge(x, size, keys.mean(dim=1), int(self.amount))
-        return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
 def apply_dynamic(model: nn.Module, policy: str, amount: float | int, blocks: Sequence[int] | None = None) -> nn.Module:
@@ -129,7 +137,6 @@ def apply_dynamic(model: nn.Module, policy: str, amount: float | int, blocks: Se
     for index in blocks:
         if not 0 <= index < depth:
             raise ValueError(f"block {index} does not exist (depth {depth})")
-        if not isinstance(model.backbone.blocks[index], DynamicTokenBlock):
-            model.backbone.blocks[index] = DynamicTokenBlock(model.backbone.blocks[index], policy, amount, sizes)
+        DynamicTokenBlock.convert(model.backbone.blocks[index], policy, amount, sizes)
     model.dynamic_tokens = {"policy": policy, "amount": amount, "blocks": list(blocks)}
     return model

@@ -44,8 +44,10 @@ def finetune(model: ReIDViT, teacher: ReIDViT, data: TrainingSet, steps: int, co
              base: TrainConfig, progress: Progress | None) -> None:
     if steps == 0:
         return
+    # a small data set may hold fewer identities than a default PK batch asks for
+    identities = min(base.num_identities, len(set(data.labels)))
     recipe = dataclasses.replace(base, steps=steps, lr=config.finetune_lr, warmup_steps=min(10, steps),
-                                 log_every=max(1, steps))
+                                 log_every=max(1, steps), num_identities=identities)
     train(model, data.images, data.labels, data.camids, recipe, progress, teacher=teacher)
 
 

@@ -18,6 +18,7 @@ import torch
 
 from amg import scores as S
 from amg.attention import patch_model
+from amg.dynamic import DYNAMIC_POLICIES, apply_dynamic
 from amg.measure.flops import analytic_model_macs
 from amg.model import ModelConfig, ReIDViT, load_model, save_model
 
@@ -34,6 +35,8 @@ class PrunePlan:
     policy: dict[str, str] = field(default_factory=dict)
     ratios: dict[str, float] = field(default_factory=dict)
     calibration: dict[str, Any] = field(default_factory=dict)
+    # EViT / ToMe instead of static K/V pruning: {"policy": "evit"|"tome", "amount": ...}
+    dynamic_tokens: dict[str, Any] | None = None
     version: int = PLAN_VERSION
 
     @classmethod
@@ -89,6 +92,8 @@ class PrunePlan:
                 problems.append(f"block {block}: the class token (position 0) must be kept")
             if min(tokens) < 0 or max(tokens) >= config.num_tokens or len(set(tokens)) != len(tokens):
                 problems.append(f"block {block}: K/V positions are not distinct numbers in [0, {config.num_tokens})")
+        if self.dynamic_tokens is not None and any(t is not None for t in self.kept_tokens):
+            problems.append("a plan has either static K/V positions or a dynamic token policy, not both")
         if problems:
             raise ValueError("plan does not fit the model: " + "; ".join(problems))
 
@@ -215,6 +220,8 @@ def make_plan(model: ReIDViT, heads: float = 0.0, tokens: float = 0.0, head_poli
     needs_data = (heads > 0 and head_policy not in ("random", "magnitude")) or (tokens > 0 and token_policy == "amg")
     if needs_data and data is None:
         raise ValueError("this plan needs calibration data (policy 'amg' or 'gradient')")
+    if token_policy not in S.TOKEN_POLICIES + DYNAMIC_POLICIES:
+        raise ValueError(f"unknown token policy {token_policy!r}; choose one of {S.TOKEN_POLICIES + DYNAMIC_POLICIES}")
     plan = PrunePlan.unpruned(work.config)
     # Start from what the model already is (iterative pruning calls this on pruned models).
     plan.kept_heads = [list(m.head_ids) for m in modules]
@@ -232,10 +239,20 @@ def make_plan(model: ReIDViT, heads: float = 0.0, tokens: float = 0.0, head_poli
                                        "per-block" if allocation == "per-block" else "global",
                                        total_heads=work.config.depth * work.config.num_heads)
         apply_plan(work, plan)
-    if tokens > 0:
+    if tokens > 0 and token_policy in DYNAMIC_POLICIES:
+        plan.dynamic_tokens = dynamic_amount(token_policy, tokens, work.config)
+    elif tokens > 0:
         calibration = data.run(work, progress) if token_policy == "amg" else None
         plan.kept_tokens = select_tokens(token_keep_scores(work, token_policy, calibration, seed), tokens)
     return plan
+
+
+def dynamic_amount(policy: str, ratio: float, config: ModelConfig) -> dict[str, Any]:
+    """A token ratio in dynamic terms: EViT keeps 1 - ratio of the tokens at each of its
+    reduction blocks; ToMe merges ratio x patches / depth tokens in every block."""
+    if policy == "evit":
+        return {"policy": "evit", "amount": round(1.0 - ratio, 4)}
+    return {"policy": "tome", "amount": max(1, round(ratio * (config.num_tokens - 1) / config.depth))}
 
 
 def plan_macs(config: ModelConfig, plan: PrunePlan) -> int:
@@ -305,6 +322,9 @@ def apply_plan(model: ReIDViT, plan: PrunePlan) -> ReIDViT:
         if sorted(heads) != sorted(module.head_ids):
             module.keep_heads(heads)
         module.keep_tokens(tokens, model.config.num_tokens)
+    if plan.dynamic_tokens is not None:
+        apply_dynamic(model, plan.dynamic_tokens["policy"], plan.dynamic_tokens["amount"],
+                      plan.dynamic_tokens.get("blocks"))
     model.plan = plan
     return model
 

@@ -102,3 +102,18 @@ def test_prune_refuses_bad_ratio(tiny_root, tmp_path, capsys):
     assert main(["prune", "--model", "vit_tiny", "--data", str(tiny_root), "--heads", "1.0",
                  "--head-policy", "random", "--out", str(tmp_path / "x.pt")]) == 2
     assert "ratio must be in [0, 1)" in capsys.readouterr().err
+
+
+def test_iterative_prune_from_the_command_line(tiny_root, tmp_path, capsys):
+    model_path = tmp_path / "tiny.pt"
+    assert main(["train", "--data", str(tiny_root), "--out", str(model_path), "--steps", "2",
+                 "--batch-ids", "3", "--batch-instances", "2", "--img-size", "64", "32"]) == 0
+    out = tmp_path / "iter.pt"
+    assert main(["prune", "--model", str(model_path), "--data", str(tiny_root), "--heads", "0.34",
+                 "--iterative-rounds", "2", "--finetune-steps", "1", "--calibration-images", "6",
+                 "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "round 2/2" in err
+    from amg.prune import load_pruned
+
+    assert "iterative x2" in load_pruned(out).plan.policy["schedule"]

@@ -86,3 +86,17 @@ def test_dynamic_on_a_head_pruned_model():
     dynamic = apply_dynamic(model, "evit", 0.7)
     with torch.no_grad():
         assert dynamic(torch.randn(2, 3, 64, 32)).shape == (2, 48)
+
+
+@pytest.mark.parametrize("policy", ["evit", "tome"])
+def test_dynamic_policy_travels_in_the_plan(policy, tmp_path):
+    from amg.prune import load_pruned, save_pruned
+
+    model = build()
+    plan = make_plan(model, heads=0.34, tokens=0.3, head_policy="random", token_policy=policy)
+    assert plan.dynamic_tokens["policy"] == policy and all(t is None for t in plan.kept_tokens)
+    pruned = apply_plan(copy.deepcopy(model), plan)
+    loaded = load_pruned(save_pruned(pruned, tmp_path / "dyn.pt"))
+    images = torch.randn(2, 3, 64, 32)
+    with torch.no_grad():
+        assert torch.equal(pruned(images), loaded(images))
