@@ -29,7 +29,7 @@ PLANS = {  # name: (head ratio, token ratio)
     "heads25+tokens25": (0.25, 0.25),
 }
 BATCHES = (1, 32)
-PAIRED_ROUNDS = {1: 30, 32: 4}
+PAIRED_ROUNDS = {1: 30, 32: 8}
 
 
 @pytest.fixture(scope="module")
