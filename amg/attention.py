@@ -195,9 +195,6 @@ class AttentionCapture:
     def blocks(self) -> list[int]:
         return sorted(self.recorder.maps)
 
-    def clear(self) -> None:
-        self.recorder.maps.clear()
-        self.recorder.outputs.clear()
 
 
 @contextlib.contextmanager

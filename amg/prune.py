@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -121,24 +122,30 @@ def select_heads(removal_scores: Sequence[torch.Tensor], head_ids: Sequence[Sequ
     """
     check_ratio("head", ratio)
     present = sum(len(ids) for ids in head_ids)
-    to_remove = round(ratio * (total_heads or present)) - ((total_heads or present) - present)
+    total = total_heads or present
+    to_remove = round(ratio * total) - (total - present)
+    removed = [0] * len(head_ids)
+    cap = [len(ids) - 1 for ids in head_ids]  # never empty a block
     remove: set[tuple[int, int]] = set()
     if allocation == "per-block":
-        per_block = (total_heads or present) / len(head_ids)  # heads a block had originally
+        # Each block's whole share first; the remainder of the exact total (a ratio rarely
+        # divides a block's heads) goes one extra per block, to the highest-scoring heads.
+        share = ratio * total / len(head_ids)
         for block, (score, ids) in enumerate(zip(removal_scores, head_ids)):
-            count = min(round(ratio * per_block) - round(per_block - len(ids)), len(ids) - 1)
-            for position in torch.argsort(score, descending=True)[:count].tolist():
+            already = round(total / len(head_ids)) - len(ids)
+            quota = max(0, min(math.floor(share) - already, cap[block]))
+            for position in torch.argsort(score, descending=True)[:quota].tolist():
                 remove.add((block, position))
-    else:
-        order = sorted(((float(s), b, p) for b, score in enumerate(removal_scores) for p, s in enumerate(score)),
-                       key=lambda item: (-item[0], item[1], item[2]))
-        left = [len(ids) for ids in head_ids]
-        for _, block, position in order:
-            if len(remove) >= to_remove:
-                break
-            if left[block] > 1:  # never empty a block
-                remove.add((block, position))
-                left[block] -= 1
+            removed[block] = quota
+            cap[block] = min(cap[block], quota + 1)
+    order = sorted(((float(s), b, p) for b, score in enumerate(removal_scores) for p, s in enumerate(score)),
+                   key=lambda item: (-item[0], item[1], item[2]))
+    for _, block, position in order:
+        if len(remove) >= to_remove:
+            break
+        if (block, position) not in remove and removed[block] < cap[block]:
+            remove.add((block, position))
+            removed[block] += 1
     return [[ids[p] for p in range(len(ids)) if (b, p) not in remove] for b, ids in enumerate(head_ids)]
 
 

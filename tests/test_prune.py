@@ -217,3 +217,14 @@ def test_token_selection_keeps_the_class_token_and_a_patch_per_block():
     # 6 candidates, drop 3 lowest globally: block 1's 0.1 and 0.2; its 0.3 must stay (one patch per
     # block), so the third drop is block 0's lowest (3.0, position 3). Class tokens always stay.
     assert keep[1] == [0, 3] and keep[0] == [0, 1, 2]
+
+
+def test_per_block_allocation_removes_the_exact_total_evenly():
+    scores = [torch.tensor([0.1, 0.9, 0.5, 0.3, 0.2, 0.4]) * (b + 1) for b in range(6)]
+    kept = select_heads(scores, [range(6)] * 6, 0.25, allocation="per-block")
+    removed = [6 - len(k) for k in kept]
+    assert sum(removed) == 9  # round(0.25 * 36), not 2 per block
+    assert set(removed) == {1, 2}
+    assert all(1 not in k for k in kept)  # each block's top-scoring head goes first
+    # the extra removals go to the blocks whose next head scores highest (the deepest here)
+    assert removed == [1, 1, 1, 2, 2, 2]

@@ -15,8 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from fvcore.nn import FlopCountAnalysis
 from torch import nn
+
+with warnings.catch_warnings():  # fvcore's import calls torch.jit.script, which torch now deprecates
+    warnings.simplefilter("ignore", FutureWarning)
+    from fvcore.nn import FlopCountAnalysis
 
 
 def _shape(value: Any) -> list[int]:
