@@ -124,6 +124,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from amg.prune import CalibrationData, apply_plan, make_plan, save_pruned
 
     _set_threads(args.threads)
+    if args.macs_saving is not None and (args.heads or args.tokens or args.iterative_rounds):
+        raise ValueError("--macs-saving chooses the ratios itself: drop --heads/--tokens/--iterative-rounds")
     dataset = _load_dataset(args.data, args.layout)
     labels, _ = relabel_pids(dataset.train)
     model = _load_model_arg(args.model, num_classes=max(labels) + 1)
@@ -152,6 +154,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
         model, plan = iterative_prune(model, args.heads, args.tokens, data, training,
                                       IterativeConfig(args.iterative_rounds, args.finetune_steps),
                                       seed=args.seed, progress=progress, **policies)
+    elif args.macs_saving is not None:
+        from amg.prune import plan_for_saving
+
+        plan = plan_for_saving(model, args.macs_saving, args.saving_by, data=data, seed=args.seed,
+                               progress=progress, **policies)
+        apply_plan(model, plan)
     else:
         plan = make_plan(model, heads=args.heads, tokens=args.tokens, data=data, seed=args.seed,
                          progress=progress, **policies)
@@ -262,6 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--token-policy", default=None,
                        help="amg | random (static K/V positions) | evit | tome (dynamic baselines)")
     prune.add_argument("--allocation", default="global", help="head allocation: global | per-block | normalized")
+    prune.add_argument("--macs-saving", type=float, default=None,
+                       help="instead of --heads/--tokens: remove about this fraction of the blocks' MACs")
+    prune.add_argument("--saving-by", default="both", choices=["heads", "tokens", "both"],
+                       help="what --macs-saving removes (both: equal head and token ratios)")
     prune.add_argument("--iterative-rounds", type=int, default=0,
                        help="prune heads over this many rounds, fine-tuning (distilled from the unpruned "
                             "model) after each; 0 = one-shot (default)")

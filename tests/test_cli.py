@@ -117,3 +117,18 @@ def test_iterative_prune_from_the_command_line(tiny_root, tmp_path, capsys):
     from amg.prune import load_pruned
 
     assert "iterative x2" in load_pruned(out).plan.policy["schedule"]
+
+
+def test_prune_to_a_macs_saving(tiny_root, tmp_path, capsys):
+    model_path = tmp_path / "tiny.pt"
+    assert main(["train", "--data", str(tiny_root), "--out", str(model_path), "--steps", "2",
+                 "--batch-ids", "3", "--batch-instances", "2", "--img-size", "64", "32"]) == 0
+    out = tmp_path / "target.pt"
+    assert main(["prune", "--model", str(model_path), "--data", str(tiny_root), "--macs-saving", "0.2",
+                 "--saving-by", "heads", "--calibration-images", "6", "--out", str(out)]) == 0
+    from amg.prune import load_pruned
+
+    assert load_pruned(out).plan.ratios["target_macs_saving"] == 0.2
+    assert main(["prune", "--model", str(model_path), "--data", str(tiny_root), "--macs-saving", "0.2",
+                 "--heads", "0.2", "--out", str(out)]) == 2
+    assert "--macs-saving chooses the ratios" in capsys.readouterr().err
