@@ -1,0 +1,170 @@
+"""The benchmark CSV: its columns, atomic writing, and validated reading.
+
+One CSV per run per device, under `results/<device-id>/`, one row per (configuration,
+backend, batch). Every row carries the device, the software versions and the git
+revision, so a row read alone still says where it came from. Files are written to a
+temporary name in the same folder and renamed: a reader never sees half a file, and two
+runs writing at once each land whole, under their own run id.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+# The schema, in file order. Units are in the names; empty means "not measured".
+IDENTITY_COLUMNS = [
+    "run_id",  # one per pytest session, e.g. 20261125T140229Z-1a2b3c
+    "timestamp",  # ISO 8601 UTC
+    "device_id",  # stable, file-system safe (amg.measure.backends.device_id)
+    "device_name",  # CPU model or GPU name, as the OS reports it
+    "backend",  # cpu | cuda | jetson | rpi | onnxruntime | torchscript
+    "precision",  # fp32 | fp16 | bf16
+    "threads",  # torch / onnxruntime intra-op threads
+    "batch",
+    "model",  # preset name
+    "checkpoint",  # model file, or "default" for the cached embedded default
+    "input_size",  # HxW
+    "config_id",  # stable name of the pruning configuration (gate key with backend and batch)
+    "head_policy",
+    "token_policy",
+    "allocation",
+    "schedule",  # one-shot | iterative xK ...
+    "head_ratio",
+    "token_ratio",
+]
+MEASURE_COLUMNS = [
+    "params",
+    "param_mb",
+    "gmacs",  # fvcore multiply-adds per image, in 1e9 (fvcore's "flops" are MACs)
+    "macs_saving",  # 1 - gmacs / gmacs of the unpruned model
+    "latency_median_ms",
+    "latency_p90_ms",
+    "latency_p99_ms",
+    "latency_rounds",
+    "speedup",  # unpruned median / this median, interleaved in the same run
+    "latency_saving",  # 1 - 1 / speedup
+    "peak_rss_mb",  # CPU peak resident memory of an isolated process running this configuration
+    "cuda_max_allocated_mb",
+    "dataset",
+    "query_rank1",
+    "query_rank5",
+    "query_mAP",
+    "query_mINP",
+    "occluded_rank1",
+    "occluded_rank5",
+    "occluded_mAP",
+    "occluded_mINP",
+]
+VERSION_COLUMNS = ["amg_version", "torch_version", "timm_version", "python_version", "os", "git_revision"]
+COLUMNS = IDENTITY_COLUMNS + MEASURE_COLUMNS + VERSION_COLUMNS
+KEY_COLUMNS = ("config_id", "backend", "precision", "batch")
+
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+class ReportError(ValueError):
+    """A results file is missing, truncated, or does not follow the schema; names the file."""
+
+
+def safe_name(text: str) -> str:
+    """A file-system safe form of `text` (device ids, run ids): letters, digits, '.', '_', '-'."""
+    cleaned = _SAFE.sub("-", text).strip("-.")
+    if not cleaned:
+        raise ValueError(f"{text!r} has no character usable in a file name")
+    return cleaned[:80]
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def write_csv(rows: Iterable[Mapping[str, Any]], results_dir: str | Path, device: str, run_id: str) -> Path:
+    """Write `rows` to `results_dir/<device>/<run_id>.csv` atomically; returns the path.
+
+    Unknown keys in a row are an error (a typo would otherwise vanish); missing ones are
+    written empty. An existing file of the same run is never overwritten.
+    """
+    rows = list(rows)
+    if not rows:
+        raise ReportError("no rows to write: nothing was measured")
+    for row in rows:
+        unknown = sorted(set(row) - set(COLUMNS))
+        if unknown:
+            raise ReportError(f"row has columns outside the schema: {unknown}")
+    folder = Path(results_dir) / safe_name(device)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{safe_name(run_id)}.csv"
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({column: _cell(row.get(column)) for column in COLUMNS})
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(handle, "w", newline="") as stream:
+            stream.write(buffer.getvalue())
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.link(tmp, path)  # fails if another writer took the name: never overwrite a report
+    except FileExistsError as error:
+        raise ReportError(f"{path} exists: each run writes its own file") from error
+    finally:
+        os.unlink(tmp)
+    return path
+
+
+@dataclass(frozen=True)
+class ResultsFile:
+    path: Path
+    rows: list[dict[str, str]]
+
+
+def read_csv(path: str | Path) -> ResultsFile:
+    """Read and validate one results CSV (header, column set, complete rows, key fields)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ReportError(f"results file not found: {path}")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ReportError(f"cannot read {path}: {error}") from error
+    if not text.strip():
+        raise ReportError(f"{path} is empty")
+    if not text.endswith("\n"):
+        raise ReportError(f"{path} is truncated: its last line is incomplete")
+    reader = csv.reader(io.StringIO(text))
+    header = next(reader)
+    missing = [c for c in COLUMNS if c not in header]
+    if missing:
+        raise ReportError(f"{path} lacks columns {missing}")
+    rows = []
+    for line_number, values in enumerate(reader, start=2):
+        if len(values) != len(header):
+            raise ReportError(f"{path} line {line_number}: {len(values)} fields, header has {len(header)}")
+        row = dict(zip(header, values))
+        empty_keys = [c for c in KEY_COLUMNS + ("device_id", "run_id") if not row[c]]
+        if empty_keys:
+            raise ReportError(f"{path} line {line_number}: empty {empty_keys}")
+        rows.append(row)
+    if not rows:
+        raise ReportError(f"{path} has a header but no rows")
+    return ResultsFile(path, rows)
+
+
+def find_csvs(results_dir: str | Path) -> list[Path]:
+    """Every report under `results_dir/<device>/` (temporary files excluded)."""
+    root = Path(results_dir)
+    if not root.is_dir():
+        raise ReportError(f"results folder not found: {root}")
+    return sorted(p for p in root.glob("*/*.csv") if not p.name.startswith("."))
