@@ -42,7 +42,8 @@ IDENTITY_COLUMNS = [
 MEASURE_COLUMNS = [
     "params",
     "param_mb",
-    "gmacs",  # fvcore multiply-adds per image, in 1e9 (fvcore's "flops" are MACs)
+    "macs",  # fvcore multiply-adds per image, exact (fvcore's "flops" are MACs)
+    "gmacs",  # the same in 1e9, for reading
     "macs_saving",  # 1 - gmacs / gmacs of the unpruned model
     "latency_median_ms",
     "latency_p90_ms",
@@ -85,7 +86,7 @@ def _cell(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, float):
-        return f"{value:.6g}"
+        return f"{value:.10g}"
     return str(value)
 
 
