@@ -187,6 +187,14 @@ def cmd_flops(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from amg.report import build_report
+
+    for path in build_report(args.results_dir, args.out):
+        print(path)
+    return 0
+
+
 def cmd_import(args: argparse.Namespace) -> int:
     from amg.checkpoints import import_state_dict
     from amg.model import build_model, save_model
@@ -291,6 +299,17 @@ def build_parser() -> argparse.ArgumentParser:
     flops.add_argument("--batch", type=int, default=1, help="batch size to trace (default %(default)s)")
     flops.set_defaults(func=cmd_flops)
 
+    report = sub.add_parser("report", help="merge every results CSV into Markdown tables and Pareto plots")
+    report.add_argument("--results-dir", type=Path, default=Path("results"),
+                        help="folder holding <device-id>/<run-id>.csv reports (default %(default)s)")
+    report.add_argument("--out", type=Path, default=Path("results/report"),
+                        help="where README.md and the PNG plots go (default %(default)s)")
+    report.set_defaults(func=cmd_report)
+
+    gate = sub.add_parser("gate", add_help=False,
+                          help="compare a run's CSV with a baseline CSV; exit 0 pass, 1 regression, 2 input error "
+                               "(`amg gate --help` for its options)")
+
     imp = sub.add_parser("import", help="convert a TransReID / timm / LA-Transformer .pth into an amg model file")
     imp.add_argument("checkpoint", type=Path, help="the .pth state dict")
     imp.add_argument("--preset", required=True, choices=sorted(PRESETS), help="architecture the weights belong to")
@@ -306,11 +325,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["gate"]:  # the gate owns its options (argparse cannot hand "--help" through)
+        from amg.gate import main as gate_main
+
+        return gate_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as error:
         # Bad input is the user's to fix: say what, without a traceback.
         print(f"amg {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USAGE

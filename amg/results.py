@@ -52,6 +52,7 @@ MEASURE_COLUMNS = [
     "speedup",  # unpruned median / this median, interleaved in the same run
     "latency_saving",  # 1 - 1 / speedup
     "peak_rss_mb",  # CPU peak resident memory of an isolated process running this configuration
+    "forward_rss_mb",  # of which the forward passes added (peak minus RSS after loading the model)
     "cuda_max_allocated_mb",
     "dataset",
     "query_rank1",

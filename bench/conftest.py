@@ -1,34 +1,76 @@
-"""Options and shared fixtures of the benchmark suite (`pytest bench/`).
+"""Options, profiles and the CSV report of the benchmark suite (`pytest bench/`).
 
-The suite is a thin layer: the model, data and measurements all come from `amg`.
+A thin layer: cases, pruning, runners and rows come from `amg.suite`; the timing loop is
+pytest-benchmark's. At the end of the session the rows go to one CSV per run under
+`<results-dir>/<device-id>/`, written atomically.
 """
 
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Callable
 
 import pytest
 import torch
 
+from amg.measure.backends import BACKENDS
 from amg.model import DEFAULT_PRESET, PRESETS
+from amg.suite import PROFILES, build_cases
+
+_SUITE_KEY = pytest.StashKey()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("amg", "AMG-Bench")
-    group.addoption("--amg-model", default=DEFAULT_PRESET, choices=sorted(PRESETS),
-                    help="model preset; the default one is trained on the synthetic set and cached, "
-                         "others are timed with random weights unless --amg-checkpoint is given")
-    group.addoption("--amg-checkpoint", default=None, help="an amg model file to benchmark instead")
-    group.addoption("--amg-data", default=None, help="real data set root for accuracy (default: synthetic)")
-    group.addoption("--amg-latency-model", default="vit_small", choices=sorted(PRESETS),
-                    help="preset timed pruned vs unpruned in test_pruned_latency (random weights; "
-                         "default %(default)s at 256x128, the size the pruning targets are stated at)")
-    group.addoption("--amg-threads", type=int, default=None,
-                    help="torch CPU threads (default: all cores); recorded with every latency")
+    add = group.addoption
+    add("--amg-profile", default="default", choices=sorted(PROFILES),
+        help="quick (<= 2 min on 2 CPU cores once cached), default, or full (every policy and ratio)")
+    add("--amg-model", default=DEFAULT_PRESET, choices=sorted(PRESETS),
+        help="model preset: the default one is trained on the synthetic set and cached; others are "
+             "timed with random weights (no accuracy) unless --amg-checkpoint is given")
+    add("--amg-checkpoint", default=None, help="an amg model file to benchmark instead of the preset")
+    add("--amg-data", default=None, help="real data set root for calibration and accuracy (default: synthetic)")
+    add("--amg-ratios", default=None, help="comma-separated pruning ratios, e.g. 0.25,0.5 (default: the profile's)")
+    add("--amg-policies", default=None, help="comma-separated policies, e.g. amg,random,tome (default: the profile's)")
+    add("--amg-backends", default=None,
+        help=f"comma-separated backends from {','.join(BACKENDS)} (default: the profile's; unavailable ones skip)")
+    add("--amg-batches", default=None, help="comma-separated batch sizes (default: the profile's)")
+    add("--amg-threads", type=int, default=None, help="torch / onnxruntime CPU threads (default: all cores)")
+    add("--amg-results-dir", default="results", help="where the CSV goes: <dir>/<device-id>/<run-id>.csv")
+    add("--amg-no-report", action="store_true", help="do not write a CSV (e.g. while developing)")
 
 
-def _progress_printer(config: pytest.Config) -> Callable[[str], None]:
+def _split(value: str | None, cast: Callable = str) -> list | None:
+    if not value:
+        return None
+    try:
+        return [cast(item.strip()) for item in value.split(",") if item.strip()]
+    except ValueError as error:
+        raise pytest.UsageError(f"cannot parse {value!r}: {error}") from error
+
+
+def _cases(config: pytest.Config):
+    backends = _split(config.getoption("--amg-backends"))
+    unknown = sorted(set(backends or ()) - set(BACKENDS))
+    if unknown:
+        raise pytest.UsageError(f"unknown backend(s) {unknown}; choose from {', '.join(BACKENDS)}")
+    ratios = _split(config.getoption("--amg-ratios"), float)
+    for ratio in ratios or ():
+        if not 0 < ratio < 1:
+            raise pytest.UsageError(f"--amg-ratios: {ratio} is outside (0, 1)")
+    return build_cases(PROFILES[config.getoption("--amg-profile")], ratios,
+                       _split(config.getoption("--amg-policies")), backends,
+                       _split(config.getoption("--amg-batches"), int))
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "case" in metafunc.fixturenames:
+        cases = _cases(metafunc.config)
+        metafunc.parametrize("case", cases, ids=[c.id for c in cases])
+
+
+def progress_printer(config: pytest.Config) -> Callable[[str], None]:
     """Print past pytest's output capture: first-run data generation and training take minutes."""
     capture = config.pluginmanager.getplugin("capturemanager")
 
@@ -40,38 +82,45 @@ def _progress_printer(config: pytest.Config) -> Callable[[str], None]:
 
 
 @pytest.fixture(scope="session")
-def amg_threads(request: pytest.FixtureRequest) -> int:
-    threads = request.config.getoption("--amg-threads")
+def suite(request: pytest.FixtureRequest):
+    from amg.data.layout import load_dataset
+    from amg.model import build_model
+    from amg.prune import load_pruned
+    from amg.suite import Suite
+    from amg.zoo import default_model, synthetic_root
+
+    config = request.config
+    progress = progress_printer(config)
+    threads = config.getoption("--amg-threads")
     if threads:
         torch.set_num_threads(threads)
-    return torch.get_num_threads()
-
-
-@pytest.fixture(scope="session")
-def reid_model(request: pytest.FixtureRequest):
-    """(model, trained): the checkpoint, the cached default model, or an untrained preset."""
-    from amg.model import build_model, load_model
-    from amg.zoo import default_model
-
-    checkpoint = request.config.getoption("--amg-checkpoint")
-    preset = request.config.getoption("--amg-model")
+    checkpoint, preset = config.getoption("--amg-checkpoint"), config.getoption("--amg-model")
+    data_root = config.getoption("--amg-data")
     if checkpoint:
-        return load_model(checkpoint).eval(), True
-    if preset == DEFAULT_PRESET:
-        return default_model(preset, progress=_progress_printer(request.config))[0].eval(), True
-    torch.manual_seed(0)
-    return build_model(preset).eval(), False
+        model, source = load_pruned(checkpoint), checkpoint
+    elif preset == DEFAULT_PRESET:
+        model, source = default_model(preset, progress=progress)[0], "default"
+    else:
+        torch.manual_seed(0)
+        model, source = build_model(preset).eval(), f"{preset} (random weights)"
+    trained = bool(checkpoint) or preset == DEFAULT_PRESET
+    dataset = None
+    if trained or data_root:
+        dataset = load_dataset(data_root or synthetic_root(progress=progress))
+    state = Suite(model, source, PROFILES[config.getoption("--amg-profile")], dataset,
+                  torch.get_num_threads(), progress)
+    config.stash[_SUITE_KEY] = state
+    return state
 
 
-@pytest.fixture(scope="session")
-def evaluator(request: pytest.FixtureRequest, reid_model):
-    from amg.data.layout import load_dataset
-    from amg.evaluate import Evaluator
-    from amg.zoo import synthetic_root
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    from amg.results import write_csv
 
-    model, trained = reid_model
-    if not trained:
-        pytest.skip("accuracy needs trained weights: this preset is untrained, pass --amg-checkpoint")
-    progress = _progress_printer(request.config)
-    root = request.config.getoption("--amg-data") or synthetic_root(progress=progress)
-    return Evaluator(load_dataset(root), model.config.img_size, progress)
+    state = session.config.stash.get(_SUITE_KEY, None)
+    if state is None or not state.rows or session.config.getoption("--amg-no-report"):
+        return
+    results_dir = Path(session.config.getoption("--amg-results-dir"))
+    path = write_csv(state.rows, results_dir, state.metadata["device_id"], state.metadata["run_id"])
+    reporter = session.config.pluginmanager.getplugin("terminalreporter")
+    if reporter:
+        reporter.write_line(f"[amg] wrote {len(state.rows)} rows to {path}")

@@ -1,0 +1,327 @@
+"""`amg gate`: compare a benchmark run with a committed baseline, and fail on regressions.
+
+Rows are matched by `amg.results.KEY_COLUMNS` (batch as an integer). Checked, per baseline
+configuration:
+
+- accuracy (query/occluded Rank-1, mAP, and Rank-5 / mINP when the baseline has them): a drop
+  of more than `Tolerances.accuracy_drop` (absolute, on 0..1 metrics) fails;
+- `macs` (exact multiply-adds per image): any relative change beyond `Tolerances.macs_change`
+  fails, increases included (by default any change at all: a changed count means changed code);
+- `speedup` (unpruned median / this median, measured interleaved in the same run): a drop of
+  more than `Tolerances.speedup_drop` (relative) fails. Absolute latencies are never compared
+  across runs: they depend on the machine and its load.
+
+It fails closed: a baseline configuration absent from the run, or a metric the baseline has
+but the run lacks (empty, NaN or not a number), is "missing" and fails. Metrics empty in the
+baseline are not checked; configurations only in the run are reported as notes.
+
+Exit codes of `main`: 0 pass, 1 regression or missing, 2 usage or input error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from tabulate import tabulate
+
+from amg.results import KEY_COLUMNS, ReportError, ResultsFile, read_csv
+
+EXIT_PASS = 0
+EXIT_FAIL = 1
+EXIT_USAGE = 2
+
+ACCURACY_METRICS = (
+    "query_rank1",
+    "query_mAP",
+    "occluded_rank1",
+    "occluded_mAP",
+    "query_rank5",
+    "query_mINP",
+    "occluded_rank5",
+    "occluded_mINP",
+)
+MACS_METRIC = "macs"
+SPEEDUP_METRIC = "speedup"
+CHECKED_METRICS = ACCURACY_METRICS + (MACS_METRIC, SPEEDUP_METRIC)
+
+# Pseudo-metrics for findings about whole rows rather than one value.
+CONFIGURATION = "(configuration)"
+BASELINE = "(baseline)"
+
+OK, REGRESSION, MISSING = "ok", "regression", "missing"
+
+_EPSILON = 1e-12  # float slack, so that a change of exactly the tolerance passes
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    accuracy_drop: float = 0.01  # absolute on 0..1 metrics: fail if current < baseline - tol
+    macs_change: float = 0.0  # relative, either direction: fail if |current - baseline| > tol * baseline
+    speedup_drop: float = 0.10  # relative: fail if current < baseline * (1 - tol)
+
+    def __post_init__(self) -> None:
+        for name in ("accuracy_drop", "macs_change", "speedup_drop"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"tolerance {name} must be a finite number >= 0, got {value!r}")
+        if self.speedup_drop >= 1:
+            raise ValueError(f"tolerance speedup_drop must be below 1, got {self.speedup_drop!r}")
+
+
+@dataclass(frozen=True)
+class Finding:
+    key: tuple  # (config_id, backend, precision, batch); () for findings about a whole file
+    metric: str  # a column name, or CONFIGURATION / BASELINE
+    baseline: float | None
+    current: float | None
+    verdict: str  # "ok" | "regression" | "missing"
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class GateResult:
+    findings: list[Finding] = field(default_factory=list)
+    configurations: int = 0  # baseline configurations found in the current run and compared
+
+    @property
+    def passed(self) -> bool:
+        return all(f.verdict == OK for f in self.findings)
+
+    @property
+    def regressions(self) -> list[Finding]:
+        return [f for f in self.findings if f.verdict == REGRESSION]
+
+    @property
+    def missing(self) -> list[Finding]:
+        return [f for f in self.findings if f.verdict == MISSING]
+
+    @property
+    def metrics_checked(self) -> int:
+        return sum(1 for f in self.findings if f.metric in CHECKED_METRICS)
+
+
+def parse_number(value: Any) -> float | None:
+    """A finite float, or None for empty / None / NaN / infinite / not a number."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    else:
+        text = str(value).strip()
+        if not text:
+            return None
+        try:
+            number = float(text)
+        except ValueError:
+            return None
+    return number if math.isfinite(number) else None
+
+
+def _is_blank(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def _row_key(row: Mapping[str, Any], source: str, index: int) -> tuple:
+    values = []
+    for column in KEY_COLUMNS:
+        value = row.get(column)
+        if _is_blank(value):
+            raise ReportError(f"{source} row {index}: empty key column {column!r}")
+        values.append(str(value).strip())
+    batch = parse_number(values[-1])
+    if batch is None or batch != int(batch):
+        raise ReportError(f"{source} row {index}: batch {values[-1]!r} is not an integer")
+    return (*values[:-1], int(batch))
+
+
+def _index(rows: Iterable[Mapping[str, Any]], source: str) -> tuple[dict[tuple, Mapping[str, Any]], dict[tuple, int]]:
+    """Rows by key (the last row wins) and how many rows each key had."""
+    by_key: dict[tuple, Mapping[str, Any]] = {}
+    counts: dict[tuple, int] = {}
+    for index, row in enumerate(rows, start=1):
+        key = _row_key(row, source, index)
+        by_key[key] = row
+        counts[key] = counts.get(key, 0) + 1
+    return by_key, counts
+
+
+def _rows_and_name(rows: ResultsFile | Iterable[Mapping[str, Any]], default: str) -> tuple[list, str]:
+    if isinstance(rows, ResultsFile):
+        return list(rows.rows), str(rows.path)
+    return list(rows), default
+
+
+def _check(metric: str, base: float, cur: float, tol: Tolerances) -> tuple[str, str]:
+    """(verdict, note) for one metric present in both runs."""
+    if metric in ACCURACY_METRICS:
+        if cur < base - tol.accuracy_drop - _EPSILON:
+            return REGRESSION, f"dropped {base - cur:.4f}, tolerance {tol.accuracy_drop:g}"
+        return OK, ""
+    if metric == MACS_METRIC:
+        if abs(cur - base) > tol.macs_change * abs(base) + _EPSILON * max(1.0, abs(base)):
+            direction = "increased" if cur > base else "decreased"
+            return REGRESSION, f"{direction}: MACs must not change (tolerance {tol.macs_change:g} relative)"
+        return OK, ""
+    if metric == SPEEDUP_METRIC:
+        if cur < base * (1 - tol.speedup_drop) - _EPSILON:
+            return REGRESSION, f"speed-up fell to {cur / base:.1%} of baseline, tolerance {tol.speedup_drop:g}"
+        return OK, ""
+    raise ValueError(f"no rule for metric {metric!r}")
+
+
+def compare(
+    baseline_rows: ResultsFile | Iterable[Mapping[str, Any]],
+    current_rows: ResultsFile | Iterable[Mapping[str, Any]],
+    tolerances: Tolerances = Tolerances(),
+) -> GateResult:
+    """Compare rows of a run with rows of a baseline (CSV rows as dicts, or `ResultsFile`s).
+
+    Raises `ReportError` for a row whose key columns are empty or whose batch is not an integer.
+    """
+    baseline_list, baseline_name = _rows_and_name(baseline_rows, "baseline")
+    current_list, current_name = _rows_and_name(current_rows, "current")
+    findings: list[Finding] = []
+    if not baseline_list:
+        findings.append(Finding((), BASELINE, None, None, MISSING, f"{baseline_name} has no rows: nothing to compare"))
+        return GateResult(findings)
+    baseline, baseline_counts = _index(baseline_list, baseline_name)
+    current, current_counts = _index(current_list, current_name)
+
+    for counts, name in ((baseline_counts, "baseline"), (current_counts, "current run")):
+        for key, count in counts.items():
+            if count > 1:
+                findings.append(Finding(key, CONFIGURATION, None, None, OK,
+                                        f"{count} rows with this key in the {name}: the last one is used"))
+
+    for key, base_row in baseline.items():
+        cur_row = current.get(key)
+        if cur_row is None:
+            findings.append(Finding(key, CONFIGURATION, None, None, MISSING, "configuration absent from the current run"))
+            continue
+        for metric in CHECKED_METRICS:
+            raw_base = base_row.get(metric)
+            if _is_blank(raw_base):
+                continue  # not measured in the baseline: not checked
+            base = parse_number(raw_base)
+            raw_cur = cur_row.get(metric)
+            cur = parse_number(raw_cur)
+            if base is None:
+                findings.append(Finding(key, metric, None, cur, MISSING,
+                                        f"baseline value {raw_base!r} is not a finite number"))
+                continue
+            if cur is None:
+                what = "empty" if _is_blank(raw_cur) else f"{raw_cur!r}, not a finite number"
+                findings.append(Finding(key, metric, base, None, MISSING, f"current value is {what}"))
+                continue
+            verdict, note = _check(metric, base, cur, tolerances)
+            findings.append(Finding(key, metric, base, cur, verdict, note))
+
+    for key in current:
+        if key not in baseline:
+            findings.append(Finding(key, CONFIGURATION, None, None, OK, "new: not in the baseline, not checked"))
+    return GateResult(findings, configurations=sum(1 for key in baseline if key in current))
+
+
+def gate(baseline_path: str | Path, current_path: str | Path, tolerances: Tolerances = Tolerances()) -> GateResult:
+    """Read both files with `amg.results.read_csv` (which raises `ReportError` naming the file) and compare."""
+    return compare(read_csv(baseline_path), read_csv(current_path), tolerances)
+
+
+def _format_value(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value == int(value) and abs(value) >= 1000:
+        return str(int(value))
+    return f"{value:.4g}"
+
+
+def _format_change(finding: Finding) -> str:
+    if finding.baseline is None or finding.current is None:
+        return "-"
+    delta = finding.current - finding.baseline
+    if finding.metric in ACCURACY_METRICS:
+        return f"{delta:+.4f}"
+    if finding.baseline == 0:
+        return f"{delta:+.4g}"
+    relative = f"{delta / abs(finding.baseline):+.2%}"
+    if finding.metric == MACS_METRIC:  # exact counts: a change of 1 MAC must not read as +0.00%
+        return f"{delta:+.0f} ({relative})"
+    return relative
+
+
+def summary_line(result: GateResult) -> str:
+    checked = f"{result.configurations} configurations, {result.metrics_checked} metrics checked"
+    if result.passed:
+        return f"PASS: {checked}"
+    return f"FAIL: {len(result.regressions)} regressions, {len(result.missing)} missing ({checked})"
+
+
+def format_findings(result: GateResult, verbose: bool = False) -> str:
+    """A table of every finding that is not "ok" (all of them with `verbose`), the notes on
+    passing rows (new or duplicated configurations), and a one-line PASS / FAIL summary."""
+    shown = [f for f in result.findings if verbose or f.verdict != OK]
+    notes = [f for f in result.findings if not verbose and f.verdict == OK and f.note]
+    parts = []
+    if shown:
+        headers = ["config", "backend", "precision", "batch", "metric", "baseline", "current", "change", "verdict", "note"]
+        table = [[*(f.key if f.key else ("-",) * len(KEY_COLUMNS)), f.metric, _format_value(f.baseline),
+                  _format_value(f.current), _format_change(f), f.verdict, f.note] for f in shown]
+        parts.append(tabulate(table, headers=headers, tablefmt="github"))
+    if notes:
+        parts.append("\n".join(["notes:"] + [f"  {'/'.join(map(str, f.key))}: {f.note}" for f in notes]))
+    parts.append(summary_line(result))
+    return "\n\n".join(parts)
+
+
+def _tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number >= 0")
+    return value
+
+
+def build_parser(prog: str = "amg gate") -> argparse.ArgumentParser:
+    defaults = Tolerances()
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Compare a benchmark CSV with a committed baseline. Exit 0: pass; 1: a regression or a "
+                    "missing configuration/metric; 2: usage or input error.",
+    )
+    parser.add_argument("--baseline", required=True, metavar="FILE", help="committed baseline CSV")
+    parser.add_argument("--current", required=True, metavar="FILE", help="CSV of the run to check")
+    parser.add_argument("--accuracy-drop", type=_tolerance, default=defaults.accuracy_drop, metavar="X",
+                        help=f"largest allowed absolute drop of a 0..1 accuracy metric (default {defaults.accuracy_drop:g})")
+    parser.add_argument("--speedup-drop", type=_tolerance, default=defaults.speedup_drop, metavar="X",
+                        help=f"largest allowed relative drop of the in-run speed-up, below 1 (default {defaults.speedup_drop:g})")
+    parser.add_argument("--macs-change", type=_tolerance, default=defaults.macs_change, metavar="X",
+                        help=f"largest allowed relative change of MACs, either way (default {defaults.macs_change:g})")
+    parser.add_argument("--verbose", action="store_true", help="list the passing checks too")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # usage errors exit 2
+    try:
+        tolerances = Tolerances(args.accuracy_drop, args.macs_change, args.speedup_drop)
+    except ValueError as error:
+        parser.error(str(error))
+    try:
+        result = gate(args.baseline, args.current, tolerances)
+    except ReportError as error:
+        print(f"amg gate: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    print(format_findings(result, verbose=args.verbose))
+    return EXIT_PASS if result.passed else EXIT_FAIL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

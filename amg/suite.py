@@ -1,0 +1,252 @@
+"""What `pytest bench/` measures: profiles, cases, and one CSV row per case.
+
+bench/ only turns `Case`s into pytest parameters and hands the timing loop to
+pytest-benchmark; everything else (pruning, runners, memory, accuracy, the row) is here.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import platform
+import subprocess
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+import amg
+from amg.data.layout import ReIDDataset, relabel_pids
+from amg.data.preload import preload_images
+from amg.evaluate import Evaluator
+from amg.measure.backends import Runner, device_id, device_name, prepare
+from amg.measure.flops import count_macs
+from amg.measure.latency import LatencyStats, paired_speedup
+from amg.measure.memory import measure_peak_memory
+from amg.model import ReIDViT
+from amg.prune import CalibrationData, apply_plan, make_plan, save_pruned
+
+Progress = Callable[[str], None]
+# Peak memory is measured where the child process runs the model as deployed; the export
+# backends' children would mostly measure the exporter, so their memory is left unmeasured.
+TORCH_BACKENDS = ("cpu", "cuda", "jetson", "rpi")
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    heads: float = 0.0
+    tokens: float = 0.0
+    head_policy: str = "amg"
+    token_policy: str = "amg"
+    allocation: str = "global"
+
+    @property
+    def config_id(self) -> str:
+        if not self.heads and not self.tokens:
+            return "unpruned"
+        parts = []
+        if self.heads:
+            allocation = "" if self.allocation == "global" else f"/{self.allocation}"
+            parts.append(f"heads{self.heads:g}:{self.head_policy}{allocation}")
+        if self.tokens:
+            parts.append(f"tokens{self.tokens:g}:{self.token_policy}")
+        return "+".join(parts)
+
+
+UNPRUNED = PruneSpec()
+
+
+@dataclass(frozen=True)
+class Case:
+    spec: PruneSpec
+    backend: str
+    batch: int
+    precision: str = "fp32"
+
+    @property
+    def id(self) -> str:
+        return f"{self.spec.config_id}-{self.backend}-{self.precision}-b{self.batch}"
+
+
+@dataclass(frozen=True)
+class Profile:
+    ratios: tuple[float, ...]
+    head_policies: tuple[str, ...]
+    token_policies: tuple[str, ...]
+    batches: tuple[int, ...]
+    backends: tuple[str, ...]
+    paired_rounds: int  # interleaved unpruned/pruned rounds behind each speed-up
+    rounds: int  # pytest-benchmark rounds behind each latency
+    combined: bool = True  # also heads + tokens at each ratio, with the AMG policies
+    accuracy: bool = True
+    memory: bool = True
+
+
+PROFILES = {
+    # <= 2 minutes on a 2-core CPU once the default model is cached
+    # (a forward of the small model takes ~5 ms: many rounds cost little and steady the ratio)
+    "quick": Profile(ratios=(0.25,), head_policies=("amg", "random"), token_policies=("amg", "random"),
+                     batches=(1,), backends=("cpu",), paired_rounds=200, rounds=50),
+    # <= 5 minutes once cached: two ratios, the main baselines, batch 1 and 32, deployment backends
+    "default": Profile(ratios=(0.25, 0.5), head_policies=("amg", "random", "magnitude", "gradient"),
+                       token_policies=("amg", "random", "tome"), batches=(1, 32),
+                       backends=("cpu", "cuda", "jetson", "rpi", "onnxruntime"), paired_rounds=12, rounds=8),
+    "full": Profile(ratios=(0.25, 0.5, 0.75), head_policies=("amg", "amg-lowest", "random", "magnitude", "gradient"),
+                    token_policies=("amg", "random", "evit", "tome"), batches=(1, 32),
+                    backends=("cpu", "cuda", "jetson", "rpi", "torchscript", "onnxruntime"), paired_rounds=30, rounds=20),
+}
+
+
+def build_cases(profile: Profile, ratios: Sequence[float] | None = None, policies: Sequence[str] | None = None,
+                backends: Sequence[str] | None = None, batches: Sequence[int] | None = None) -> list[Case]:
+    """The profile's cases; explicit `ratios`/`policies`/`backends`/`batches` replace its own."""
+    ratios = tuple(ratios or profile.ratios)
+    head_policies = tuple(p for p in (policies or profile.head_policies) if p in _HEAD_POLICIES)
+    token_policies = tuple(p for p in (policies or profile.token_policies) if p in _TOKEN_POLICIES)
+    specs = [UNPRUNED]
+    for ratio in ratios:
+        specs += [PruneSpec(heads=ratio, head_policy=p) for p in head_policies]
+        specs += [PruneSpec(tokens=ratio, token_policy=p) for p in token_policies]
+        if profile.combined and "amg" in head_policies and "amg" in token_policies:
+            specs.append(PruneSpec(heads=ratio, tokens=ratio))
+    return [Case(spec, backend, batch) for backend in (backends or profile.backends)
+            for batch in (batches or profile.batches) for spec in specs]
+
+
+_HEAD_POLICIES = ("amg", "amg-lowest", "random", "magnitude", "gradient")
+_TOKEN_POLICIES = ("amg", "random", "evit", "tome")
+
+
+def run_metadata() -> dict[str, Any]:
+    """Columns shared by every row of a run: who, where, with what software."""
+    import timm
+
+    try:
+        revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                  cwd=Path(amg.__file__).parent, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        revision = ""
+    now = dt.datetime.now(dt.timezone.utc)
+    return {
+        "run_id": f"{now:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}",
+        "timestamp": now.isoformat(timespec="seconds"),
+        "device_id": device_id(),
+        "device_name": device_name(),
+        "amg_version": amg.__version__,
+        "torch_version": torch.__version__,
+        "timm_version": timm.__version__,
+        "python_version": platform.python_version(),
+        "os": f"{platform.system()} {platform.release()}",
+        "git_revision": revision or "unknown",
+    }
+
+
+@dataclass
+class Suite:
+    """State shared by a session's cases: the base model, data, pruned models, references."""
+
+    model: ReIDViT
+    checkpoint: str
+    profile: Profile
+    dataset: ReIDDataset | None  # None: no accuracy (untrained preset)
+    threads: int
+    progress: Progress
+    metadata: dict[str, Any] = field(default_factory=run_metadata)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    _pruned: dict[PruneSpec, ReIDViT] = field(default_factory=dict)
+    _accuracy: dict[PruneSpec, dict[str, float]] = field(default_factory=dict)
+    _references: dict[tuple[str, str, int], Runner] = field(default_factory=dict)
+    _calibration: CalibrationData | None = None
+    _evaluator: Evaluator | None = None
+    _base_macs: int | None = None
+
+    def calibration(self) -> CalibrationData:
+        if self._calibration is None:
+            if self.dataset is None:
+                raise ValueError("AMG and gradient policies need data with labels: pass --amg-data or use a trained model")
+            labels, _ = relabel_pids(self.dataset.train)
+            chosen = torch.randperm(len(self.dataset.train), generator=torch.Generator().manual_seed(0))[:256].tolist()
+            samples = [self.dataset.train[i] for i in chosen]
+            self.progress(f"loading {len(samples)} calibration images")
+            self._calibration = CalibrationData(
+                preload_images(samples, self.model.config.img_size), [labels[i] for i in chosen],
+                [s.camid for s in samples], {"dataset": str(self.dataset.root), "images": len(samples), "seed": 0})
+        return self._calibration
+
+    def pruned(self, spec: PruneSpec) -> ReIDViT:
+        if spec not in self._pruned:
+            if spec == UNPRUNED:
+                self._pruned[spec] = self.model
+            else:
+                needs_data = spec.head_policy in ("amg", "amg-lowest", "gradient") or spec.token_policy == "amg"
+                self.progress(f"pruning {spec.config_id}")
+                plan = make_plan(self.model, spec.heads, spec.tokens, spec.head_policy, spec.token_policy,
+                                 spec.allocation, self.calibration() if needs_data else None)
+                self._pruned[spec] = apply_plan(copy.deepcopy(self.model), plan)
+        return self._pruned[spec]
+
+    def runner(self, case: Case) -> Runner:
+        return prepare(case.backend, copy.deepcopy(self.pruned(case.spec)), case.batch, case.precision, self.threads)
+
+    def reference(self, case: Case) -> Runner:
+        key = (case.backend, case.precision, case.batch)
+        if key not in self._references:
+            self._references[key] = self.runner(Case(UNPRUNED, case.backend, case.batch, case.precision))
+        return self._references[key]
+
+    def accuracy(self, spec: PruneSpec) -> dict[str, float]:
+        if self.dataset is None or not self.profile.accuracy:
+            return {}
+        if spec not in self._accuracy:
+            if self._evaluator is None:
+                self._evaluator = Evaluator(self.dataset, self.model.config.img_size, self.progress)
+            results = self._evaluator.evaluate(self.pruned(spec))
+            row = {"dataset": self.dataset.name if "synth" not in str(self.dataset.root) else "synthetic"}
+            for name, metrics in results.items():
+                if name in ("query", "occluded"):
+                    values = metrics.as_dict()
+                    row.update({f"{name}_{k}": values[k] for k in ("rank1", "rank5", "mAP", "mINP")})
+            self._accuracy[spec] = row
+        return self._accuracy[spec]
+
+    def measure(self, case: Case, runner: Runner, samples_s: Sequence[float]) -> dict[str, Any]:
+        """The CSV row of `case`, given its runner and pytest-benchmark's timing samples."""
+        model = self.pruned(case.spec)
+        if self._base_macs is None:
+            self._base_macs = count_macs(self.model).total
+        macs = count_macs(model).total
+        params = sum(p.numel() for p in model.parameters())
+        stats = LatencyStats.of(list(samples_s))
+        row: dict[str, Any] = {
+            **self.metadata, "backend": case.backend, "precision": case.precision, "threads": self.threads,
+            "batch": case.batch, "model": self.model.config.name, "checkpoint": self.checkpoint,
+            "input_size": "x".join(map(str, self.model.config.img_size)), "config_id": case.spec.config_id,
+            "head_policy": case.spec.head_policy if case.spec.heads else "none",
+            "token_policy": case.spec.token_policy if case.spec.tokens else "none",
+            "allocation": case.spec.allocation, "schedule": "one-shot",
+            "head_ratio": case.spec.heads, "token_ratio": case.spec.tokens,
+            "params": params, "param_mb": params * 4 / 2**20, "macs": macs, "gmacs": macs / 1e9,
+            "macs_saving": 1 - macs / self._base_macs, "latency_median_ms": stats.median_ms,
+            "latency_p90_ms": stats.p90_ms, "latency_p99_ms": stats.p99_ms, "latency_rounds": stats.rounds,
+        }
+        if case.spec != UNPRUNED:
+            speedup, _, _ = paired_speedup(self.reference(case), runner, self.profile.paired_rounds,
+                                           synchronize=runner.synchronize)
+            row.update(speedup=speedup, latency_saving=1 - 1 / speedup)
+        if self.profile.memory and case.backend in TORCH_BACKENDS:
+            row.update(self._memory(case, model))
+        row.update(self.accuracy(case.spec))
+        self.rows.append(row)
+        return row
+
+    def _memory(self, case: Case, model: ReIDViT) -> dict[str, float]:
+        with tempfile.TemporaryDirectory() as folder:
+            path = save_pruned(model, Path(folder) / "model.pt")
+            peak = measure_peak_memory(path, case.backend, case.batch, case.precision, self.threads)
+        out = {"peak_rss_mb": peak.peak_rss_mb, "forward_rss_mb": peak.peak_rss_mb - peak.baseline_rss_mb}
+        if peak.cuda_max_allocated_mb is not None:
+            out["cuda_max_allocated_mb"] = peak.cuda_max_allocated_mb
+        return out
