@@ -1,7 +1,7 @@
 """One-shot pruning (no fine-tuning) of the embedded default model, every policy, on the
 synthetic holistic and occluded query sets. Provenance of one_shot_policies.md:
 
-    python results/x86_64-2core-cpu/one_shot_policies.py > results/x86_64-2core-cpu/one_shot_policies.md
+    python results/x86_64-amd-epyc-2c/one_shot_policies.py > results/x86_64-amd-epyc-2c/one_shot_policies.md
 
 The suite that supersedes this script (CSV reports at equal MACs) is issue 4/5's work.
 """

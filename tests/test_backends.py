@@ -1,0 +1,80 @@
+"""Backends: detection, device ids, runners that agree with PyTorch, isolated peak memory."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+import amg.measure.backends as backends
+from amg.measure.memory import measure_peak_memory
+from amg.model import ModelConfig, ReIDViT
+from amg.prune import apply_plan, make_plan, save_pruned
+
+CONFIG = ModelConfig("backend-test", img_size=(64, 32), embed_dim=48, depth=2, num_heads=3)
+
+
+def tiny(pruned: bool = True) -> ReIDViT:
+    torch.manual_seed(0)
+    model = ReIDViT(CONFIG).eval()
+    if pruned:
+        apply_plan(model, make_plan(model, heads=0.34, tokens=0.4, head_policy="random", token_policy="random"))
+    return model
+
+
+def test_unknown_backend_is_named():
+    with pytest.raises(ValueError, match="unknown backend 'tpu'"):
+        backends.availability("tpu")
+
+
+def test_cpu_always_runs_and_unavailable_ones_say_why():
+    assert backends.availability("cpu") is None
+    if not torch.cuda.is_available():
+        assert "no CUDA device" in backends.availability("cuda")
+        with pytest.raises(backends.BackendUnavailable, match="cuda: no CUDA device"):
+            backends.prepare("cuda", tiny(), 1)
+
+
+def test_board_detection_reads_the_device_tree(tmp_path, monkeypatch):
+    model_file = tmp_path / "model"
+    monkeypatch.setattr(backends, "DEVICE_TREE_MODEL", model_file)
+    monkeypatch.setattr(backends, "TEGRA_RELEASE", tmp_path / "absent")
+    model_file.write_bytes(b"Raspberry Pi 5 Model B Rev 1.0\x00")
+    assert backends.is_raspberry_pi() and not backends.is_jetson()
+    assert backends.availability("rpi") is None
+    assert backends.device_id().startswith(f"{backends.platform.machine().lower()}-raspberry-pi-5-model-b")
+    model_file.write_bytes(b"NVIDIA Jetson Orin Nano Developer Kit\x00")
+    assert backends.is_jetson() and not backends.is_raspberry_pi()
+    assert "the device tree does not name a Raspberry Pi" == backends.availability("rpi")
+
+
+def test_device_id_is_file_system_safe_and_overridable(monkeypatch):
+    assert re.fullmatch(r"[a-z0-9_-]+", backends.device_id())
+    monkeypatch.setenv("AMG_DEVICE_ID", "Lab Box #3 (Orin/8GB)")
+    assert backends.device_id() == "lab-box-3-orin-8gb"
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torchscript", "onnxruntime"])
+def test_runners_agree_with_pytorch(backend):
+    if backends.availability(backend):
+        pytest.skip(backends.availability(backend))
+    model = tiny()
+    runner = backends.prepare(backend, model, batch=2)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 3, 64, 32, generator=generator)  # the runner's fixed input
+    with torch.no_grad():
+        expected = model(images)
+    output = runner()
+    output = torch.as_tensor(output[0] if isinstance(output, list) else output)
+    assert torch.allclose(output, expected, atol=1e-4)
+
+
+def test_peak_memory_runs_isolated(tmp_path):
+    path = save_pruned(tiny(), tmp_path / "tiny.pt")
+    small, large = measure_peak_memory(path, batch=1), measure_peak_memory(path, batch=256)
+    assert 0 < small.baseline_rss_mb <= small.peak_rss_mb
+    assert large.peak_rss_mb > small.peak_rss_mb  # activations of 256 images show up
+    assert small.cuda_max_allocated_mb is None
+    with pytest.raises(RuntimeError, match="memory measurement failed"):
+        measure_peak_memory(tmp_path / "absent.pt")
