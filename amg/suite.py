@@ -11,6 +11,7 @@ import datetime as dt
 import platform
 import subprocess
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,6 +121,24 @@ _HEAD_POLICIES = ("amg", "amg-lowest", "random", "magnitude", "gradient")
 _TOKEN_POLICIES = ("amg", "random", "evit", "tome")
 
 
+def slowed(runner: Runner, factor: float) -> Runner:
+    """`runner`, made `factor` times slower by busy-waiting after each pass (like real extra work)."""
+    if factor < 1:
+        raise ValueError(f"a slowdown factor must be >= 1, got {factor}")
+
+    def run() -> object:
+        start = time.perf_counter()
+        out = runner.run()
+        if runner.synchronize:
+            runner.synchronize()
+        until = time.perf_counter() + (factor - 1) * (time.perf_counter() - start)
+        while time.perf_counter() < until:
+            pass
+        return out
+
+    return Runner(run, runner.synchronize, runner.torch_device, f"{runner.note} slowed x{factor}".strip())
+
+
 def run_metadata() -> dict[str, Any]:
     """Columns shared by every row of a run: who, where, with what software."""
     import timm
@@ -156,6 +175,8 @@ class Suite:
     progress: Progress
     metadata: dict[str, Any] = field(default_factory=run_metadata)
     rows: list[dict[str, Any]] = field(default_factory=list)
+    # Fault injection to prove the gate works: config_id -> factor (1.2 = 20% slower).
+    slowdown: dict[str, float] = field(default_factory=dict)
     _pruned: dict[PruneSpec, ReIDViT] = field(default_factory=dict)
     _accuracy: dict[PruneSpec, dict[str, float]] = field(default_factory=dict)
     _references: dict[tuple[str, str, int], Runner] = field(default_factory=dict)
@@ -189,7 +210,9 @@ class Suite:
         return self._pruned[spec]
 
     def runner(self, case: Case) -> Runner:
-        return prepare(case.backend, copy.deepcopy(self.pruned(case.spec)), case.batch, case.precision, self.threads)
+        runner = prepare(case.backend, copy.deepcopy(self.pruned(case.spec)), case.batch, case.precision, self.threads)
+        factor = self.slowdown.get(case.spec.config_id)
+        return slowed(runner, factor) if factor else runner
 
     def reference(self, case: Case) -> Runner:
         key = (case.backend, case.precision, case.batch)

@@ -39,6 +39,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     add("--amg-threads", type=int, default=None, help="torch / onnxruntime CPU threads (default: all cores)")
     add("--amg-results-dir", default="results", help="where the CSV goes: <dir>/<device-id>/<run-id>.csv")
     add("--amg-no-report", action="store_true", help="do not write a CSV (e.g. while developing)")
+    add("--amg-inject-slowdown", default=None, metavar="CONFIG=FACTOR[,...]",
+        help="make configurations slower on purpose (e.g. heads0.25:amg=1.2) to check that the gate fails")
 
 
 def _split(value: str | None, cast: Callable = str) -> list | None:
@@ -107,8 +109,15 @@ def suite(request: pytest.FixtureRequest):
     dataset = None
     if trained or data_root:
         dataset = load_dataset(data_root or synthetic_root(progress=progress))
+    slowdown = {}
+    for item in _split(config.getoption("--amg-inject-slowdown")) or ():
+        name, _, factor = item.rpartition("=")
+        try:
+            slowdown[name] = float(factor)
+        except ValueError as error:
+            raise pytest.UsageError(f"--amg-inject-slowdown: {item!r} is not CONFIG=FACTOR") from error
     state = Suite(model, source, PROFILES[config.getoption("--amg-profile")], dataset,
-                  torch.get_num_threads(), progress)
+                  torch.get_num_threads(), progress, slowdown=slowdown)
     config.stash[_SUITE_KEY] = state
     return state
 

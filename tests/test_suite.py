@@ -65,3 +65,22 @@ def test_measured_rows_fill_the_schema_and_survive_the_csv(tiny_suite, tmp_path)
     assert [r["config_id"] for r in written] == ["unpruned", "heads0.34:amg+tokens0.25:amg"]
     assert int(written[1]["macs"]) == pruned["macs"]
     assert gate(path, path).passed
+
+
+def test_injected_slowdown_really_slows_the_runner():
+    import time
+
+    from amg.measure.backends import Runner
+    from amg.suite import slowed
+
+    def work():
+        end = time.perf_counter() + 0.01
+        while time.perf_counter() < end:
+            pass
+
+    fast = Runner(work, None, "cpu")
+    start = time.perf_counter()
+    slowed(fast, 2.0)()
+    assert time.perf_counter() - start >= 0.019
+    with pytest.raises(ValueError, match="factor"):
+        slowed(fast, 0.5)
