@@ -3,14 +3,16 @@
 One CSV per run per device, under `results/<device-id>/`, one row per (configuration,
 backend, batch). Every row carries the device, the software versions and the git
 revision, so a row read alone still says where it came from. Files are written to a
-temporary name in the same folder and renamed: a reader never sees half a file, and two
-runs writing at once each land whole, under their own run id.
+temporary name in the same folder, then hard-linked to the final name (which fails rather
+than overwrite): a reader never sees half a file, and two runs writing at once each land
+whole, under their own run id.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 import re
 import tempfile
@@ -87,7 +89,7 @@ def _cell(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, float):
-        return f"{value:.10g}"
+        return f"{value:.10g}" if math.isfinite(value) else ""  # NaN/inf: not measured
     return str(value)
 
 
@@ -114,7 +116,8 @@ def write_csv(rows: Iterable[Mapping[str, Any]], results_dir: str | Path, device
         writer.writerow({column: _cell(row.get(column)) for column in COLUMNS})
     handle, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=folder)
     try:
-        with os.fdopen(handle, "w", newline="") as stream:
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; reports are shared and committed
+        with os.fdopen(handle, "w", newline="", encoding="utf-8") as stream:
             stream.write(buffer.getvalue())
             stream.flush()
             os.fsync(stream.fileno())
@@ -138,20 +141,23 @@ def read_csv(path: str | Path) -> ResultsFile:
     if not path.is_file():
         raise ReportError(f"results file not found: {path}")
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise ReportError(f"cannot read {path}: {error}") from error
     if not text.strip():
         raise ReportError(f"{path} is empty")
     if not text.endswith("\n"):
         raise ReportError(f"{path} is truncated: its last line is incomplete")
-    reader = csv.reader(io.StringIO(text))
-    header = next(reader)
+    try:
+        records = list(csv.reader(io.StringIO(text)))
+    except csv.Error as error:  # e.g. an unclosed quote swallowing the rest of the file
+        raise ReportError(f"{path} is not a valid CSV: {error}") from error
+    header = records[0]
     missing = [c for c in COLUMNS if c not in header]
     if missing:
         raise ReportError(f"{path} lacks columns {missing}")
     rows = []
-    for line_number, values in enumerate(reader, start=2):
+    for line_number, values in enumerate(records[1:], start=2):
         if len(values) != len(header):
             raise ReportError(f"{path} line {line_number}: {len(values)} fields, header has {len(header)}")
         row = dict(zip(header, values))
