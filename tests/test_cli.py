@@ -77,10 +77,16 @@ def test_import_transreid_checkpoint(tmp_path, capsys):
         assert torch.equal(load_model(out).eval()(images), source(images))
 
 
-def test_prune_then_flops_and_eval(tiny_root, tmp_path, capsys):
-    model_path = tmp_path / "tiny.pt"
-    assert main(["train", "--data", str(tiny_root), "--out", str(model_path), "--steps", "2",
+@pytest.fixture(scope="module")
+def model_path(tiny_root, tmp_path_factory):
+    """A tiny model trained by `amg train` (2 steps: these tests exercise commands, not accuracy)."""
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    assert main(["train", "--data", str(tiny_root), "--out", str(path), "--steps", "2",
                  "--batch-ids", "3", "--batch-instances", "2", "--img-size", "64", "32"]) == 0
+    return path
+
+
+def test_prune_then_flops_and_eval(tiny_root, model_path, tmp_path, capsys):
     pruned = tmp_path / "pruned.pt"
     plan_json = tmp_path / "plan.json"
     assert main(["prune", "--model", str(model_path), "--data", str(tiny_root), "--heads", "0.25",
@@ -104,10 +110,7 @@ def test_prune_refuses_bad_ratio(tiny_root, tmp_path, capsys):
     assert "ratio must be in [0, 1)" in capsys.readouterr().err
 
 
-def test_iterative_prune_from_the_command_line(tiny_root, tmp_path, capsys):
-    model_path = tmp_path / "tiny.pt"
-    assert main(["train", "--data", str(tiny_root), "--out", str(model_path), "--steps", "2",
-                 "--batch-ids", "3", "--batch-instances", "2", "--img-size", "64", "32"]) == 0
+def test_iterative_prune_from_the_command_line(tiny_root, model_path, tmp_path, capsys):
     out = tmp_path / "iter.pt"
     assert main(["prune", "--model", str(model_path), "--data", str(tiny_root), "--heads", "0.34",
                  "--iterative-rounds", "2", "--finetune-steps", "1", "--calibration-images", "6",
@@ -119,10 +122,7 @@ def test_iterative_prune_from_the_command_line(tiny_root, tmp_path, capsys):
     assert "iterative x2" in load_pruned(out).plan.policy["schedule"]
 
 
-def test_prune_to_a_macs_saving(tiny_root, tmp_path, capsys):
-    model_path = tmp_path / "tiny.pt"
-    assert main(["train", "--data", str(tiny_root), "--out", str(model_path), "--steps", "2",
-                 "--batch-ids", "3", "--batch-instances", "2", "--img-size", "64", "32"]) == 0
+def test_prune_to_a_macs_saving(tiny_root, model_path, tmp_path, capsys):
     out = tmp_path / "target.pt"
     assert main(["prune", "--model", str(model_path), "--data", str(tiny_root), "--macs-saving", "0.2",
                  "--saving-by", "heads", "--calibration-images", "6", "--out", str(out)]) == 0

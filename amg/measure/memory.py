@@ -2,19 +2,25 @@
 
 A process's peak RSS only grows, and the benchmark process holds every other model, the
 data and the test images; so each configuration runs in a child process that loads only
-its model file, does warm-up and timed-size forward passes, and reports its own peaks:
-CPU peak RSS (VmHWM on Linux, ru_maxrss elsewhere) and, on CUDA, max_memory_allocated
-after a reset. `python -m amg.measure.memory MODEL_FILE --backend cpu --batch 1` is that
-child; `measure_peak_memory` runs it.
+its model file, does a few forward passes, and reports its own peaks: CPU peak RSS
+(VmHWM on Linux, ru_maxrss elsewhere) and, on CUDA, max_memory_allocated after a reset.
+
+Children fork from a forkserver that has already imported torch and amg (one child per
+measurement, `max_tasks_per_child=1`): a fresh process each time, as if started anew,
+without paying the seconds of imports every time. Where forkserver is missing (Windows)
+they are spawned. `python -m amg.measure.memory MODEL_FILE` runs one by hand.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import multiprocessing
 import resource
-import subprocess
 import sys
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -40,24 +46,18 @@ def _rss_peak_mb() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, kB elsewhere
 
 
-def _child(argv: Sequence[str]) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m amg.measure.memory")
-    parser.add_argument("model_file")
-    parser.add_argument("--backend", default="cpu")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--precision", default="fp32")
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args(argv)
+def _measure_here(model_file: str, backend: str, batch: int, precision: str, threads: int | None) -> dict:
+    """Runs inside the child process."""
     import torch
 
     from amg.measure.backends import prepare
     from amg.prune import load_pruned
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model = load_pruned(args.model_file)
+    if threads:
+        torch.set_num_threads(threads)
+    model = load_pruned(model_file)
     baseline = _rss_peak_mb()
-    runner = prepare(args.backend, model, args.batch, args.precision, args.threads)
+    runner = prepare(backend, model, batch, precision, threads)
     cuda = runner.torch_device.startswith("cuda")
     if cuda:
         torch.cuda.synchronize()
@@ -73,18 +73,46 @@ def _child(argv: Sequence[str]) -> dict:
     }
 
 
+_executor: ProcessPoolExecutor | None = None
+
+
+def _pool() -> ProcessPoolExecutor:
+    global _executor
+    if _executor is None:
+        if "forkserver" in multiprocessing.get_all_start_methods():
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload(["torch", "timm", "amg.prune", "amg.measure.backends"])
+        else:
+            context = multiprocessing.get_context("spawn")
+        _executor = ProcessPoolExecutor(max_workers=1, mp_context=context, max_tasks_per_child=1)
+        atexit.register(_executor.shutdown)
+    return _executor
+
+
 def measure_peak_memory(model_file: str | Path, backend: str = "cpu", batch: int = 1, precision: str = "fp32",
                         threads: int | None = None, timeout_s: float = 600) -> MemoryPeak:
-    command = [sys.executable, "-m", "amg.measure.memory", str(model_file), "--backend", backend,
-               "--batch", str(batch), "--precision", precision]
-    if threads:
-        command += ["--threads", str(threads)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
-    if done.returncode != 0:
-        raise RuntimeError(f"memory measurement failed ({' '.join(command)}):\n{done.stderr.strip()[-2000:]}")
-    values = json.loads(done.stdout.strip().splitlines()[-1])
-    return MemoryPeak(**values)
+    if not Path(model_file).is_file():
+        raise RuntimeError(f"memory measurement failed: model file not found: {model_file}")
+    future = _pool().submit(_measure_here, str(model_file), backend, batch, precision, threads)
+    try:
+        return MemoryPeak(**future.result(timeout=timeout_s))
+    except Exception as error:  # the child's error, re-raised here: name what was measured
+        if isinstance(error, BrokenProcessPool):  # a crashed child breaks the pool: start anew next time
+            global _executor
+            _executor = None
+        raise RuntimeError(f"memory measurement failed for {model_file} ({backend}, batch {batch}): {error}") from error
+
+
+def _main(argv: Sequence[str]) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m amg.measure.memory")
+    parser.add_argument("model_file")
+    parser.add_argument("--backend", default="cpu")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    return _measure_here(args.model_file, args.backend, args.batch, args.precision, args.threads)
 
 
 if __name__ == "__main__":
-    print(json.dumps(_child(sys.argv[1:])))
+    print(json.dumps(_main(sys.argv[1:])))
