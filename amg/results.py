@@ -170,9 +170,12 @@ def read_csv(path: str | Path) -> ResultsFile:
     return ResultsFile(path, rows)
 
 
+BASELINES_DIR = "baselines"  # results/baselines/ holds the gate's references, not device reports
+
+
 def find_csvs(results_dir: str | Path) -> list[Path]:
-    """Every report under `results_dir/<device>/` (temporary files excluded)."""
+    """Every report under `results_dir/<device>/` (temporary files and gate baselines excluded)."""
     root = Path(results_dir)
     if not root.is_dir():
         raise ReportError(f"results folder not found: {root}")
-    return sorted(p for p in root.glob("*/*.csv") if not p.name.startswith("."))
+    return sorted(p for p in root.glob("*/*.csv") if not p.name.startswith(".") and p.parent.name != BASELINES_DIR)

@@ -78,3 +78,18 @@ def test_peak_memory_runs_isolated(tmp_path):
     assert small.cuda_max_allocated_mb is None
     with pytest.raises(RuntimeError, match="memory measurement failed"):
         measure_peak_memory(tmp_path / "absent.pt")
+
+
+def test_dynamic_token_models_that_do_not_export_are_skipped_with_the_reason():
+    if backends.availability("onnxruntime"):
+        pytest.skip(backends.availability("onnxruntime"))
+    model = tiny(pruned=False)
+    apply_plan(model, make_plan(model, tokens=0.3, token_policy="tome"))
+    try:
+        runner = backends.prepare("onnxruntime", model, batch=1)
+    except backends.BackendUnavailable as reason:
+        assert "dynamic token policy 'tome'" in str(reason)
+    else:  # should a future exporter handle it, the output must still match PyTorch
+        images = torch.randn(1, 3, 64, 32, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            assert torch.allclose(torch.as_tensor(runner()[0]), model(images), atol=1e-4)

@@ -174,13 +174,22 @@ def _onnx_runner(model: torch.nn.Module, images: torch.Tensor, camids: torch.Ten
     names = ["images"] if camids is None else ["images", "camids"]
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "model.onnx"
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # exporter deprecation and tracer notes
-            torch.onnx.export(model.eval(), inputs, str(path), input_names=names, output_names=["features"],
-                              dynamo=False, opset_version=17)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # exporter deprecation and tracer notes
+                torch.onnx.export(model.eval(), inputs, str(path), input_names=names,
+                                  output_names=["features"], dynamo=False, opset_version=17)
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as error:
+            dynamic = getattr(model, "dynamic_tokens", None)
+            if dynamic is None:
+                raise  # a static-shape model must export: a failure here is a bug to see
+            # Per-image token merging/dropping (gather/scatter on data-dependent indices) does
+            # not survive the TorchScript-based exporter: say so instead of timing nothing.
+            raise BackendUnavailable(f"onnxruntime: the dynamic token policy {dynamic['policy']!r} does not "
+                                     f"export to ONNX here ({type(error).__name__}: {str(error)[:160]})") from error
     feeds = {name: tensor.numpy() for name, tensor in zip(names, inputs)}
     with torch.no_grad():
         reference = model(*inputs).numpy()
