@@ -132,16 +132,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if model.classifier is not None and model.num_classes != max(labels) + 1:
         raise ValueError(f"the model's classifier has {model.num_classes} identities but the calibration "
                          f"data's training split has {max(labels) + 1}: calibrate on the data it was trained on")
-    generator = torch.Generator().manual_seed(args.seed)
-    count = min(args.calibration_images, len(dataset.train))
-    chosen = torch.randperm(len(dataset.train), generator=generator)[:count].tolist()
-    samples = [dataset.train[i] for i in chosen]
-    progress(f"loading {count} calibration images from {dataset.root}")
-    data = CalibrationData(
-        preload_images(samples, model.config.img_size), [labels[i] for i in chosen], [s.camid for s in samples],
-        description={"dataset": str(dataset.root), "split": "train", "images": count, "seed": args.seed,
-                     "loss": "id"},
-    )
+    data = CalibrationData.from_dataset(dataset, model.config.img_size, args.calibration_images, args.seed, progress)
     start = time.perf_counter()
     policies = {"head_policy": args.head_policy or args.policy, "token_policy": args.token_policy or args.policy,
                 "allocation": args.allocation}

@@ -19,6 +19,8 @@ import torch
 
 from amg import scores as S
 from amg.attention import patch_model
+from amg.data.layout import ReIDDataset, relabel_pids
+from amg.data.preload import preload_images
 from amg.dynamic import DYNAMIC_POLICIES, apply_dynamic
 from amg.measure.flops import analytic_model_macs
 from amg.model import ModelConfig, ReIDViT, load_model, save_model
@@ -208,6 +210,19 @@ class CalibrationData:
     description: dict[str, Any] = field(default_factory=dict)
     loss: str = "id"
     teacher: ReIDViT | None = None
+
+    @classmethod
+    def from_dataset(cls, dataset: ReIDDataset, img_size: tuple[int, int], count: int = 256, seed: int = 0,
+                     progress: Progress | None = None) -> CalibrationData:
+        """`count` random training images (by `seed`) with their contiguous training labels."""
+        labels, _ = relabel_pids(dataset.train)
+        count = min(count, len(dataset.train))
+        chosen = torch.randperm(len(dataset.train), generator=torch.Generator().manual_seed(seed))[:count].tolist()
+        samples = [dataset.train[i] for i in chosen]
+        if progress:
+            progress(f"loading {count} calibration images from {dataset.root}")
+        return cls(preload_images(samples, img_size), [labels[i] for i in chosen], [s.camid for s in samples],
+                   {"dataset": str(dataset.root), "split": "train", "images": count, "seed": seed, "loss": "id"})
 
     def run(self, model: ReIDViT, progress: Progress | None, gradients: bool = True) -> S.Calibration:
         return S.calibrate(model, self.images, self.labels, self.camids, self.loss, self.teacher,

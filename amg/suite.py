@@ -21,8 +21,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 import amg
-from amg.data.layout import ReIDDataset, relabel_pids
-from amg.data.preload import preload_images
+from amg.data.layout import ReIDDataset
 from amg.evaluate import Evaluator
 from amg.measure.backends import Runner, device_id, device_name, prepare
 from amg.measure.flops import count_macs
@@ -191,13 +190,8 @@ class Suite:
         if self._calibration is None:
             if self.dataset is None:
                 raise ValueError("AMG and gradient policies need data with labels: pass --amg-data or use a trained model")
-            labels, _ = relabel_pids(self.dataset.train)
-            chosen = torch.randperm(len(self.dataset.train), generator=torch.Generator().manual_seed(0))[:256].tolist()
-            samples = [self.dataset.train[i] for i in chosen]
-            self.progress(f"loading {len(samples)} calibration images")
-            self._calibration = CalibrationData(
-                preload_images(samples, self.model.config.img_size), [labels[i] for i in chosen],
-                [s.camid for s in samples], {"dataset": str(self.dataset.root), "images": len(samples), "seed": 0})
+            self._calibration = CalibrationData.from_dataset(self.dataset, self.model.config.img_size,
+                                                             progress=self.progress)
         return self._calibration
 
     def pruned(self, spec: PruneSpec) -> ReIDViT:
