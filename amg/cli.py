@@ -297,9 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where README.md and the PNG plots go (default %(default)s)")
     report.set_defaults(func=cmd_report)
 
-    gate = sub.add_parser("gate", add_help=False,
-                          help="compare a run's CSV with a baseline CSV; exit 0 pass, 1 regression, 2 input error "
-                               "(`amg gate --help` for its options)")
+    # listed for --help only: main() hands `amg gate ...` to amg.gate.main before parsing
+    sub.add_parser("gate", add_help=False,
+                   help="compare a run's CSV with a baseline CSV; exit 0 pass, 1 regression, 2 input error "
+                        "(`amg gate --help` for its options)")
 
     imp = sub.add_parser("import", help="convert a TransReID / timm / LA-Transformer .pth into an amg model file")
     imp.add_argument("checkpoint", type=Path, help="the .pth state dict")

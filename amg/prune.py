@@ -118,6 +118,9 @@ def select_heads(removal_scores: Sequence[torch.Tensor], head_ids: Sequence[Sequ
                  allocation: str = "global", total_heads: int | None = None) -> list[list[int]]:
     """Kept original head numbers per block after removing `ratio` of all heads.
 
+    `allocation` "per-block" spreads the removals evenly over blocks; any other (global,
+    normalized) ranks all heads together.
+
     `total_heads` (default: the heads now present) is what the ratio is a fraction of, so
     that iterative pruning can aim at a fraction of the original model. Higher score goes
     first; every block keeps at least one head.
@@ -231,8 +234,13 @@ class CalibrationData:
 
 def make_plan(model: ReIDViT, heads: float = 0.0, tokens: float = 0.0, head_policy: str = "amg",
               token_policy: str = "amg", allocation: str = "global", data: CalibrationData | None = None,
-              seed: int = 0, progress: Progress | None = None) -> PrunePlan:
-    """Score and select: heads first, then tokens scored on the head-pruned model (as the reference)."""
+              seed: int = 0, progress: Progress | None = None,
+              calibration: S.Calibration | None = None) -> PrunePlan:
+    """Score and select: heads first, then tokens scored on the head-pruned model (as the reference).
+
+    `calibration`, if given, is a calibration of `model` as it is now (e.g. from a ratio
+    search), reused instead of running `data` through the model again before heads go.
+    """
     check_ratio("head", heads)
     check_ratio("token", tokens)
     if allocation not in S.HEAD_ALLOCATIONS:
@@ -253,18 +261,19 @@ def make_plan(model: ReIDViT, heads: float = 0.0, tokens: float = 0.0, head_poli
     plan.ratios = {"heads": heads, "tokens": tokens}
     plan.calibration = dict(data.description) if data is not None and needs_data else {}
     if heads > 0:
-        calibration = None
-        if head_policy not in ("random", "magnitude"):  # entropy needs the maps only, no backward pass
+        if calibration is None and head_policy not in ("random", "magnitude"):
+            # entropy needs the maps only, no backward pass
             calibration = data.run(work, progress, gradients=head_policy == "gradient")
         scores = head_removal_scores(work, head_policy, allocation, calibration, seed)
-        plan.kept_heads = select_heads(scores, [m.head_ids for m in modules], heads,
-                                       "per-block" if allocation == "per-block" else "global",
+        plan.kept_heads = select_heads(scores, [m.head_ids for m in modules], heads, allocation,
                                        total_heads=work.config.depth * work.config.num_heads)
         apply_plan(work, plan)
+        calibration = None  # it described the model before its heads went
     if tokens > 0 and token_policy in DYNAMIC_POLICIES:
         plan.dynamic_tokens = dynamic_amount(token_policy, tokens, work.config)
     elif tokens > 0:
-        calibration = data.run(work, progress) if token_policy == "amg" else None
+        if token_policy == "amg" and (calibration is None or calibration.token_taylor is None):
+            calibration = data.run(work, progress)
         plan.kept_tokens = select_tokens(token_keep_scores(work, token_policy, calibration, seed), tokens)
     return plan
 
@@ -316,8 +325,7 @@ def plan_for_saving(model: ReIDViT, target: float, mode: str = "both", head_poli
 
     def saving(ratio: float) -> float:
         if head_scores is not None:
-            candidate.kept_heads = select_heads(head_scores, [m.head_ids for m in modules], ratio,
-                                                "per-block" if allocation == "per-block" else "global")
+            candidate.kept_heads = select_heads(head_scores, [m.head_ids for m in modules], ratio, allocation)
         if token_scores is not None:
             candidate.kept_tokens = select_tokens(token_scores, ratio)
         return 1 - plan_macs(work.config, candidate) / full
@@ -332,7 +340,7 @@ def plan_for_saving(model: ReIDViT, target: float, mode: str = "both", head_poli
         low, high = (middle, high) if saving(middle) < target else (low, middle)
     plan = make_plan(model, heads=high if use_heads else 0.0, tokens=high if use_tokens else 0.0,
                      head_policy=head_policy, token_policy=token_policy, allocation=allocation, data=data,
-                     seed=seed, progress=progress)
+                     seed=seed, progress=progress, calibration=calibration)
     plan.ratios["target_macs_saving"] = target
     return plan
 

@@ -22,6 +22,7 @@ import torch
 
 import amg
 from amg.data.layout import ReIDDataset
+from amg.data.synthetic import MANIFEST
 from amg.evaluate import Evaluator
 from amg.measure.backends import Runner, device_id, device_name, prepare
 from amg.measure.flops import count_macs
@@ -224,7 +225,8 @@ class Suite:
             if self._evaluator is None:
                 self._evaluator = Evaluator(self.dataset, self.model.config.img_size, self.progress)
             results = self._evaluator.evaluate(self.pruned(spec))
-            row = {"dataset": self.dataset.name if "synth" not in str(self.dataset.root) else "synthetic"}
+            synthetic = (self.dataset.root / MANIFEST).is_file()  # amg.data.synthetic writes it
+            row = {"dataset": "synthetic" if synthetic else self.dataset.name}
             for name, metrics in results.items():
                 if name in ("query", "occluded"):
                     values = metrics.as_dict()
