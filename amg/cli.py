@@ -1,4 +1,4 @@
-"""The `amg` command: data, train, eval, import.
+"""The `amg` command: data, train, eval, prune, flops, report, select, gate, import.
 
 Every subcommand prints progress to stderr and results to stdout, so results can be piped.
 """
@@ -16,6 +16,7 @@ from tabulate import tabulate
 
 from amg.data.synthetic import SynthConfig
 from amg.finetune import TrainConfig
+from amg.measure.backends import BACKENDS, PRECISIONS
 
 EXIT_USAGE = 2
 
@@ -120,7 +121,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
     import time
 
     from amg.data.layout import relabel_pids
-    from amg.data.preload import preload_images
     from amg.prune import CalibrationData, apply_plan, make_plan, save_pruned
 
     _set_threads(args.threads)
@@ -139,9 +139,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.iterative_rounds > 0:
         from amg.iterative import IterativeConfig, TrainingSet, iterative_prune
 
-        progress(f"loading {len(dataset.train)} training images for fine-tuning")
-        training = TrainingSet(preload_images(dataset.train, model.config.img_size), labels,
-                               [s.camid for s in dataset.train])
+        training = TrainingSet.from_dataset(dataset, model.config.img_size, progress)
         model, plan = iterative_prune(model, args.heads, args.tokens, data, training,
                                       IterativeConfig(args.iterative_rounds, args.finetune_steps),
                                       seed=args.seed, progress=progress, **policies)
@@ -184,6 +182,54 @@ def cmd_report(args: argparse.Namespace) -> int:
     for path in build_report(args.results_dir, args.out):
         print(path)
     return 0
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    from amg.measure.backends import device_id
+    from amg.results import find_csvs
+    from amg.report import load_reports
+    from amg.select import NoMeasurements, Target, select, summary
+
+    here = device_id()
+    target = Target(args.device_id or here, args.backend, args.batch, args.precision, args.model)
+
+    def choose():
+        if not args.results_dir.is_dir() or not find_csvs(args.results_dir):
+            raise NoMeasurements(f"no results CSV under {args.results_dir}")
+        return select(load_reports(args.results_dir), target, args.budget_ms, args.metric, args.latency)
+
+    try:
+        selection = choose()
+    except NoMeasurements as missing:
+        command = (f"pytest bench/ --amg-backends {args.backend} --amg-batches {args.batch} "
+                   f"--amg-precisions {args.precision} --amg-results-dir {args.results_dir}")
+        if not args.measure:
+            raise ValueError(f"{missing}: run `{command}` on that device first, or pass --measure here") from None
+        if target.device_id != here:
+            raise ValueError(f"{missing}, and --measure measures this device ({here}), not {target.device_id}") from None
+        progress(f"{missing}: measuring now with `{command} --amg-profile {args.profile}`")
+        run_suite(args)
+        selection = choose()
+    print(summary(selection))
+    return 0 if selection.chosen is not None else 1
+
+
+def run_suite(args: argparse.Namespace) -> None:
+    """`pytest bench/` for the selection's backend, batch and precision (its CSV lands in results)."""
+    import subprocess
+
+    import amg
+
+    bench = Path(amg.__file__).resolve().parent.parent / "bench"
+    if not (bench / "conftest.py").is_file():
+        raise RuntimeError(f"--measure runs the suite in an AMG-Bench checkout's bench/ folder; none at {bench}")
+    command = [sys.executable, "-m", "pytest", str(bench / "test_suite.py"), "-q", "-p", "no:cacheprovider",
+               f"--amg-profile={args.profile}", f"--amg-backends={args.backend}", f"--amg-batches={args.batch}",
+               f"--amg-precisions={args.precision}", f"--amg-results-dir={args.results_dir}"]
+    if args.model:
+        command.append(f"--amg-model={args.model}")
+    if subprocess.run(command).returncode != 0:
+        raise RuntimeError(f"the suite failed: {' '.join(command)}")
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -296,6 +342,30 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", type=Path, default=Path("results/report"),
                         help="where README.md and the PNG plots go (default %(default)s)")
     report.set_defaults(func=cmd_report)
+
+    select = sub.add_parser(
+        "select", help="hardware-aware: the most accurate plan whose measured latency fits a budget",
+        description="Choose, from the suite's measurements on a device, the pruning configuration with the "
+                    "best accuracy whose measured median latency fits --budget-ms, and print the Pareto "
+                    "frontier (latency against accuracy). Exit 0 when one fits, 1 when none does.")
+    select.add_argument("--budget-ms", type=float, required=True, help="latency budget per batch, milliseconds")
+    select.add_argument("--backend", required=True, choices=BACKENDS, help="where the model will run")
+    select.add_argument("--batch", type=int, default=1, help="batch size (default %(default)s)")
+    select.add_argument("--precision", default="fp32", choices=PRECISIONS, help="(default %(default)s)")
+    select.add_argument("--metric", default="query_mAP",
+                        help="accuracy to maximise: query_|occluded_ + rank1|rank5|mAP|mINP (default %(default)s)")
+    select.add_argument("--latency", default="paired", choices=("paired", "median"),
+                        help="paired: the unpruned median of the same run / the interleaved speed-up (steady on "
+                             "a shared machine); median: each configuration's own median (default %(default)s)")
+    select.add_argument("--model", default=None, help="only this model preset (default: any measured)")
+    select.add_argument("--device-id", default=None,
+                        help="device whose measurements to use (default: this one, as the suite names it)")
+    select.add_argument("--results-dir", type=Path, default=Path("results"),
+                        help="folder of <device-id>/<run-id>.csv reports (default %(default)s)")
+    select.add_argument("--measure", action="store_true",
+                        help="with no measurements for this device/backend/batch, run the suite here first")
+    select.add_argument("--profile", default="default", help="suite profile for --measure (default %(default)s)")
+    select.set_defaults(func=cmd_select)
 
     # listed for --help only: main() hands `amg gate ...` to amg.gate.main before parsing
     sub.add_parser("gate", add_help=False,

@@ -107,7 +107,7 @@ class DynamicTokenBlock(Block):
         out, keys, cls_attention = self.attn.forward_with_cues(self.norm1(x))
         x = x + self.drop_path1(self.ls1(out))
         if self.policy == "evit":
-            keep = round(self.amount * (int(x.shape[1]) - 1))  # int(): fvcore traces shapes as tensors
+            keep = max(1, round(self.amount * (int(x.shape[1]) - 1)))  # int(): fvcore traces shapes as tensors
             x = evit_reduce(x, cls_attention[:, :, 1:].mean(dim=1), keep)
         else:
             size = self.sizes.get("size")

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from amg.data.layout import ReIDDataset, relabel_pids
+from amg.data.preload import preload_images
 from amg.finetune import TrainConfig, train
 from amg.model import ReIDViT
 from amg.prune import CalibrationData, Progress, PrunePlan, apply_plan, make_plan
@@ -39,15 +41,24 @@ class TrainingSet:
     labels: list[int]
     camids: list[int]
 
+    @classmethod
+    def from_dataset(cls, dataset: ReIDDataset, img_size: tuple[int, int],
+                     progress: Progress | None = None) -> TrainingSet:
+        """The whole training split, labelled as `relabel_pids` numbers it (as training did)."""
+        labels, _ = relabel_pids(dataset.train)
+        if progress:
+            progress(f"loading {len(dataset.train)} training images for fine-tuning")
+        return cls(preload_images(dataset.train, img_size), labels, [s.camid for s in dataset.train])
+
 
 def finetune(model: ReIDViT, teacher: ReIDViT, data: TrainingSet, steps: int, config: IterativeConfig,
-             base: TrainConfig, progress: Progress | None) -> None:
+             base: TrainConfig = TrainConfig(), progress: Progress | None = None) -> None:
     if steps == 0:
         return
     # a small data set may hold fewer identities than a default PK batch asks for
     identities = min(base.num_identities, len(set(data.labels)))
     recipe = dataclasses.replace(base, steps=steps, lr=config.finetune_lr, warmup_steps=min(10, steps),
-                                 log_every=max(1, steps), num_identities=identities)
+                                 log_every=max(1, steps // 3), num_identities=identities)
     train(model, data.images, data.labels, data.camids, recipe, progress, teacher=teacher)
 
 

@@ -22,7 +22,7 @@ from amg.attention import patch_model
 from amg.data.layout import ReIDDataset, relabel_pids
 from amg.data.preload import preload_images
 from amg.dynamic import DYNAMIC_POLICIES, apply_dynamic
-from amg.measure.flops import analytic_model_macs
+from amg.measure.flops import analytic_model_macs, count_macs
 from amg.model import ModelConfig, ReIDViT, load_model, save_model
 
 Progress = Callable[[str], None]
@@ -298,29 +298,42 @@ def plan_macs(config: ModelConfig, plan: PrunePlan) -> int:
 MAX_SEARCH_RATIO = 0.95
 
 
+class OutOfReach(ValueError):
+    """A MACs saving that a pruning mode cannot reach on this model (not a bug: a limit)."""
+
+
 def plan_for_saving(model: ReIDViT, target: float, mode: str = "both", head_policy: str = "amg",
                     token_policy: str = "amg", allocation: str = "global", data: CalibrationData | None = None,
                     seed: int = 0, progress: Progress | None = None) -> PrunePlan:
-    """A plan removing about `target` of the blocks' MACs, by heads, tokens or both (equal ratios).
+    """A plan removing about `target` of the model's fvcore MACs, by heads, tokens or both (equal ratios).
 
-    The ratio is found by bisection on the analytic MAC count, with scores from one calibration
-    of the unpruned model; the returned plan is then made properly by `make_plan` (tokens scored
-    on the head-pruned model), so its measured saving can differ slightly from `target`.
+    Static plans: the ratio is found by bisection on the analytic block count plus the fixed
+    rest of the model (patch embedding, neck), with scores from one calibration of the
+    unpruned model; the returned plan is then made properly by `make_plan` (tokens scored on
+    the head-pruned model), so its measured saving can differ slightly from `target`.
+    Dynamic token policies (EViT, ToMe; mode "tokens" only) are searched on fvcore's count
+    of the patched model; ToMe's whole r per block gives the nearest reachable saving.
+    Raises OutOfReach when the mode cannot save `target` on this model.
     """
     if not 0.0 < target < 1.0:
         raise ValueError(f"target MACs saving must be in (0, 1), got {target}")
     if mode not in ("heads", "tokens", "both"):
         raise ValueError(f"mode must be heads, tokens or both, got {mode!r}")
+    use_heads, use_tokens = mode in ("heads", "both"), mode in ("tokens", "both")
+    if use_tokens and token_policy in DYNAMIC_POLICIES:
+        if use_heads:
+            raise ValueError("a MACs target with a dynamic token policy is searched by tokens alone (mode 'tokens')")
+        return _dynamic_plan_for_saving(model, target, token_policy)
     work = copy.deepcopy(model)
     modules = patch_model(work)
-    use_heads, use_tokens = mode in ("heads", "both"), mode in ("tokens", "both")
     needs_data = (use_heads and head_policy not in ("random", "magnitude")) or (use_tokens and token_policy == "amg")
     if needs_data and data is None:
         raise ValueError("this plan needs calibration data (policy 'amg' or 'gradient')")
     calibration = data.run(work, progress, gradients=use_tokens or head_policy == "gradient") if needs_data else None
     head_scores = head_removal_scores(work, head_policy, allocation, calibration, seed) if use_heads else None
     token_scores = token_keep_scores(work, token_policy, calibration, seed) if use_tokens else None
-    full = plan_macs(work.config, PrunePlan.unpruned(work.config))
+    blocks = plan_macs(work.config, PrunePlan.unpruned(work.config))
+    rest = count_macs(work).total - blocks  # what no plan changes: patch embedding, norms, neck
     candidate = PrunePlan.unpruned(work.config)
 
     def saving(ratio: float) -> float:
@@ -328,11 +341,11 @@ def plan_for_saving(model: ReIDViT, target: float, mode: str = "both", head_poli
             candidate.kept_heads = select_heads(head_scores, [m.head_ids for m in modules], ratio, allocation)
         if token_scores is not None:
             candidate.kept_tokens = select_tokens(token_scores, ratio)
-        return 1 - plan_macs(work.config, candidate) / full
+        return 1 - (rest + plan_macs(work.config, candidate)) / (rest + blocks)
 
     reachable = saving(MAX_SEARCH_RATIO)
     if reachable < target:
-        raise ValueError(f"a {target:.0%} MACs saving is out of reach by {mode}: at ratio {MAX_SEARCH_RATIO} "
+        raise OutOfReach(f"a {target:.0%} MACs saving is out of reach by {mode}: at ratio {MAX_SEARCH_RATIO} "
                          f"the saving is {reachable:.1%}")
     low, high = 0.0, MAX_SEARCH_RATIO
     for _ in range(30):
@@ -342,6 +355,51 @@ def plan_for_saving(model: ReIDViT, target: float, mode: str = "both", head_poli
                      head_policy=head_policy, token_policy=token_policy, allocation=allocation, data=data,
                      seed=seed, progress=progress, calibration=calibration)
     plan.ratios["target_macs_saving"] = target
+    return plan
+
+
+# ToMe's savings come in steps of one merged token per block; a step further than this from
+# the target is reported as out of reach rather than silently compared at another saving.
+DYNAMIC_SAVING_TOLERANCE = 0.05
+
+
+def _dynamic_plan_for_saving(model: ReIDViT, target: float, policy: str) -> PrunePlan:
+    full = count_macs(model).total
+    patches = model.config.num_tokens - 1
+
+    def saving(amount: float) -> float:
+        patched = apply_dynamic(copy.deepcopy(model), policy, amount)
+        return 1 - count_macs(patched).total / full
+
+    if policy == "tome":
+        # r above half of what is left merges nothing more (bipartite halves); stop when a step adds nothing
+        best, best_gap, previous = None, math.inf, -1.0
+        for r in range(1, patches // 2 + 1):
+            value = saving(r)
+            if abs(value - target) < best_gap:
+                best, best_gap = r, abs(value - target)
+            if value >= target or value <= previous:
+                break
+            previous = value
+        amount: float = best
+    else:  # EViT: the keep rate; a lower rate saves more
+        low, high = 1.0 / patches, 1.0 - 1.0 / patches
+        if saving(low) < target:
+            raise OutOfReach(f"a {target:.0%} MACs saving is out of reach by EViT: keeping one token in "
+                             f"{patches} saves {saving(low):.1%}")
+        for _ in range(14):
+            middle = (low + high) / 2
+            low, high = (middle, high) if saving(middle) >= target else (low, middle)
+        amount, best_gap = round(low, 4), abs(saving(round(low, 4)) - target)
+    if best_gap > DYNAMIC_SAVING_TOLERANCE:
+        raise OutOfReach(f"a {target:.0%} MACs saving is out of reach by {policy}: the nearest setting "
+                         f"({amount}) is {best_gap:.1%} away")
+    plan = PrunePlan.unpruned(model.config)
+    plan.policy = {"heads": "none", "tokens": policy, "allocation": "global"}
+    # the token ratio that `dynamic_amount` turns into this amount
+    ratio = 1.0 - amount if policy == "evit" else amount * model.config.depth / patches
+    plan.ratios = {"heads": 0.0, "tokens": round(ratio, 4), "target_macs_saving": target}
+    plan.dynamic_tokens = {"policy": policy, "amount": amount}
     return plan
 
 

@@ -2,8 +2,10 @@
 
 Input is the CSVs of `amg.results` (`results/<device-id>/<run-id>.csv`), read through
 `amg.results.read_csv`, so a missing, truncated or off-schema file fails here too, with its
-name. `build_report` is what `amg report` calls: the newest run of each device becomes one
-section of `README.md`, a cross-device speed-up table, and two accuracy-vs-cost plots.
+name. `build_report` is what `amg report` calls: each configuration's newest measurement on
+each device goes into one section of `README.md` per device, a cross-device speed-up table,
+two accuracy-vs-cost plots, the equal-MACs comparison (amg.equal_macs) and the attention
+pictures (amg.explain).
 
 Plots use `matplotlib.figure.Figure` directly instead of pyplot: no display is needed, no
 global backend is switched for whoever imports this module, and no figure is left open.
@@ -12,23 +14,30 @@ global backend is switched for whoever imports this module, and no figure is lef
 from __future__ import annotations
 
 import csv
-import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import BinaryIO, Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from tabulate import tabulate
 
-from amg.results import COLUMNS, MEASURE_COLUMNS, ReportError, ResultsFile, find_csvs, read_csv
+from amg.equal_macs import section as equal_macs_section
+from amg.results import (
+    COLUMNS,
+    MEASURE_COLUMNS,
+    ReportError,
+    ResultsFile,
+    find_csvs,
+    read_csv,
+    write_atomic,
+)
 
 __all__ = [
     "ReportError",
     "load_reports",
-    "latest_per_device",
+    "newest_per_configuration",
     "device_table",
     "cross_device_table",
     "pareto_front",
@@ -139,26 +148,25 @@ def load_reports(paths_or_dir: str | Path | Sequence[str | Path]) -> pd.DataFram
     return frame[COLUMNS + extra + ["source"]]
 
 
-def _timestamps(frame: pd.DataFrame) -> pd.Series:
+def run_timestamps(frame: pd.DataFrame) -> pd.Series:
     # Parsed rather than compared as text: "…Z" and "…+00:00" spell the same instant.
     return pd.to_datetime(frame["timestamp"], utc=True, errors="coerce", format="ISO8601")
 
 
-def latest_per_device(frame: pd.DataFrame) -> pd.DataFrame:
-    """Only the newest run of each device_id (by timestamp, then run_id; no timestamp = oldest)."""
+CONFIGURATION_KEY = ["device_id", "model", "checkpoint", "config_id", "backend", "precision", "batch"]
+
+
+def newest_per_configuration(frame: pd.DataFrame) -> pd.DataFrame:
+    """Each configuration's row from the newest run of its device that measured it.
+
+    A device's runs of different profiles (the default suite, the equal-MACs study) thus
+    add up, while a rerun replaces what it measured again. Speed-ups stay within their run.
+    """
     if frame.empty:
         return frame
-    runs = (
-        frame.assign(_time=_timestamps(frame))
-        .groupby(["device_id", "run_id"], as_index=False)["_time"]
-        .max()
-        .sort_values(["_time", "run_id"], na_position="first", kind="stable")
-    )
-    newest = runs.groupby("device_id").tail(1)
-    keep = pd.MultiIndex.from_frame(frame[["device_id", "run_id"]]).isin(
-        pd.MultiIndex.from_frame(newest[["device_id", "run_id"]])
-    )
-    return frame[keep]
+    ordered = frame.assign(_time=run_timestamps(frame)).sort_values(["_time", "run_id"], na_position="first",
+                                                                    kind="stable")
+    return ordered.groupby(CONFIGURATION_KEY, sort=False, dropna=False).tail(1).drop(columns="_time").sort_index()
 
 
 # ----------------------------------------------------------------------------- tables
@@ -194,12 +202,12 @@ def _markdown(rows: list[list[str]], headers: list[str], numeric_from: int) -> s
 
 
 def device_table(frame: pd.DataFrame, device_id: str) -> str:
-    """Markdown table of one device's newest run: one row per model/config/backend/precision/batch.
+    """Markdown table of one device's newest measurements: one row per model/config/backend/precision/batch.
 
     Within each backend and batch the unpruned configuration comes first (speed-ups are
     relative to it). `model` and `precision` columns appear only when they vary.
     """
-    rows = latest_per_device(frame[frame["device_id"] == device_id])
+    rows = newest_per_configuration(frame[frame["device_id"] == device_id])
     if rows.empty:
         raise ReportError(f"no rows for device {device_id!r}")
     varying = [c for c in ("model", "precision") if rows[c].nunique() > 1]
@@ -225,10 +233,10 @@ def _target(frame: pd.DataFrame) -> pd.Series:
 def cross_device_table(frame: pd.DataFrame) -> str:
     """Markdown: one row per (model, config, batch), one speed-up column per device/backend.
 
-    Uses each device's newest run only. The MACs saving (the same on every device) sits next
+    Uses each configuration's newest measurement on each device. The MACs saving (the same on every device) sits next
     to the speed-ups, so it shows where a MACs saving turns into a latency saving.
     """
-    latest = latest_per_device(frame).assign(_target=_target)
+    latest = newest_per_configuration(frame).assign(_target=_target)
     keys = ["model", "config_id", "batch"]
     speedups = latest.groupby(keys + ["_target"])["speedup"].median().unstack("_target")
     facts = latest.groupby(keys)[["macs_saving", "head_ratio", "token_ratio"]].median()
@@ -313,27 +321,10 @@ def plot_pareto(frame: pd.DataFrame, out_dir: str | Path, x_metric: str, y_metri
     ax.set_title(f"{y_label} vs {x_label}\nstep lines: Pareto fronts (lower x and higher y are better)")
     ax.grid(alpha=0.3)
     path = Path(out_dir) / filename
-    return _write_atomic(path, lambda stream: figure.savefig(stream, format="png", dpi=120))
+    return write_atomic(path, lambda stream: figure.savefig(stream, format="png", dpi=120))
 
 
 # ----------------------------------------------------------------------------- the report
-
-
-def _write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> Path:
-    """Write via a temporary file in the same folder and rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            write(stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a report is meant to be read
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _accuracy_metric(frame: pd.DataFrame) -> str:
@@ -354,7 +345,7 @@ def _sources(frame: pd.DataFrame, latest: pd.DataFrame, root: Path) -> list[str]
     files, shown = frame["source"].nunique(), latest["source"].nunique()
     lines = [
         f"Generated {now} from {files} CSV file(s) under `{root}`; "
-        f"the newest run of each device is shown ({shown} file(s)):",
+        f"each configuration's newest measurement on each device is shown ({shown} file(s)):",
         "",
     ]
     runs = latest.groupby(["device_id", "run_id", "source"], sort=True)["timestamp"].max()
@@ -396,19 +387,37 @@ def _readme(frame: pd.DataFrame, latest: pd.DataFrame, root: Path, accuracy: str
 
 
 def build_report(results_dir: str | Path, out_dir: str | Path) -> list[Path]:
-    """Read every CSV under `results_dir`, write `out_dir`/README.md and two PNG plots.
+    """Read every CSV under `results_dir`, write `out_dir`/README.md and PNG plots.
 
-    Each device's newest run is reported. Every file is written atomically. Returns the
+    Each configuration's newest measurement per device is reported, and the attention pictures
+    of every model the suite recorded (amg.explain). Every file is written atomically. Returns the
     written paths (README first). No CSV found raises `ReportError` naming the folder.
     """
     root, out = Path(results_dir), Path(out_dir)
     frame = load_reports(_csvs_under(root))
-    latest = latest_per_device(frame)
+    latest = newest_per_configuration(frame)
     accuracy = _accuracy_metric(latest)
     plots = [
         plot_pareto(latest, out, "latency_median_ms", accuracy, LATENCY_PLOT),
         plot_pareto(latest, out, "gmacs", accuracy, MACS_PLOT),
     ]
-    text = _readme(frame, latest, root, accuracy)
-    readme = _write_atomic(out / "README.md", lambda stream: stream.write(text.encode("utf-8")))
-    return [readme, *plots]
+    from amg.explain import draw_records  # torch and timm: only when pictures are drawn
+
+    pictures = draw_records(root, out)
+    text = "\n".join([_readme(frame, latest, root, accuracy), equal_macs_section(latest),
+                       _pictures_section(pictures, out)])
+    readme = write_atomic(out / "README.md", lambda stream: stream.write(text.encode("utf-8")))
+    return [readme, *plots, *(path for _, paths in pictures for path in paths)]
+
+
+def _pictures_section(pictures: list, out: Path) -> str:
+    if not pictures:
+        return ""
+    lines = ["## What AMG removes", "",
+             "Per model: attention entropy of every head of the unpruned model on the calibration images "
+             "(AMG removes high-entropy heads; × marks removed ones), and the key/value positions the AMG "
+             "token plan keeps in a few blocks over a sample query image (static: the same for every image).", ""]
+    for record, paths in pictures:
+        lines += [f"### {record.model} ({Path(record.checkpoint).name})", ""]
+        lines += [f"![{path.stem}]({path.relative_to(out)})" for path in paths] + [""]
+    return "\n".join(lines)

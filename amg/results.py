@@ -18,7 +18,7 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, BinaryIO, Callable, Iterable, Mapping
 
 # The schema, in file order. Units are in the names; empty means "not measured".
 IDENTITY_COLUMNS = [
@@ -179,3 +179,23 @@ def find_csvs(results_dir: str | Path) -> list[Path]:
     if not root.is_dir():
         raise ReportError(f"results folder not found: {root}")
     return sorted(p for p in root.glob("*/*.csv") if not p.name.startswith(".") and p.parent.name != BASELINES_DIR)
+
+
+def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> Path:
+    """Write via a temporary file in the same folder and rename: readers never see half a file.
+
+    For derived files (tables, plots) that a rerun may replace; run CSVs use `write_csv`.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            write(stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a report is meant to be read
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

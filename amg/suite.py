@@ -14,7 +14,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -29,35 +29,69 @@ from amg.measure.flops import count_macs
 from amg.measure.latency import LatencyStats, paired_speedup
 from amg.measure.memory import measure_peak_memory
 from amg.model import ReIDViT
-from amg.prune import CalibrationData, apply_plan, make_plan, save_pruned
+from amg.iterative import TrainingSet
+from amg.prune import (CalibrationData, OutOfReach, PrunePlan, apply_plan, current_plan, make_plan, plan_for_saving,
+                       save_pruned)
+from amg.schedule import ONE_SHOT, Schedule, run_schedule
+from amg.zoo import cached_pruned, model_fingerprint
 
 Progress = Callable[[str], None]
 # Peak memory is measured where the child process runs the model as deployed; the export
 # backends' children would mostly measure the exporter, so their memory is left unmeasured.
 TORCH_BACKENDS = ("cpu", "cuda", "jetson", "rpi")
+GPU_BACKENDS = ("cuda", "jetson")
 PAIRED_BUDGET_S = 0.5  # seconds of each side's passes behind a speed-up, at least
 MAX_PAIRED_ROUNDS = 1000
 
 
 @dataclass(frozen=True)
 class PruneSpec:
+    """A pruning configuration: by ratios (`heads`, `tokens`), or by a MACs `saving` that the
+    ratios are searched for (`by` heads, tokens or both), then a `schedule`."""
+
     heads: float = 0.0
     tokens: float = 0.0
     head_policy: str = "amg"
     token_policy: str = "amg"
     allocation: str = "global"
+    saving: float = 0.0
+    by: str = ""  # with `saving`: heads | tokens | both
+    schedule: Schedule = ONE_SHOT
+
+    def __post_init__(self) -> None:
+        if bool(self.saving) != bool(self.by):
+            raise ValueError("a MACs saving needs `by` (heads, tokens or both), and `by` needs a saving")
+        if self.saving and (self.heads or self.tokens):
+            raise ValueError("give ratios or a MACs saving, not both")
+
+    @property
+    def uses_heads(self) -> bool:
+        return self.by in ("heads", "both") if self.saving else self.heads > 0
+
+    @property
+    def uses_tokens(self) -> bool:
+        return self.by in ("tokens", "both") if self.saving else self.tokens > 0
+
+    @property
+    def needs_data(self) -> bool:
+        return ((self.uses_heads and self.head_policy in ("amg", "amg-lowest", "gradient"))
+                or (self.uses_tokens and self.token_policy == "amg") or self.schedule != ONE_SHOT)
 
     @property
     def config_id(self) -> str:
-        if not self.heads and not self.tokens:
-            return "unpruned"
+        """e.g. `heads0.25:amg`, `heads0.5:amg/per-block+tokens0.5:amg`, `save0.3:heads:amg+tokens:amg@ft300`."""
+        heads = f"{self.heads:g}" if not self.saving else ""
+        tokens = f"{self.tokens:g}" if not self.saving else ""
         parts = []
-        if self.heads:
+        if self.uses_heads:
             allocation = "" if self.allocation == "global" else f"/{self.allocation}"
-            parts.append(f"heads{self.heads:g}:{self.head_policy}{allocation}")
-        if self.tokens:
-            parts.append(f"tokens{self.tokens:g}:{self.token_policy}")
-        return "+".join(parts)
+            parts.append(f"heads{heads}:{self.head_policy}{allocation}")
+        if self.uses_tokens:
+            parts.append(f"tokens{tokens}:{self.token_policy}")
+        name = "+".join(parts) or "unpruned"
+        if self.saving:
+            name = f"save{self.saving:g}:{name}"
+        return name if self.schedule == ONE_SHOT else f"{name}@{self.schedule.label}"
 
 
 UNPRUNED = PruneSpec()
@@ -87,6 +121,40 @@ class Profile:
     combined: bool = True  # also heads + tokens at each ratio, with the AMG policies
     accuracy: bool = True
     memory: bool = True
+    specs: tuple[PruneSpec, ...] = ()  # fixed configurations (then `ratios` and policies are unused)
+    # fp16/bf16 autocast runs on the GPU backends only, unless precisions are asked for explicitly
+    precisions: tuple[str, ...] = ("fp32", "fp16", "bf16")
+
+
+# The equal-MACs study: every policy at the same fvcore MACs savings, one-shot, fine-tuned
+# and iterative at the same fine-tuning cost (300 distilled steps, ~1.5 min each on 2 cores,
+# cached). Savings a mode cannot reach on the model skip with the reachable maximum.
+STUDY_SAVINGS = (0.1, 0.2, 0.3, 0.4)
+STUDY_STEPS = 300
+_HEAD_METHODS = [("amg", "global"), ("amg", "per-block"), ("amg-lowest", "global"), ("random", "global"),
+                 ("magnitude", "global"), ("gradient", "global")]
+_TOKEN_METHODS = ["amg", "random", "evit", "tome"]
+_BOTH_METHODS = [("amg", "amg", "global"), ("amg", "amg", "per-block"), ("random", "random", "global")]
+
+
+def equal_macs_specs(savings: Sequence[float] = STUDY_SAVINGS, steps: int = STUDY_STEPS) -> tuple[PruneSpec, ...]:
+    finetune, iterative = Schedule("finetune", steps), Schedule("iterative", steps, rounds=3)
+    specs: list[PruneSpec] = [PruneSpec(schedule=finetune)]  # what the extra training alone buys
+    for saving in savings:
+        heads = [PruneSpec(head_policy=p, allocation=a, saving=saving, by="heads") for p, a in _HEAD_METHODS]
+        tokens = [PruneSpec(token_policy=p, saving=saving, by="tokens") for p in _TOKEN_METHODS]
+        both = [PruneSpec(head_policy=h, token_policy=t, allocation=a, saving=saving, by="both")
+                for h, t, a in _BOTH_METHODS]
+        specs += heads + tokens + both
+        # Fine-tuning where a method family is at home: static tokens only reach ~15% on
+        # small ViTs, heads ~29%, heads + tokens ~32%; EViT/ToMe go further.
+        tuned = [s for s in heads if s.head_policy in ("amg", "random", "gradient")] + both + tokens[2:]
+        if saving < 0.15:
+            tuned = [heads[0], heads[3]] + tokens[:2]
+        specs += [replace(s, schedule=finetune) for s in tuned]
+        iterated = [heads[0], tokens[0]] if saving < 0.15 else heads[:2] + both[:2]
+        specs += [replace(s, schedule=iterative) for s in iterated]
+    return tuple(specs)
 
 
 PROFILES = {
@@ -98,6 +166,10 @@ PROFILES = {
     "default": Profile(ratios=(0.25, 0.5), head_policies=("amg", "random", "magnitude", "gradient"),
                        token_policies=("amg", "random", "tome"), batches=(1, 32),
                        backends=("cpu", "cuda", "jetson", "rpi", "onnxruntime"), paired_rounds=12, rounds=8),
+    # the equal-MACs study behind the README's results tables (~1 hour on 2 cores the first
+    # time, for the fine-tuning; then ~15 minutes)
+    "equal-macs": Profile(ratios=(), head_policies=(), token_policies=(), batches=(1, 32), backends=("cpu",),
+                          paired_rounds=12, rounds=8, specs=equal_macs_specs()),
     "full": Profile(ratios=(0.25, 0.5, 0.75), head_policies=("amg", "amg-lowest", "random", "magnitude", "gradient"),
                     token_policies=("amg", "random", "evit", "tome"), batches=(1, 32),
                     backends=("cpu", "cuda", "jetson", "rpi", "torchscript", "onnxruntime"), paired_rounds=30, rounds=20),
@@ -105,9 +177,23 @@ PROFILES = {
 
 
 def build_cases(profile: Profile, ratios: Sequence[float] | None = None, policies: Sequence[str] | None = None,
-                backends: Sequence[str] | None = None, batches: Sequence[int] | None = None) -> list[Case]:
-    """The profile's cases; explicit `ratios`/`policies`/`backends`/`batches` replace its own."""
-    ratios = tuple(ratios or profile.ratios)
+                backends: Sequence[str] | None = None, batches: Sequence[int] | None = None,
+                precisions: Sequence[str] | None = None) -> list[Case]:
+    """The profile's cases; explicit `ratios`/`policies`/`backends`/`batches`/`precisions` replace its own."""
+    if profile.specs:
+        if ratios:
+            raise ValueError("this profile fixes its configurations by MACs saving: ratios do not apply")
+        specs = [UNPRUNED] + [spec for spec in profile.specs if not policies or (
+            (not spec.uses_heads or spec.head_policy in policies) and (not spec.uses_tokens or spec.token_policy in policies))]
+    else:
+        specs = _ratio_specs(profile, ratios or profile.ratios, policies)
+    return [Case(spec, backend, batch, precision) for backend in (backends or profile.backends)
+            for precision in (precisions or profile.precisions)
+            if precisions or precision == "fp32" or backend in GPU_BACKENDS
+            for batch in (batches or profile.batches) for spec in specs]
+
+
+def _ratio_specs(profile: Profile, ratios: Sequence[float], policies: Sequence[str] | None) -> list[PruneSpec]:
     head_policies = tuple(p for p in (policies or profile.head_policies) if p in _HEAD_POLICIES)
     token_policies = tuple(p for p in (policies or profile.token_policies) if p in _TOKEN_POLICIES)
     specs = [UNPRUNED]
@@ -116,8 +202,7 @@ def build_cases(profile: Profile, ratios: Sequence[float] | None = None, policie
         specs += [PruneSpec(tokens=ratio, token_policy=p) for p in token_policies]
         if profile.combined and "amg" in head_policies and "amg" in token_policies:
             specs.append(PruneSpec(heads=ratio, tokens=ratio))
-    return [Case(spec, backend, batch) for backend in (backends or profile.backends)
-            for batch in (batches or profile.batches) for spec in specs]
+    return specs
 
 
 _HEAD_POLICIES = ("amg", "amg-lowest", "random", "magnitude", "gradient")
@@ -181,6 +266,9 @@ class Suite:
     # Fault injection to prove the gate works: config_id -> factor (1.2 = 20% slower).
     slowdown: dict[str, float] = field(default_factory=dict)
     _pruned: dict[PruneSpec, ReIDViT] = field(default_factory=dict)
+    _plans: dict[PruneSpec, PrunePlan | OutOfReach] = field(default_factory=dict)
+    _training: TrainingSet | None = None
+    _fingerprint: str | None = None
     _accuracy: dict[PruneSpec, dict[str, float]] = field(default_factory=dict)
     _references: dict[tuple[str, str, int], Runner] = field(default_factory=dict)
     _calibration: CalibrationData | None = None
@@ -195,17 +283,63 @@ class Suite:
                                                              progress=self.progress)
         return self._calibration
 
+    def plan(self, spec: PruneSpec) -> PrunePlan:
+        """The one-shot plan of `spec` (shared by its schedules); OutOfReach is remembered too."""
+        key = replace(spec, schedule=ONE_SHOT)
+        if key not in self._plans:
+            data = self.calibration() if key.needs_data else None
+            self.progress(f"planning {key.config_id}")
+            try:
+                if spec.saving:
+                    self._plans[key] = plan_for_saving(self.model, spec.saving, spec.by, spec.head_policy,
+                                                       spec.token_policy, spec.allocation, data)
+                else:
+                    self._plans[key] = make_plan(self.model, spec.heads, spec.tokens, spec.head_policy,
+                                                 spec.token_policy, spec.allocation, data)
+            except OutOfReach as error:
+                self._plans[key] = error
+        if isinstance(self._plans[key], OutOfReach):
+            raise self._plans[key]
+        return self._plans[key]
+
     def pruned(self, spec: PruneSpec) -> ReIDViT:
         if spec not in self._pruned:
             if spec == UNPRUNED:
                 self._pruned[spec] = self.model
+            elif spec.schedule == ONE_SHOT:
+                self._pruned[spec] = apply_plan(copy.deepcopy(self.model), copy.deepcopy(self.plan(spec)))
             else:
-                needs_data = spec.head_policy in ("amg", "amg-lowest", "gradient") or spec.token_policy == "amg"
-                self.progress(f"pruning {spec.config_id}")
-                plan = make_plan(self.model, spec.heads, spec.tokens, spec.head_policy, spec.token_policy,
-                                 spec.allocation, self.calibration() if needs_data else None)
-                self._pruned[spec] = apply_plan(copy.deepcopy(self.model), plan)
+                self._pruned[spec] = self._trained(spec)
         return self._pruned[spec]
+
+    def _trained(self, spec: PruneSpec) -> ReIDViT:
+        """Fine-tuned or iterative: minutes of training, so cached by everything that shapes it."""
+        plan = self.plan(spec) if spec.uses_heads or spec.uses_tokens else PrunePlan.unpruned(self.model.config)
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(self.model)
+        key = {"base": self._fingerprint, "plan": plan.to_dict(), "schedule": spec.schedule.__dict__,
+               "data": str(self.dataset.root), "calibration": self.calibration().description}
+
+        def train() -> ReIDViT:
+            self.progress(f"{spec.schedule.description}: {spec.config_id} (cached afterwards)")
+            if self._training is None:
+                self._training = TrainingSet.from_dataset(self.dataset, self.model.config.img_size, self.progress)
+            return run_schedule(self.model, plan, spec.schedule, self.calibration(), self._training, self.progress)
+
+        return cached_pruned(key, train, self.progress)
+
+    def save_attention_record(self, results_dir: str | Path) -> Path | None:
+        """For `amg report`'s pictures: the unpruned model's head entropy, a sample query image and
+        the one-shot plans made in this session. None when nothing was calibrated (no AMG plan)."""
+        from amg.data.preload import preload_images
+        from amg.explain import make_record, save_record
+
+        if self._calibration is None or self.dataset is None:
+            return None
+        plans = {key.config_id: plan for key, plan in self._plans.items() if isinstance(plan, PrunePlan)}
+        record = make_record(self.model, self.checkpoint, self._calibration.images, plans)
+        sample = preload_images(self.dataset.query_sets["query"][:1], self.model.config.img_size)[0]
+        return save_record(record, sample, results_dir)
 
     def runner(self, case: Case) -> Runner:
         runner = prepare(case.backend, copy.deepcopy(self.pruned(case.spec)), case.batch, case.precision, self.threads)
@@ -237,6 +371,7 @@ class Suite:
     def measure(self, case: Case, runner: Runner, samples_s: Sequence[float]) -> dict[str, Any]:
         """The CSV row of `case`, given its runner and pytest-benchmark's timing samples."""
         model = self.pruned(case.spec)
+        plan = current_plan(model)
         if self._base_macs is None:
             self._base_macs = count_macs(self.model).total
         macs = count_macs(model).total
@@ -246,15 +381,15 @@ class Suite:
             **self.metadata, "backend": case.backend, "precision": case.precision, "threads": self.threads,
             "batch": case.batch, "model": self.model.config.name, "checkpoint": self.checkpoint,
             "input_size": "x".join(map(str, self.model.config.img_size)), "config_id": case.spec.config_id,
-            "head_policy": case.spec.head_policy if case.spec.heads else "none",
-            "token_policy": case.spec.token_policy if case.spec.tokens else "none",
-            "allocation": case.spec.allocation, "schedule": "one-shot",
-            "head_ratio": case.spec.heads, "token_ratio": case.spec.tokens,
+            "head_policy": case.spec.head_policy if case.spec.uses_heads else "none",
+            "token_policy": case.spec.token_policy if case.spec.uses_tokens else "none",
+            "allocation": case.spec.allocation, "schedule": case.spec.schedule.description,
+            "head_ratio": plan.ratios.get("heads", 0.0), "token_ratio": plan.ratios.get("tokens", 0.0),
             "params": params, "param_mb": params * 4 / 2**20, "macs": macs, "gmacs": macs / 1e9,
             "macs_saving": 1 - macs / self._base_macs, "latency_median_ms": stats.median_ms,
             "latency_p90_ms": stats.p90_ms, "latency_p99_ms": stats.p99_ms, "latency_rounds": stats.rounds,
         }
-        if case.spec != UNPRUNED:
+        if case.spec != UNPRUNED:  # (the unpruned model fine-tuned too: same shapes, speed-up ~1)
             # Fast passes need many rounds: a single hiccup among a dozen 1.5 ms rounds moved an
             # ONNX speed-up from 1.1 to 0.35 here. Aim at PAIRED_BUDGET_S of each side.
             rounds = max(self.profile.paired_rounds,

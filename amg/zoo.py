@@ -86,3 +86,27 @@ def default_model(preset: str = DEFAULT_PRESET, synth: SynthConfig = SynthConfig
     model, summary = train_on_dataset(preset, dataset, training, (synth.height, synth.width), progress)
     save_model(model, path, **summary)
     return model, path
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A hash of a model's weights: what a cached derivative (a fine-tuned copy) is keyed on."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def cached_pruned(key: dict[str, Any], build: Callable[[], ReIDViT], progress: Progress | None = None) -> ReIDViT:
+    """The pruned model cached under `key` (plan, schedule, base weights...), built on first use."""
+    from amg.prune import load_pruned, save_pruned
+
+    path = cache_root() / "pruned" / f"{_key({**key, 'recipe': RECIPE_VERSION})}.pt"
+    if path.is_file():
+        if progress:
+            progress(f"loading the cached pruned model {path.name}")
+        return load_pruned(path)
+    model = build()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_pruned(model, path)
+    return model

@@ -14,7 +14,7 @@ from typing import Callable
 import pytest
 import torch
 
-from amg.measure.backends import BACKENDS
+from amg.measure.backends import BACKENDS, PRECISIONS
 from amg.model import DEFAULT_PRESET, PRESETS
 from amg.suite import PROFILES, build_cases
 
@@ -25,7 +25,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("amg", "AMG-Bench")
     add = group.addoption
     add("--amg-profile", default="default", choices=sorted(PROFILES),
-        help="quick (<= 2 min on 2 CPU cores once cached), default, or full (every policy and ratio)")
+        help="quick (<= 2 min on 2 CPU cores once cached), default, full (every policy and ratio), "
+             "or equal-macs (every policy at 10/20/30/40%% MACs saved, one-shot, fine-tuned and iterative)")
     add("--amg-model", default=DEFAULT_PRESET, choices=sorted(PRESETS),
         help="model preset: the default one is trained on the synthetic set and cached; others are "
              "timed with random weights (no accuracy) unless --amg-checkpoint is given")
@@ -36,6 +37,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     add("--amg-backends", default=None,
         help=f"comma-separated backends from {','.join(BACKENDS)} (default: the profile's; unavailable ones skip)")
     add("--amg-batches", default=None, help="comma-separated batch sizes (default: the profile's)")
+    add("--amg-precisions", default=None,
+        help="comma-separated fp32,fp16,bf16 (autocast) for every backend (default: fp32, plus fp16 and bf16 "
+             "on cuda/jetson)")
     add("--amg-threads", type=int, default=None, help="torch / onnxruntime CPU threads (default: all cores)")
     add("--amg-results-dir", default="results", help="where the CSV goes: <dir>/<device-id>/<run-id>.csv")
     add("--amg-no-report", action="store_true", help="do not write a CSV (e.g. while developing)")
@@ -57,13 +61,20 @@ def _cases(config: pytest.Config):
     unknown = sorted(set(backends or ()) - set(BACKENDS))
     if unknown:
         raise pytest.UsageError(f"unknown backend(s) {unknown}; choose from {', '.join(BACKENDS)}")
+    precisions = _split(config.getoption("--amg-precisions"))
+    if sorted(set(precisions or ()) - set(PRECISIONS)):
+        raise pytest.UsageError(f"unknown precision(s) in {precisions}; choose from {', '.join(PRECISIONS)}")
     ratios = _split(config.getoption("--amg-ratios"), float)
     for ratio in ratios or ():
         if not 0 < ratio < 1:
             raise pytest.UsageError(f"--amg-ratios: {ratio} is outside (0, 1)")
-    return build_cases(PROFILES[config.getoption("--amg-profile")], ratios,
-                       _split(config.getoption("--amg-policies")), backends,
-                       _split(config.getoption("--amg-batches"), int))
+    try:
+        return build_cases(PROFILES[config.getoption("--amg-profile")], ratios,
+                           _split(config.getoption("--amg-policies")), backends,
+                           _split(config.getoption("--amg-batches"), int),
+                           precisions)
+    except ValueError as error:
+        raise pytest.UsageError(f"--amg-profile {config.getoption('--amg-profile')}: {error}") from error
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -131,5 +142,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     results_dir = Path(session.config.getoption("--amg-results-dir"))
     path = write_csv(state.rows, results_dir, state.metadata["device_id"], state.metadata["run_id"])
     reporter = session.config.pluginmanager.getplugin("terminalreporter")
+    record = state.save_attention_record(results_dir)
     if reporter:
         reporter.write_line(f"[amg] wrote {len(state.rows)} rows to {path}")
+        if record:
+            reporter.write_line(f"[amg] wrote head entropies and plans for `amg report`'s pictures to {record}")

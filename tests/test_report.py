@@ -16,7 +16,7 @@ from amg.report import (
     build_report,
     cross_device_table,
     device_table,
-    latest_per_device,
+    newest_per_configuration,
     load_reports,
     pareto_front,
     plot_pareto,
@@ -133,13 +133,15 @@ def test_load_reports_takes_a_list_of_files(results):
     assert set(frame["run_id"]) == {JETSON_RUN}
 
 
-def test_latest_per_device_keeps_the_newest_run(results):
-    latest = latest_per_device(load_reports(results))
+def test_newest_per_configuration_keeps_the_newest_run(results):
+    latest = newest_per_configuration(load_reports(results))
     assert set(zip(latest["device_id"], latest["run_id"])) == {(X86, NEW_RUN), (JETSON, JETSON_RUN)}
     assert len(latest) == 9
 
 
-def test_latest_per_device_orders_by_time_then_run_id():
+def test_newest_per_configuration_orders_by_time_then_run_id():
+    base = {"model": "m", "checkpoint": "c", "config_id": "unpruned", "backend": "cpu", "precision": "fp32",
+            "batch": 1}
     frame = pd.DataFrame(
         {
             "device_id": ["d", "d", "d", "e", "e"],
@@ -152,9 +154,20 @@ def test_latest_per_device_orders_by_time_then_run_id():
                 "2026-01-02T00:00:00Z",  # later, though its run id sorts first
             ],
         }
-    )
-    latest = latest_per_device(frame)
+    ).assign(**base)
+    latest = newest_per_configuration(frame)
     assert sorted(zip(latest["device_id"], latest["run_id"])) == [("d", "run-b"), ("e", "run-a")]
+
+
+def test_runs_of_different_configurations_add_up(results):
+    """A study run measuring other configurations does not hide the previous run's rows."""
+    study = [_row(X86, "20261126T000000Z-cccccc", "2026-11-26T00:00:00Z", "cpu", "unpruned", 1, 37.0, 1.0,
+                  config_id="save0.3:heads:amg+tokens:amg")]
+    write_csv(study, results, X86, "20261126T000000Z-cccccc")
+    latest = newest_per_configuration(load_reports(results))
+    x86 = latest[latest["device_id"] == X86]
+    assert len(x86) == 7  # the new run's one configuration + the 6 rows of the newest earlier run
+    assert set(x86["run_id"]) == {NEW_RUN, "20261126T000000Z-cccccc"}
 
 
 # ----------------------------------------------------------------------------- tables

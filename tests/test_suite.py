@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 
 from amg.data.layout import load_dataset
 from amg.data.synthetic import SynthConfig, generate
@@ -84,3 +85,68 @@ def test_injected_slowdown_really_slows_the_runner():
     assert time.perf_counter() - start >= 0.019
     with pytest.raises(ValueError, match="factor"):
         slowed(fast, 0.5)
+
+
+def test_saving_specs_name_their_method_and_schedule():
+    from amg.schedule import Schedule
+
+    spec = PruneSpec(saving=0.3, by="both", allocation="per-block", schedule=Schedule("finetune", 300))
+    assert spec.config_id == "save0.3:heads:amg/per-block+tokens:amg@ft300"
+    assert PruneSpec(saving=0.2, by="tokens", token_policy="tome").config_id == "save0.2:tokens:tome"
+    assert PruneSpec(schedule=Schedule("finetune", 300)).config_id == "unpruned@ft300"
+    assert spec.uses_heads and spec.uses_tokens and spec.needs_data
+    assert not PruneSpec(saving=0.2, by="heads", head_policy="random").needs_data
+    with pytest.raises(ValueError, match="needs `by`"):
+        PruneSpec(saving=0.2)
+    with pytest.raises(ValueError, match="not both"):
+        PruneSpec(heads=0.2, saving=0.2, by="heads")
+
+
+def test_equal_macs_profile_and_precisions():
+    study = build_cases(PROFILES["equal-macs"])
+    ids = [c.spec.config_id for c in study]
+    assert len(set(c.id for c in study)) == len(study)
+    assert {"unpruned", "unpruned@ft300", "save0.3:heads:amg+tokens:amg@ft300", "save0.2:heads:random",
+            "save0.4:tokens:tome@ft300", "save0.2:heads:amg+tokens:amg@it3x300"} <= set(ids)
+    assert {c.batch for c in study} == {1, 32}
+    with pytest.raises(ValueError, match="ratios do not apply"):
+        build_cases(PROFILES["equal-macs"], ratios=[0.5])
+    tome_only = build_cases(PROFILES["equal-macs"], policies=["tome"], batches=[1])
+    assert {c.spec.config_id for c in tome_only} == {"unpruned", "unpruned@ft300"} | {
+        f"save{s:g}:tokens:tome{suffix}" for s in (0.1, 0.2, 0.3, 0.4) for suffix in ("", "@ft300")} - {
+        "save0.1:tokens:tome@ft300"}
+    default = build_cases(PROFILES["default"])
+    assert {c.precision for c in default if c.backend == "cpu"} == {"fp32"}
+    assert {c.precision for c in default if c.backend == "cuda"} == {"fp32", "fp16", "bf16"}
+    explicit = build_cases(PROFILES["quick"], precisions=["bf16"])
+    assert {(c.backend, c.precision) for c in explicit} == {("cpu", "bf16")}
+
+
+def test_fine_tuned_configurations_are_trained_once_then_cached(tiny_suite, tmp_path, monkeypatch):
+    from amg.prune import OutOfReach
+    from amg.schedule import Schedule
+
+    monkeypatch.setenv("AMG_CACHE_DIR", str(tmp_path / "cache"))
+    spec = PruneSpec(saving=0.15, by="heads", schedule=Schedule("finetune", 2))
+    case = Case(spec, "cpu", 1)
+    row = tiny_suite.measure(case, tiny_suite.runner(case), [0.002, 0.003])
+    assert row["schedule"] == "one-shot + 2 fine-tune steps, distilled"
+    assert row["macs_saving"] == pytest.approx(0.15, abs=0.03) and 0 < row["head_ratio"] < 1
+    assert len(list((tmp_path / "cache" / "pruned").glob("*.pt"))) == 1
+    again = dataclasses.replace(tiny_suite, _pruned={}, rows=[])
+    x = torch.randn(1, 3, 64, 32)
+    with torch.no_grad():
+        assert torch.equal(again.pruned(spec)(x), tiny_suite.pruned(spec)(x))  # loaded, not retrained
+    with pytest.raises(OutOfReach, match="out of reach by tokens"):
+        tiny_suite.pruned(PruneSpec(saving=0.5, by="tokens"))
+
+
+def test_attention_record_is_saved_for_the_report(tiny_suite, tmp_path):
+    from amg.explain import load_record
+
+    tiny_suite.pruned(PruneSpec(heads=0.34, tokens=0.25))
+    path = tiny_suite.save_attention_record(tmp_path)
+    record = load_record(path.parent)
+    assert "heads0.34:amg+tokens0.25:amg" in record.plans
+    assert len(record.entropy) == tiny_suite.model.config.depth
+    assert (path.parent / "sample.png").is_file()

@@ -1,0 +1,126 @@
+"""The equal-MACs comparison: every policy at the same fvcore MACs saving, as Markdown tables.
+
+Rows named `save<target>:<method>[@<schedule>]` (the suite's `equal-macs` profile) become one
+table per device, backend and target saving: each method and schedule with its measured
+saving, speed-ups at batch 1 and 32, peak memory and holistic / occluded accuracy, next to
+the unpruned model (and the unpruned model given the same fine-tuning, which shows what the
+extra training alone buys).
+"""
+
+from __future__ import annotations
+
+import re
+
+import pandas as pd
+from tabulate import tabulate
+
+SAVE_ID = re.compile(r"^save(?P<target>[0-9.]+):(?P<method>[^@]+)(?:@(?P<schedule>.+))?$")
+REFERENCES = ("unpruned",)  # plus "unpruned@<schedule>" controls
+FAMILIES = ("heads", "tokens", "heads+tokens")
+SCHEDULE_ORDER = {"one-shot": 0, "ft": 1, "it": 2}
+MISSING = "—"
+
+
+def _family_rank(method: str) -> int:
+    family = "+".join(part.split(":")[0].rstrip("0123456789.") for part in method.split("+"))
+    return FAMILIES.index(family) if family in FAMILIES else len(FAMILIES)
+
+
+def _schedule_rank(label: str) -> int:
+    return SCHEDULE_ORDER.get(re.sub(r"\d.*", "", label), 9)
+
+
+def study_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """The equal-MACs rows and the unpruned references, with target/method/schedule columns."""
+    parsed = frame["config_id"].astype(str).str.extract(SAVE_ID)
+    study = frame.assign(target=pd.to_numeric(parsed["target"]), method=parsed["method"],
+                         schedule_label=parsed["schedule"].fillna("one-shot"))
+    is_reference = study["config_id"].astype(str).str.match(r"^unpruned(@|$)")
+    return study[study["target"].notna() | is_reference]
+
+
+def _percent(value: object, decimals: int = 1) -> str:
+    return MISSING if value is None or pd.isna(value) else f"{100 * float(value):.{decimals}f}"
+
+
+def _number(value: object, decimals: int) -> str:
+    return MISSING if value is None or pd.isna(value) else f"{float(value):.{decimals}f}"
+
+
+def _merged(rows: pd.DataFrame) -> pd.DataFrame:
+    """One row per configuration: batch-1 values, plus `speedup_b32` from the batch-32 row."""
+    first = rows.sort_values("batch", kind="stable").groupby("config_id", sort=False).head(1).set_index("config_id")
+    large = rows[rows["batch"] > 1].sort_values("batch").groupby("config_id").tail(1).set_index("config_id")
+    first["speedup_large"] = large["speedup"]
+    first["large_batch"] = large["batch"]
+    return first.reset_index()
+
+
+HEADERS = ["method", "schedule", "MACs saved %", "speed-up b1", "speed-up b{large}", "peak RSS MB",
+           "R1 %", "mAP %", "occ. R1 %", "occ. mAP %", "occ. R1 / unpruned", "occ. mAP / unpruned"]
+
+
+def _line(row: pd.Series, unpruned: pd.Series, method: str, schedule: str, bold: bool = False) -> list[str]:
+    def share(metric: str) -> str:
+        base = unpruned.get(metric)
+        if base is None or pd.isna(base) or not base or pd.isna(row.get(metric)):
+            return MISSING
+        return f"{100 * float(row[metric]) / float(base):.0f}%"
+
+    name = f"**{method}**" if bold else method
+    return [name, schedule, _percent(row.get("macs_saving")), _number(row.get("speedup"), 2),
+            _number(row.get("speedup_large"), 2), _number(row.get("peak_rss_mb"), 0),
+            _percent(row.get("query_rank1")), _percent(row.get("query_mAP")),
+            _percent(row.get("occluded_rank1")), _percent(row.get("occluded_mAP")),
+            share("occluded_rank1"), share("occluded_mAP")]
+
+
+def comparison_tables(frame: pd.DataFrame) -> list[tuple[str, str]]:
+    """[(title, markdown)] per device, backend and target saving. Within a target, rows go by
+    family (heads, tokens, heads+tokens) and schedule; the best occluded mAP of each family
+    and schedule is in bold (ties all bold)."""
+    study = study_rows(frame)
+    tables = []
+    for (device, backend, precision), rows in study.groupby(["device_id", "backend", "precision"], sort=True):
+        merged = _merged(rows)
+        references = merged[merged["target"].isna()]
+        unpruned_rows = references[references["config_id"] == "unpruned"]
+        if unpruned_rows.empty:
+            continue
+        unpruned = unpruned_rows.iloc[0]
+        large = merged["large_batch"].dropna()
+        headers = [h.format(large=int(large.iloc[0]) if len(large) else "32") for h in HEADERS]
+        for target, group in merged[merged["target"].notna()].groupby("target", sort=True):
+            body = [_line(unpruned, unpruned, "unpruned", "—")]
+            for _, control in references[references["config_id"] != "unpruned"].iterrows():
+                body.append(_line(control, unpruned, "unpruned", control["config_id"].split("@", 1)[1]))
+            group = group.assign(_family=group["method"].map(_family_rank),
+                                 _schedule=group["schedule_label"].map(_schedule_rank))
+            group = group.sort_values(["_family", "_schedule", "occluded_mAP"], ascending=[True, True, False],
+                                      kind="stable")
+            best = group.groupby(["_family", "_schedule"])["occluded_mAP"].transform("max")
+            for (_, row), top in zip(group.iterrows(), best):
+                body.append(_line(row, unpruned, row["method"], row["schedule_label"],
+                                  bold=pd.notna(top) and row["occluded_mAP"] == top))
+            title = f"{device} / {backend}{'' if precision == 'fp32' else ' ' + precision}: {target:.0%} of MACs saved"
+            markdown = tabulate(body, headers=headers, tablefmt="github", disable_numparse=True,
+                                colalign=["left", "left"] + ["right"] * (len(headers) - 2))
+            tables.append((title, markdown))
+    return tables
+
+
+def section(frame: pd.DataFrame) -> str:
+    """The README section: all comparison tables, or "" when no equal-MACs run is among the CSVs."""
+    tables = comparison_tables(frame)
+    if not tables:
+        return ""
+    lines = ["## Equal-MACs comparison", "",
+             "Every policy at the same target saving of fvcore MACs (`pytest bench/ --amg-profile equal-macs`). "
+             "Schedules: one-shot; `ft<N>` = one-shot plan + N fine-tuning steps distilled from the unpruned "
+             "model; `it<R>x<N>` = R rounds of prune, fine-tune, re-score with N steps in all. Speed-ups are "
+             "interleaved with the unpruned model in the same run; accuracy is on the synthetic holistic and "
+             "occluded query sets; bold: best occluded mAP of its family and schedule. A method missing "
+             "from a table cannot reach that saving on this model.", ""]
+    for title, markdown in tables:
+        lines += [f"### {title}", "", markdown, ""]
+    return "\n".join(lines)

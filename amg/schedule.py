@@ -1,0 +1,80 @@
+"""Pruning schedules: one-shot, one-shot + fine-tuning, or iterative (prune, fine-tune, re-score).
+
+All three start from the same one-shot plan (its ratios, its policies) and spend the same
+number of fine-tuning steps (`Schedule.steps`), always distilled from the unpruned model, so
+that they compare at equal training cost. Iterative spreads the steps over its rounds.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+from amg.iterative import IterativeConfig, TrainingSet, finetune, iterative_prune
+from amg.model import ReIDViT
+from amg.prune import CalibrationData, Progress, PrunePlan, apply_plan
+
+SCHEDULES = ("one-shot", "finetune", "iterative")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    kind: str = "one-shot"
+    steps: int = 0  # fine-tuning steps in all (0 for one-shot)
+    rounds: int = 1  # head-pruning rounds (iterative only)
+    lr: float = 2e-4
+
+    def __post_init__(self) -> None:
+        if self.kind not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.kind!r}; choose one of {SCHEDULES}")
+        if (self.kind == "one-shot") != (self.steps == 0):
+            raise ValueError("one-shot takes no fine-tuning steps; finetune and iterative need steps >= 1")
+        if self.rounds < 1 or (self.kind != "iterative" and self.rounds != 1):
+            raise ValueError("rounds must be 1, or >= 1 for the iterative schedule")
+
+    @property
+    def label(self) -> str:
+        """Short and stable: part of configuration names (e.g. `ft300`, `it3x300`)."""
+        return {"one-shot": "one-shot", "finetune": f"ft{self.steps}", "iterative": f"it{self.rounds}x{self.steps}"}[self.kind]
+
+    @property
+    def description(self) -> str:
+        if self.kind == "one-shot":
+            return "one-shot"
+        if self.kind == "finetune":
+            return f"one-shot + {self.steps} fine-tune steps, distilled"
+        return f"iterative x{self.rounds}, {self.steps} fine-tune steps in all, distilled"
+
+
+ONE_SHOT = Schedule()
+
+
+def run_schedule(model: ReIDViT, plan: PrunePlan, schedule: Schedule, calibration: CalibrationData | None,
+                 training: TrainingSet | None, progress: Progress | None = None) -> ReIDViT:
+    """A pruned copy of `model` (left untouched) by `schedule`, starting from the one-shot `plan`.
+
+    Iterative re-scores with `plan`'s policies and ratios; a plan with dynamic tokens (EViT,
+    ToMe) has nothing to re-score and is fine-tuned once instead (its description says so).
+    """
+    if schedule.kind != "one-shot" and training is None:
+        raise ValueError(f"the {schedule.kind} schedule needs training data")
+    if schedule.kind == "iterative" and plan.dynamic_tokens is None:
+        if calibration is None:
+            raise ValueError("the iterative schedule needs calibration data to re-score")
+        # one stage per head round, plus one for the tokens when there are any
+        stages = (schedule.rounds if plan.ratios.get("heads") else 0) + (1 if plan.ratios.get("tokens") else 0)
+        per_stage = max(1, schedule.steps // max(1, stages))
+        pruned, new_plan = iterative_prune(
+            model, plan.ratios.get("heads", 0.0), plan.ratios.get("tokens", 0.0), calibration, training,
+            IterativeConfig(schedule.rounds, per_stage, schedule.lr), plan.policy.get("heads", "amg"),
+            plan.policy.get("tokens", "amg"), plan.policy.get("allocation", "global"), progress=progress)
+        new_plan.ratios = dict(plan.ratios)
+        new_plan.policy["schedule"] = schedule.description
+        return pruned
+    pruned = apply_plan(copy.deepcopy(model), copy.deepcopy(plan))
+    if schedule.kind != "one-shot":
+        teacher = copy.deepcopy(model).eval()
+        finetune(pruned, teacher, training, schedule.steps, IterativeConfig(1, schedule.steps, schedule.lr),
+                 progress=progress)
+        pruned.plan.policy["schedule"] = schedule.description
+    return pruned.eval()

@@ -1,0 +1,61 @@
+"""Equal-MACs comparison tables from the study's rows."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from amg.equal_macs import comparison_tables, section, study_rows
+
+
+def _row(config, batch, speedup, occluded_mAP, saving=0.2, device="cpu-2c", run="r1"):
+    return {"device_id": device, "backend": "cpu", "precision": "fp32", "run_id": run, "config_id": config,
+            "batch": batch, "speedup": speedup, "macs_saving": saving, "peak_rss_mb": 400.0,
+            "query_rank1": 0.9, "query_mAP": 0.8, "occluded_rank1": 0.4, "occluded_mAP": occluded_mAP}
+
+
+def _frame(*rows):
+    return pd.DataFrame(list(rows))
+
+
+STUDY = _frame(
+    _row("unpruned", 1, None, 0.30, saving=0.0), _row("unpruned", 32, None, 0.30, saving=0.0),
+    _row("unpruned@ft300", 1, 1.0, 0.33, saving=0.0),
+    _row("save0.2:heads:random", 1, 1.20, 0.20), _row("save0.2:heads:random", 32, 1.10, 0.20),
+    _row("save0.2:heads:amg", 1, 1.21, 0.25), _row("save0.2:heads:amg", 32, 1.15, 0.25),
+    _row("save0.2:heads:amg@ft300", 1, 1.19, 0.31),
+    _row("save0.2:heads:amg+tokens:amg", 1, 1.18, 0.24),
+    _row("save0.2:tokens:tome", 1, 0.95, 0.29),
+    _row("save0.3:tokens:tome", 1, 1.05, 0.27, saving=0.3),
+    _row("heads0.25:amg", 1, 1.1, 0.28, saving=0.08),  # a ratio configuration: not in the study
+)
+
+
+def _body(markdown):
+    lines = [line for line in markdown.splitlines() if line.startswith("|")][2:]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+
+
+def test_study_rows_keep_targets_and_references_only():
+    rows = study_rows(STUDY)
+    assert "heads0.25:amg" not in set(rows["config_id"])
+    assert sorted(rows["target"].dropna().unique()) == [0.2, 0.3]
+    assert rows.loc[rows["config_id"] == "save0.2:heads:amg@ft300", "schedule_label"].item() == "ft300"
+
+
+def test_one_table_per_target_with_references_families_and_bold_winners():
+    tables = dict(comparison_tables(STUDY))
+    assert list(tables) == ["cpu-2c / cpu: 20% of MACs saved", "cpu-2c / cpu: 30% of MACs saved"]
+    body = _body(tables["cpu-2c / cpu: 20% of MACs saved"])
+    names = [(row[0], row[1]) for row in body]
+    assert names == [("unpruned", "—"), ("unpruned", "ft300"), ("**heads:amg**", "one-shot"),
+                     ("heads:random", "one-shot"), ("**heads:amg**", "ft300"), ("**tokens:tome**", "one-shot"),
+                     ("**heads:amg+tokens:amg**", "one-shot")]
+    amg = body[2]
+    assert amg[2:6] == ["20.0", "1.21", "1.15", "400"]  # MACs saved, speed-up b1 and b32, memory
+    assert amg[-2:] == ["100%", "83%"]  # occluded R1 and mAP as a share of the unpruned model's
+    assert body[5][4] == "—"  # tome has no batch-32 row here
+
+
+def test_section_is_empty_without_a_study():
+    assert section(STUDY[~STUDY["config_id"].str.startswith("save")]) == ""
+    assert section(STUDY).startswith("## Equal-MACs comparison")

@@ -1,0 +1,69 @@
+"""Schedules: one-shot, fine-tuned and iterative pruning from the same plan at the same step budget."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from amg.data.layout import load_dataset
+from amg.data.synthetic import SynthConfig, generate
+from amg.finetune import TrainConfig
+from amg.iterative import TrainingSet
+from amg.prune import CalibrationData, apply_plan, make_plan
+from amg.schedule import ONE_SHOT, Schedule, run_schedule
+from amg.zoo import train_on_dataset
+
+DATA = SynthConfig(train_ids=6, test_ids=3, images_per_id=6, num_cameras=3, queries_per_id=2,
+                   distractors=1, junk=1, height=64, width=32, seed=13)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("schedule") / "synth"
+    generate(root, DATA)
+    dataset = load_dataset(root)
+    model, _ = train_on_dataset("small", dataset, TrainConfig(steps=3, num_identities=3, num_instances=2,
+                                                              warmup_steps=1), img_size=(64, 32))
+    calibration = CalibrationData.from_dataset(dataset, (64, 32), count=12)
+    return model, calibration, TrainingSet.from_dataset(dataset, (64, 32))
+
+
+def test_schedules_are_validated_and_labelled():
+    assert ONE_SHOT.label == "one-shot"
+    assert Schedule("finetune", 300).label == "ft300"
+    assert Schedule("iterative", 300, rounds=3).label == "it3x300"
+    assert "distilled" in Schedule("finetune", 300).description
+    for bad in (dict(kind="anneal", steps=1), dict(kind="one-shot", steps=5), dict(kind="finetune", steps=0),
+                dict(kind="finetune", steps=5, rounds=2), dict(kind="iterative", steps=5, rounds=0)):
+        with pytest.raises(ValueError):
+            Schedule(**bad)
+
+
+def test_one_shot_is_the_plan_applied_and_fine_tuning_changes_only_the_copy(trained):
+    model, calibration, training = trained
+    plan = make_plan(model, heads=0.34, tokens=0.25, data=calibration)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, 64, 32)
+    one_shot = run_schedule(model, plan, ONE_SHOT, calibration, training)
+    reference = apply_plan(copy.deepcopy(model), plan)
+    tuned = run_schedule(model, plan, Schedule("finetune", 2), calibration, training)
+    with torch.no_grad():
+        assert torch.equal(one_shot(x), reference(x))
+        assert not torch.allclose(tuned(x), one_shot(x))
+    assert tuned.plan.kept_heads == plan.kept_heads and tuned.plan.kept_tokens == plan.kept_tokens
+    assert tuned.plan.policy["schedule"].startswith("one-shot + 2 fine-tune steps")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="needs training data"):
+        run_schedule(model, plan, Schedule("finetune", 2), calibration, None)
+
+
+def test_iterative_keeps_the_one_shot_ratios(trained):
+    model, calibration, training = trained
+    plan = make_plan(model, heads=0.5, tokens=0.25, data=calibration)
+    pruned = run_schedule(model, plan, Schedule("iterative", 6, rounds=2), calibration, training)
+    assert pruned.plan.heads_kept == plan.heads_kept  # same number of heads, maybe other ones
+    assert pruned.plan.ratios == plan.ratios
+    assert pruned.plan.policy["schedule"] == "iterative x2, 6 fine-tune steps in all, distilled"
+    assert sum(len(t) for t in pruned.plan.kept_tokens) == sum(len(t) for t in plan.kept_tokens)
