@@ -121,11 +121,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
     import time
 
     from amg.data.layout import relabel_pids
-    from amg.prune import CalibrationData, apply_plan, make_plan, save_pruned
+    from amg.iterative import TrainingSet
+    from amg.prune import CalibrationData, current_plan, make_plan, plan_for_saving, save_pruned
+    from amg.schedule import ONE_SHOT, Schedule, run_schedule
 
     _set_threads(args.threads)
-    if args.macs_saving is not None and (args.heads or args.tokens or args.iterative_rounds):
-        raise ValueError("--macs-saving chooses the ratios itself: drop --heads/--tokens/--iterative-rounds")
+    if args.macs_saving is not None and (args.heads or args.tokens):
+        raise ValueError("--macs-saving chooses the ratios itself: drop --heads/--tokens")
+    if args.iterative_rounds > 0 and args.finetune:
+        raise ValueError("--finetune fine-tunes a one-shot plan, --iterative-rounds prunes in rounds: choose one")
     dataset = _load_dataset(args.data, args.layout)
     labels, _ = relabel_pids(dataset.train)
     model = _load_model_arg(args.model, num_classes=max(labels) + 1)
@@ -136,23 +140,21 @@ def cmd_prune(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     policies = {"head_policy": args.head_policy or args.policy, "token_policy": args.token_policy or args.policy,
                 "allocation": args.allocation}
-    if args.iterative_rounds > 0:
-        from amg.iterative import IterativeConfig, TrainingSet, iterative_prune
-
-        training = TrainingSet.from_dataset(dataset, model.config.img_size, progress)
-        model, plan = iterative_prune(model, args.heads, args.tokens, data, training,
-                                      IterativeConfig(args.iterative_rounds, args.finetune_steps),
-                                      seed=args.seed, progress=progress, **policies)
-    elif args.macs_saving is not None:
-        from amg.prune import plan_for_saving
-
+    if args.macs_saving is not None:
         plan = plan_for_saving(model, args.macs_saving, args.saving_by, data=data, seed=args.seed,
                                progress=progress, **policies)
-        apply_plan(model, plan)
     else:
         plan = make_plan(model, heads=args.heads, tokens=args.tokens, data=data, seed=args.seed,
                          progress=progress, **policies)
-        apply_plan(model, plan)
+    schedule = ONE_SHOT
+    if args.iterative_rounds > 0:
+        stages = args.iterative_rounds * (plan.ratios.get("heads", 0) > 0) + (plan.ratios.get("tokens", 0) > 0)
+        schedule = Schedule("iterative", args.finetune_steps * max(1, stages), rounds=args.iterative_rounds)
+    elif args.finetune:
+        schedule = Schedule("finetune", args.finetune)
+    training = None if schedule == ONE_SHOT else TrainingSet.from_dataset(dataset, model.config.img_size, progress)
+    model = run_schedule(model, plan, schedule, data, training, progress)
+    plan = current_plan(model)
     progress(f"scored and pruned in {time.perf_counter() - start:.1f}s: "
              f"{plan.heads_kept}/{plan.num_heads * len(plan.kept_heads)} heads kept")
     print(save_pruned(model, args.out, source=str(args.model or "default")))
@@ -319,9 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="instead of --heads/--tokens: remove about this fraction of the blocks' MACs")
     prune.add_argument("--saving-by", default="both", choices=["heads", "tokens", "both"],
                        help="what --macs-saving removes (both: equal head and token ratios)")
+    prune.add_argument("--finetune", type=int, default=0, metavar="STEPS",
+                       help="fine-tune the pruned model this many steps, distilled from the unpruned one "
+                            "(default 0: one-shot; the equal-MACs study uses 300)")
     prune.add_argument("--iterative-rounds", type=int, default=0,
-                       help="prune heads over this many rounds, fine-tuning (distilled from the unpruned "
-                            "model) after each; 0 = one-shot (default)")
+                       help="instead: prune heads over this many rounds, fine-tuning (distilled) after each "
+                            "and after the tokens; 0 = one-shot (default)")
     prune.add_argument("--finetune-steps", type=int, default=60,
                        help="fine-tuning steps per iterative round (default %(default)s)")
     prune.add_argument("--calibration-images", type=int, default=256, help="calibration images (default %(default)s)")

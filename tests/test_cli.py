@@ -132,3 +132,17 @@ def test_prune_to_a_macs_saving(tiny_root, model_path, tmp_path, capsys):
     assert main(["prune", "--model", str(model_path), "--data", str(tiny_root), "--macs-saving", "0.2",
                  "--heads", "0.2", "--out", str(out)]) == 2
     assert "--macs-saving chooses the ratios" in capsys.readouterr().err
+
+
+def test_prune_with_fine_tuning_to_a_macs_saving(tiny_root, model_path, tmp_path, capsys):
+    from amg.prune import load_pruned
+
+    out = tmp_path / "tuned.pt"
+    assert main(["prune", "--model", str(model_path), "--data", str(tiny_root), "--macs-saving", "0.15",
+                 "--saving-by", "heads", "--finetune", "2", "--calibration-images", "6", "--out", str(out)]) == 0
+    plan = load_pruned(out).plan
+    assert plan.policy["schedule"] == "one-shot + 2 fine-tune steps, distilled"
+    assert plan.ratios["target_macs_saving"] == 0.15
+    assert main(["prune", "--model", str(model_path), "--data", str(tiny_root), "--heads", "0.2", "--finetune", "2",
+                 "--iterative-rounds", "2", "--out", str(out)]) == 2
+    assert "choose one" in capsys.readouterr().err
