@@ -16,8 +16,8 @@ from amg.report import (
     build_report,
     cross_device_table,
     device_table,
-    newest_per_configuration,
     load_reports,
+    newest_per_configuration,
     pareto_front,
     plot_pareto,
 )

@@ -7,27 +7,16 @@ import copy
 import pytest
 import torch
 
-from amg.data.layout import load_dataset
-from amg.data.synthetic import SynthConfig, generate
-from amg.finetune import TrainConfig
 from amg.iterative import TrainingSet
 from amg.prune import CalibrationData, apply_plan, make_plan
 from amg.schedule import ONE_SHOT, Schedule, run_schedule
-from amg.zoo import train_on_dataset
-
-DATA = SynthConfig(train_ids=6, test_ids=3, images_per_id=6, num_cameras=3, queries_per_id=2,
-                   distractors=1, junk=1, height=64, width=32, seed=13)
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("schedule") / "synth"
-    generate(root, DATA)
-    dataset = load_dataset(root)
-    model, _ = train_on_dataset("small", dataset, TrainConfig(steps=3, num_identities=3, num_instances=2,
-                                                              warmup_steps=1), img_size=(64, 32))
+def trained(tiny_trained):
+    dataset, model = tiny_trained
     calibration = CalibrationData.from_dataset(dataset, (64, 32), count=12)
-    return model, calibration, TrainingSet.from_dataset(dataset, (64, 32))
+    return copy.deepcopy(model), calibration, TrainingSet.from_dataset(dataset, (64, 32))
 
 
 def test_schedules_are_validated_and_labelled():

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
 import torch
 
-from amg.data.layout import load_dataset
-from amg.data.synthetic import SynthConfig, generate
-from amg.finetune import TrainConfig
 from amg.gate import gate
 from amg.results import COLUMNS, read_csv, write_csv
 from amg.suite import PROFILES, UNPRUNED, Case, PruneSpec, Suite, build_cases
-from amg.zoo import train_on_dataset
 
-DATA = SynthConfig(train_ids=6, test_ids=3, images_per_id=6, num_cameras=3, queries_per_id=2,
-                   distractors=1, junk=1, height=64, width=32, seed=5)
 TINY_PROFILE = dataclasses.replace(PROFILES["quick"], paired_rounds=3, rounds=3)
 
 
@@ -39,13 +34,9 @@ def test_config_ids_name_allocation_and_both_axes():
 
 
 @pytest.fixture(scope="module")
-def tiny_suite(tmp_path_factory):
-    root = tmp_path_factory.mktemp("suite") / "synth"
-    generate(root, DATA)
-    dataset = load_dataset(root)
-    model, _ = train_on_dataset("small", dataset, TrainConfig(steps=3, num_identities=3, num_instances=2,
-                                                              warmup_steps=1), img_size=(64, 32))
-    return Suite(model, "tiny", TINY_PROFILE, dataset, threads=1, progress=lambda message: None)
+def tiny_suite(tiny_trained):
+    dataset, model = tiny_trained
+    return Suite(copy.deepcopy(model), "tiny", TINY_PROFILE, dataset, threads=1, progress=lambda message: None)
 
 
 def test_measured_rows_fill_the_schema_and_survive_the_csv(tiny_suite, tmp_path):
