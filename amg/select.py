@@ -55,13 +55,16 @@ class Selection:
 
 
 def with_paired_latency(rows: pd.DataFrame) -> pd.DataFrame:
-    """`rows` plus PAIRED: the unpruned median of the row's own run divided by its speed-up.
+    """`rows` (one per configuration) plus PAIRED: the unpruned model's median divided by the
+    configuration's speed-up.
 
-    Each configuration's median comes from its own block of rounds and drifts with the load of
-    a shared machine; the speed-up was timed interleaved with the unpruned model, so this
-    estimate orders configurations as the paired measurement does. NaN where either is missing.
+    A configuration's own median comes from its own block of rounds, and a run's medians as
+    a whole drift with the load of a shared machine (the unpruned median moved by 25% between
+    two runs here); speed-ups are timed interleaved with the unpruned model and hold. So all
+    configurations are put on the scale of one measurement, the unpruned row's (the newest),
+    per model and checkpoint. NaN where either is missing.
     """
-    keys = ["run_id", "model", "checkpoint", "backend", "precision", "batch"]
+    keys = ["model", "checkpoint"]
     unpruned = rows[rows["config_id"] == "unpruned"].groupby(keys)[LATENCY].median().rename("_reference")
     joined = rows.join(unpruned, on=keys)
     speedup = joined["speedup"].where(joined["config_id"] != "unpruned", 1.0)
@@ -78,8 +81,8 @@ def candidates(frame: pd.DataFrame, target: Target) -> pd.DataFrame:
         raise NoMeasurements(f"no measurements of {target.describe()}")
     newest = rows.assign(_time=run_timestamps(rows)).sort_values(["_time", "run_id"], na_position="first",
                                                               kind="stable")
-    newest = with_paired_latency(newest)
-    return newest.groupby(["model", "checkpoint", "config_id"], sort=False).tail(1).drop(columns="_time")
+    newest = newest.groupby(["model", "checkpoint", "config_id"], sort=False).tail(1).drop(columns="_time")
+    return with_paired_latency(newest)
 
 
 def select(frame: pd.DataFrame, target: Target, budget_ms: float, metric: str = "query_mAP",
