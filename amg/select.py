@@ -8,6 +8,7 @@ trades. `amg select` is the command; with `--measure` it runs the suite first.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import pandas as pd
@@ -126,6 +127,45 @@ def frontier_table(selection: Selection) -> str:
     return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
 
 
+_PART = re.compile(r"^(?P<axis>heads|tokens)(?P<ratio>[0-9.]*):(?P<policy>[a-z-]+)(?:/(?P<allocation>[a-z-]+))?$")
+_SCHEDULE = re.compile(r"^(?:ft(?P<steps>\d+)|it(?P<rounds>\d+)x(?P<total>\d+))$")
+
+
+def prune_command(config_id: str, checkpoint: str = "default") -> str | None:
+    """The `amg prune` command that makes configuration `config_id` (as the suite names it),
+    or None for the unpruned model and names it does not know."""
+    name, _, schedule = config_id.partition("@")
+    saving = None
+    if name.startswith("save"):
+        target, _, name = name[len("save"):].partition(":")
+        saving = target
+    args, axes = [], []
+    for part in name.split("+"):
+        match = _PART.match(part)
+        if not match:
+            return None
+        axis = match["axis"]
+        axes.append(axis)
+        if saving is None:
+            args += [f"--{axis}", match["ratio"]]
+        args += [f"--{axis[:-1]}-policy", match["policy"]]
+        if match["allocation"]:
+            args += ["--allocation", match["allocation"]]
+    if saving is not None:
+        args = ["--macs-saving", saving, "--saving-by", "both" if len(axes) == 2 else axes[0]] + args
+    if schedule:
+        match = _SCHEDULE.match(schedule)
+        if not match:
+            return None
+        if match["steps"]:
+            args += ["--finetune", match["steps"]]
+        else:  # the suite spreads the total steps over the head rounds and the token stage
+            stages = int(match["rounds"]) * ("heads" in axes) + ("tokens" in axes)
+            args += ["--iterative-rounds", match["rounds"], "--finetune-steps", str(int(match["total"]) // stages)]
+    model = [] if checkpoint == "default" else ["--model", checkpoint]
+    return " ".join(["amg", "prune", *model, *args, "--out", "pruned.pt"])
+
+
 def summary(selection: Selection) -> str:
     kind = "paired (unpruned median / speed-up)" if selection.latency == PAIRED else "median"
     lines = [f"Pareto frontier of {selection.metric} against measured {kind} latency, "
@@ -138,4 +178,7 @@ def summary(selection: Selection) -> str:
     else:
         lines.append(f"chosen: {chosen['config_id']} ({chosen['model']}): {chosen[selection.latency]:.3f} ms <= "
                      f"{selection.budget_ms:g} ms, {selection.metric} {100 * chosen[selection.metric]:.1f}")
+        command = prune_command(str(chosen["config_id"]), str(chosen["checkpoint"]))
+        if command:
+            lines.append(f"make it with: {command}")
     return "\n".join(lines)

@@ -94,3 +94,27 @@ def test_cli_prints_the_frontier_and_exits_by_whether_anything_fits(results, cap
     assert "nothing fits 1 ms: the fastest measured configuration takes 5.000 ms" in capsys.readouterr().out
     assert main(base[:2] + ["cuda"] + base[3:] + ["--budget-ms", "5"]) == 2
     assert "--amg-backends cuda" in capsys.readouterr().err  # says how to measure it
+
+
+@pytest.mark.parametrize("config_id, command", [
+    ("heads0.25:amg", "amg prune --heads 0.25 --head-policy amg --out pruned.pt"),
+    ("heads0.5:amg/per-block+tokens0.5:random",
+     "amg prune --heads 0.5 --head-policy amg --allocation per-block --tokens 0.5 --token-policy random --out pruned.pt"),
+    ("save0.2:heads:amg/per-block@ft300",
+     "amg prune --macs-saving 0.2 --saving-by heads --head-policy amg --allocation per-block --finetune 300 "
+     "--out pruned.pt"),
+    ("save0.3:heads:amg+tokens:amg@it3x300",
+     "amg prune --macs-saving 0.3 --saving-by both --head-policy amg --token-policy amg --iterative-rounds 3 "
+     "--finetune-steps 75 --out pruned.pt"),
+    ("save0.4:tokens:tome", "amg prune --macs-saving 0.4 --saving-by tokens --token-policy tome --out pruned.pt"),
+    ("unpruned", None), ("heads=0.25,tokens=0", None),
+])
+def test_the_chosen_configuration_comes_with_the_command_that_makes_it(config_id, command):
+    from amg.select import prune_command
+
+    assert prune_command(config_id) == command
+    if command:
+        assert prune_command(config_id, "m.pt").startswith("amg prune --model m.pt ")
+        from amg.cli import build_parser
+
+        build_parser().parse_args(command.split()[1:])  # the CLI takes it (exits 2 otherwise)
