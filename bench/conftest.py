@@ -1,8 +1,8 @@
 """Options, profiles and the CSV report of the benchmark suite (`pytest bench/`).
 
-A thin layer: cases, pruning, runners and rows come from `amg.suite`; the timing loop is
-pytest-benchmark's. At the end of the session the rows go to one CSV per run under
-`<results-dir>/<device-id>/`, written atomically.
+A thin layer: cases come from `amg.profiles`; pruning, runners and rows from `amg.suite`;
+the timing loop is pytest-benchmark's. At the end of the session the rows go to one CSV
+per run under `<results-dir>/<device-id>/`, written atomically.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 
 from amg.measure.backends import BACKENDS, PRECISIONS
 from amg.model import DEFAULT_PRESET, PRESETS
-from amg.suite import PROFILES, build_cases
+from amg.profiles import PROFILES, build_cases
 
 _SUITE_KEY = pytest.StashKey()
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from amg.gate import gate
+from amg.profiles import PROFILES, UNPRUNED, Case, PruneSpec, build_cases
 from amg.results import COLUMNS, read_csv, write_csv
-from amg.suite import PROFILES, UNPRUNED, Case, PruneSpec, Suite, build_cases
+from amg.suite import Suite
 
 TINY_PROFILE = dataclasses.replace(PROFILES["quick"], paired_rounds=3, rounds=3)
 

@@ -1,0 +1,180 @@
+"""What the suite measures: pruning configurations (`PruneSpec`), cases, profiles.
+
+A configuration is named by its `config_id` (the key of CSV rows and of the gate); a case
+adds backend, precision and batch. `PROFILES` are the sets `pytest bench/ --amg-profile`
+chooses from; `build_cases` expands one, with the command line's overrides.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+from amg.schedule import ONE_SHOT, Schedule
+
+GPU_BACKENDS = ("cuda", "jetson")  # fp16/bf16 autocast cases run there by default
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    """A pruning configuration: by ratios (`heads`, `tokens`), or by a MACs `saving` that the
+    ratios are searched for (`by` heads, tokens or both), then a `schedule`."""
+
+    heads: float = 0.0
+    tokens: float = 0.0
+    head_policy: str = "amg"
+    token_policy: str = "amg"
+    allocation: str = "global"
+    saving: float = 0.0
+    by: str = ""  # with `saving`: heads | tokens | both
+    schedule: Schedule = ONE_SHOT
+
+    def __post_init__(self) -> None:
+        if bool(self.saving) != bool(self.by):
+            raise ValueError("a MACs saving needs `by` (heads, tokens or both), and `by` needs a saving")
+        if self.saving and (self.heads or self.tokens):
+            raise ValueError("give ratios or a MACs saving, not both")
+
+    @property
+    def uses_heads(self) -> bool:
+        return self.by in ("heads", "both") if self.saving else self.heads > 0
+
+    @property
+    def uses_tokens(self) -> bool:
+        return self.by in ("tokens", "both") if self.saving else self.tokens > 0
+
+    @property
+    def needs_data(self) -> bool:
+        return ((self.uses_heads and self.head_policy in ("amg", "amg-lowest", "gradient"))
+                or (self.uses_tokens and self.token_policy == "amg") or self.schedule != ONE_SHOT)
+
+    @property
+    def config_id(self) -> str:
+        """e.g. `heads0.25:amg`, `heads0.5:amg/per-block+tokens0.5:amg`, `save0.3:heads:amg+tokens:amg@ft300`."""
+        heads = f"{self.heads:g}" if not self.saving else ""
+        tokens = f"{self.tokens:g}" if not self.saving else ""
+        parts = []
+        if self.uses_heads:
+            allocation = "" if self.allocation == "global" else f"/{self.allocation}"
+            parts.append(f"heads{heads}:{self.head_policy}{allocation}")
+        if self.uses_tokens:
+            parts.append(f"tokens{tokens}:{self.token_policy}")
+        name = "+".join(parts) or "unpruned"
+        if self.saving:
+            name = f"save{self.saving:g}:{name}"
+        return name if self.schedule == ONE_SHOT else f"{name}@{self.schedule.label}"
+
+
+UNPRUNED = PruneSpec()
+
+
+@dataclass(frozen=True)
+class Case:
+    spec: PruneSpec
+    backend: str
+    batch: int
+    precision: str = "fp32"
+
+    @property
+    def id(self) -> str:
+        return f"{self.spec.config_id}-{self.backend}-{self.precision}-b{self.batch}"
+
+
+@dataclass(frozen=True)
+class Profile:
+    ratios: tuple[float, ...]
+    head_policies: tuple[str, ...]
+    token_policies: tuple[str, ...]
+    batches: tuple[int, ...]
+    backends: tuple[str, ...]
+    paired_rounds: int  # interleaved unpruned/pruned rounds behind each speed-up
+    rounds: int  # pytest-benchmark rounds behind each latency
+    combined: bool = True  # also heads + tokens at each ratio, with the AMG policies
+    accuracy: bool = True
+    memory: bool = True
+    specs: tuple[PruneSpec, ...] = ()  # fixed configurations (then `ratios` and policies are unused)
+    # fp16/bf16 autocast runs on the GPU backends only, unless precisions are asked for explicitly
+    precisions: tuple[str, ...] = ("fp32", "fp16", "bf16")
+
+
+# The equal-MACs study: every policy at the same fvcore MACs savings, one-shot, fine-tuned
+# and iterative at the same fine-tuning cost (300 distilled steps, ~1.5 min each on 2 cores,
+# cached). Savings a mode cannot reach on the model skip with the reachable maximum.
+STUDY_SAVINGS = (0.1, 0.2, 0.3, 0.4)
+STUDY_STEPS = 300
+_HEAD_METHODS = [("amg", "global"), ("amg", "per-block"), ("amg-lowest", "global"), ("random", "global"),
+                 ("magnitude", "global"), ("gradient", "global")]
+_TOKEN_METHODS = ["amg", "random", "evit", "tome"]
+_BOTH_METHODS = [("amg", "amg", "global"), ("amg", "amg", "per-block"), ("random", "random", "global")]
+
+
+def equal_macs_specs(savings: Sequence[float] = STUDY_SAVINGS, steps: int = STUDY_STEPS) -> tuple[PruneSpec, ...]:
+    finetune, iterative = Schedule("finetune", steps), Schedule("iterative", steps, rounds=3)
+    specs: list[PruneSpec] = [PruneSpec(schedule=finetune)]  # what the extra training alone buys
+    for saving in savings:
+        heads = [PruneSpec(head_policy=p, allocation=a, saving=saving, by="heads") for p, a in _HEAD_METHODS]
+        tokens = [PruneSpec(token_policy=p, saving=saving, by="tokens") for p in _TOKEN_METHODS]
+        both = [PruneSpec(head_policy=h, token_policy=t, allocation=a, saving=saving, by="both")
+                for h, t, a in _BOTH_METHODS]
+        specs += heads + tokens + both
+        # Fine-tuning where a method family is at home: static tokens only reach ~15% on
+        # small ViTs, heads ~29%, heads + tokens ~32%; EViT/ToMe go further.
+        tuned = [s for s in heads if s.head_policy in ("amg", "random", "gradient")] + both + tokens[2:]
+        if saving < 0.15:
+            tuned = [heads[0], heads[3]] + tokens[:2]
+        specs += [replace(s, schedule=finetune) for s in tuned]
+        iterated = [heads[0], tokens[0]] if saving < 0.15 else heads[:2] + both[:2]
+        specs += [replace(s, schedule=iterative) for s in iterated]
+    return tuple(specs)
+
+
+PROFILES = {
+    # <= 2 minutes on a 2-core CPU once the default model is cached
+    # (a forward of the small model takes ~5 ms: many rounds cost little and steady the ratio)
+    "quick": Profile(ratios=(0.25,), head_policies=("amg", "random"), token_policies=("amg", "random"),
+                     batches=(1,), backends=("cpu",), paired_rounds=200, rounds=50),
+    # <= 5 minutes once cached: two ratios, the main baselines, batch 1 and 32, deployment backends
+    "default": Profile(ratios=(0.25, 0.5), head_policies=("amg", "random", "magnitude", "gradient"),
+                       token_policies=("amg", "random", "tome"), batches=(1, 32),
+                       backends=("cpu", "cuda", "jetson", "rpi", "onnxruntime"), paired_rounds=12, rounds=8),
+    # the equal-MACs study behind the README's results tables (~1 hour on 2 cores the first
+    # time, for the fine-tuning; then ~15 minutes)
+    "equal-macs": Profile(ratios=(), head_policies=(), token_policies=(), batches=(1, 32), backends=("cpu",),
+                          paired_rounds=12, rounds=8, specs=equal_macs_specs()),
+    "full": Profile(ratios=(0.25, 0.5, 0.75), head_policies=("amg", "amg-lowest", "random", "magnitude", "gradient"),
+                    token_policies=("amg", "random", "evit", "tome"), batches=(1, 32),
+                    backends=("cpu", "cuda", "jetson", "rpi", "torchscript", "onnxruntime"), paired_rounds=30, rounds=20),
+}
+
+
+def build_cases(profile: Profile, ratios: Sequence[float] | None = None, policies: Sequence[str] | None = None,
+                backends: Sequence[str] | None = None, batches: Sequence[int] | None = None,
+                precisions: Sequence[str] | None = None) -> list[Case]:
+    """The profile's cases; explicit `ratios`/`policies`/`backends`/`batches`/`precisions` replace its own."""
+    if profile.specs:
+        if ratios:
+            raise ValueError("this profile fixes its configurations by MACs saving: ratios do not apply")
+        specs = [UNPRUNED] + [spec for spec in profile.specs if not policies or (
+            (not spec.uses_heads or spec.head_policy in policies) and (not spec.uses_tokens or spec.token_policy in policies))]
+    else:
+        specs = _ratio_specs(profile, ratios or profile.ratios, policies)
+    return [Case(spec, backend, batch, precision) for backend in (backends or profile.backends)
+            for precision in (precisions or profile.precisions)
+            if precisions or precision == "fp32" or backend in GPU_BACKENDS
+            for batch in (batches or profile.batches) for spec in specs]
+
+
+def _ratio_specs(profile: Profile, ratios: Sequence[float], policies: Sequence[str] | None) -> list[PruneSpec]:
+    head_policies = tuple(p for p in (policies or profile.head_policies) if p in _HEAD_POLICIES)
+    token_policies = tuple(p for p in (policies or profile.token_policies) if p in _TOKEN_POLICIES)
+    specs = [UNPRUNED]
+    for ratio in ratios:
+        specs += [PruneSpec(heads=ratio, head_policy=p) for p in head_policies]
+        specs += [PruneSpec(tokens=ratio, token_policy=p) for p in token_policies]
+        if profile.combined and "amg" in head_policies and "amg" in token_policies:
+            specs.append(PruneSpec(heads=ratio, tokens=ratio))
+    return specs
+
+
+_HEAD_POLICIES = ("amg", "amg-lowest", "random", "magnitude", "gradient")
+_TOKEN_POLICIES = ("amg", "random", "evit", "tome")
