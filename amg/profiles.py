@@ -10,7 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Sequence
 
+from amg.dynamic import DYNAMIC_POLICIES
+from amg.prune import needs_calibration
 from amg.schedule import ONE_SHOT, Schedule
+from amg.scores import HEAD_POLICIES, TOKEN_POLICIES
 
 GPU_BACKENDS = ("cuda", "jetson")  # fp16/bf16 autocast cases run there by default
 
@@ -45,8 +48,8 @@ class PruneSpec:
 
     @property
     def needs_data(self) -> bool:
-        return ((self.uses_heads and self.head_policy in ("amg", "amg-lowest", "gradient"))
-                or (self.uses_tokens and self.token_policy == "amg") or self.schedule != ONE_SHOT)
+        return (needs_calibration(self.uses_heads, self.head_policy, self.uses_tokens, self.token_policy)
+                or self.schedule != ONE_SHOT)
 
     @property
     def config_id(self) -> str:
@@ -165,8 +168,8 @@ def build_cases(profile: Profile, ratios: Sequence[float] | None = None, policie
 
 
 def _ratio_specs(profile: Profile, ratios: Sequence[float], policies: Sequence[str] | None) -> list[PruneSpec]:
-    head_policies = tuple(p for p in (policies or profile.head_policies) if p in _HEAD_POLICIES)
-    token_policies = tuple(p for p in (policies or profile.token_policies) if p in _TOKEN_POLICIES)
+    head_policies = tuple(p for p in (policies or profile.head_policies) if p in HEAD_POLICIES)
+    token_policies = tuple(p for p in (policies or profile.token_policies) if p in TOKEN_POLICIES + DYNAMIC_POLICIES)
     specs = [UNPRUNED]
     for ratio in ratios:
         specs += [PruneSpec(heads=ratio, head_policy=p) for p in head_policies]
@@ -174,7 +177,3 @@ def _ratio_specs(profile: Profile, ratios: Sequence[float], policies: Sequence[s
         if profile.combined and "amg" in head_policies and "amg" in token_policies:
             specs.append(PruneSpec(heads=ratio, tokens=ratio))
     return specs
-
-
-_HEAD_POLICIES = ("amg", "amg-lowest", "random", "magnitude", "gradient")
-_TOKEN_POLICIES = ("amg", "random", "evit", "tome")

@@ -105,6 +105,11 @@ class PrunePlan:
         return sum(len(h) for h in self.kept_heads)
 
 
+def needs_calibration(heads: bool, head_policy: str, tokens: bool, token_policy: str) -> bool:
+    """Whether pruning heads (if `heads`) and tokens (if `tokens`) by these policies scores on data."""
+    return (heads and head_policy not in ("random", "magnitude")) or (tokens and token_policy == "amg")
+
+
 def check_ratio(name: str, ratio: float) -> float:
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"{name} ratio must be in [0, 1), got {ratio}")
@@ -247,7 +252,7 @@ def make_plan(model: ReIDViT, heads: float = 0.0, tokens: float = 0.0, head_poli
         raise ValueError(f"unknown head allocation {allocation!r}; choose one of {S.HEAD_ALLOCATIONS}")
     work = copy.deepcopy(model)
     modules = patch_model(work)
-    needs_data = (heads > 0 and head_policy not in ("random", "magnitude")) or (tokens > 0 and token_policy == "amg")
+    needs_data = needs_calibration(heads > 0, head_policy, tokens > 0, token_policy)
     if needs_data and data is None:
         raise ValueError("this plan needs calibration data (policy 'amg' or 'gradient')")
     if token_policy not in S.TOKEN_POLICIES + DYNAMIC_POLICIES:
@@ -326,7 +331,7 @@ def plan_for_saving(model: ReIDViT, target: float, mode: str = "both", head_poli
         return _dynamic_plan_for_saving(model, target, token_policy)
     work = copy.deepcopy(model)
     modules = patch_model(work)
-    needs_data = (use_heads and head_policy not in ("random", "magnitude")) or (use_tokens and token_policy == "amg")
+    needs_data = needs_calibration(use_heads, head_policy, use_tokens, token_policy)
     if needs_data and data is None:
         raise ValueError("this plan needs calibration data (policy 'amg' or 'gradient')")
     calibration = data.run(work, progress, gradients=use_tokens or head_policy == "gradient") if needs_data else None
