@@ -123,7 +123,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from amg.data.layout import relabel_pids
     from amg.iterative import TrainingSet
     from amg.prune import CalibrationData, current_plan, make_plan, plan_for_saving, save_pruned
-    from amg.schedule import ONE_SHOT, Schedule, run_schedule
+    from amg.schedule import ONE_SHOT, Schedule, fine_tuning_stages, run_schedule
 
     _set_threads(args.threads)
     if args.macs_saving is not None and (args.heads or args.tokens):
@@ -148,8 +148,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
                          progress=progress, **policies)
     schedule = ONE_SHOT
     if args.iterative_rounds > 0:
-        stages = args.iterative_rounds * (plan.ratios.get("heads", 0) > 0) + (plan.ratios.get("tokens", 0) > 0)
-        schedule = Schedule("iterative", args.finetune_steps * max(1, stages), rounds=args.iterative_rounds)
+        stages = fine_tuning_stages(args.iterative_rounds, plan.ratios.get("heads", 0) > 0,
+                                    plan.ratios.get("tokens", 0) > 0)
+        schedule = Schedule("iterative", args.finetune_steps * stages, rounds=args.iterative_rounds)
     elif args.finetune:
         schedule = Schedule("finetune", args.finetune)
     training = None if schedule == ONE_SHOT else TrainingSet.from_dataset(dataset, model.config.img_size, progress)

@@ -49,6 +49,12 @@ class Schedule:
 ONE_SHOT = Schedule()
 
 
+def fine_tuning_stages(rounds: int, heads: bool, tokens: bool) -> int:
+    """How many fine-tuning stages share an iterative schedule's steps: one after each head
+    round, one after the tokens (at least one)."""
+    return max(1, rounds * heads + tokens)
+
+
 def run_schedule(model: ReIDViT, plan: PrunePlan, schedule: Schedule, calibration: CalibrationData | None,
                  training: TrainingSet | None, progress: Progress | None = None) -> ReIDViT:
     """A pruned copy of `model` (left untouched) by `schedule`, starting from the one-shot `plan`.
@@ -61,9 +67,8 @@ def run_schedule(model: ReIDViT, plan: PrunePlan, schedule: Schedule, calibratio
     if schedule.kind == "iterative" and plan.dynamic_tokens is None:
         if calibration is None:
             raise ValueError("the iterative schedule needs calibration data to re-score")
-        # one stage per head round, plus one for the tokens when there are any
-        stages = (schedule.rounds if plan.ratios.get("heads") else 0) + (1 if plan.ratios.get("tokens") else 0)
-        per_stage = max(1, schedule.steps // max(1, stages))
+        stages = fine_tuning_stages(schedule.rounds, bool(plan.ratios.get("heads")), bool(plan.ratios.get("tokens")))
+        per_stage = max(1, schedule.steps // stages)
         pruned, new_plan = iterative_prune(
             model, plan.ratios.get("heads", 0.0), plan.ratios.get("tokens", 0.0), calibration, training,
             IterativeConfig(schedule.rounds, per_stage, schedule.lr), plan.policy.get("heads", "amg"),

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import pandas as pd
 from tabulate import tabulate
 
-from amg.report import run_timestamps, pareto_front
+from amg.report import pareto_front, run_timestamps
+from amg.schedule import fine_tuning_stages
 
 LATENCY = "latency_median_ms"
 PAIRED = "latency_paired_ms"
@@ -160,7 +161,7 @@ def prune_command(config_id: str, checkpoint: str = "default") -> str | None:
         if match["steps"]:
             args += ["--finetune", match["steps"]]
         else:  # the suite spreads the total steps over the head rounds and the token stage
-            stages = int(match["rounds"]) * ("heads" in axes) + ("tokens" in axes)
+            stages = fine_tuning_stages(int(match["rounds"]), "heads" in axes, "tokens" in axes)
             args += ["--iterative-rounds", match["rounds"], "--finetune-steps", str(int(match["total"]) // stages)]
     model = [] if checkpoint == "default" else ["--model", checkpoint]
     return " ".join(["amg", "prune", *model, *args, "--out", "pruned.pt"])
