@@ -15,11 +15,12 @@ import re
 import pandas as pd
 from tabulate import tabulate
 
+from amg.report import MISSING, format_cell
+
 SAVE_ID = re.compile(r"^save(?P<target>[0-9.]+):(?P<method>[^@]+)(?:@(?P<schedule>.+))?$")
 REFERENCES = ("unpruned",)  # plus "unpruned@<schedule>" controls
 FAMILIES = ("heads", "tokens", "heads+tokens")
 SCHEDULE_ORDER = {"one-shot": 0, "ft": 1, "it": 2}
-MISSING = "—"
 
 
 def _family_rank(method: str) -> int:
@@ -38,14 +39,6 @@ def study_rows(frame: pd.DataFrame) -> pd.DataFrame:
                          schedule_label=parsed["schedule"].fillna("one-shot"))
     is_reference = study["config_id"].astype(str).str.match(r"^unpruned(@|$)")
     return study[study["target"].notna() | is_reference]
-
-
-def _percent(value: object, decimals: int = 1) -> str:
-    return MISSING if value is None or pd.isna(value) else f"{100 * float(value):.{decimals}f}"
-
-
-def _number(value: object, decimals: int) -> str:
-    return MISSING if value is None or pd.isna(value) else f"{float(value):.{decimals}f}"
 
 
 def _merged(rows: pd.DataFrame) -> pd.DataFrame:
@@ -77,11 +70,11 @@ def _line(row: pd.Series, unpruned: pd.Series, method: str, schedule: str, bold:
         return f"{(1 - 1 / float(speedup)) / float(macs):.2f}"
 
     name = f"**{method}**" if bold else method
-    return [name, schedule, _percent(row.get("macs_saving")), _number(row.get("speedup"), 2),
-            _number(row.get("speedup_large"), 2), saving_ratio(row.get("speedup")),
-            saving_ratio(row.get("speedup_large")), _number(row.get("peak_rss_mb"), 0),
-            _percent(row.get("query_rank1")), _percent(row.get("query_mAP")),
-            _percent(row.get("occluded_rank1")), _percent(row.get("occluded_mAP")),
+    return [name, schedule, format_cell(row.get("macs_saving"), 1, 100.0), format_cell(row.get("speedup"), 2),
+            format_cell(row.get("speedup_large"), 2), saving_ratio(row.get("speedup")),
+            saving_ratio(row.get("speedup_large")), format_cell(row.get("peak_rss_mb"), 0),
+            format_cell(row.get("query_rank1"), 1, 100.0), format_cell(row.get("query_mAP"), 1, 100.0),
+            format_cell(row.get("occluded_rank1"), 1, 100.0), format_cell(row.get("occluded_mAP"), 1, 100.0),
             share("occluded_rank1"), share("occluded_mAP")]
 
 

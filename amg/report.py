@@ -23,7 +23,6 @@ import pandas as pd
 from matplotlib.figure import Figure
 from tabulate import tabulate
 
-from amg.equal_macs import section as equal_macs_section
 from amg.results import (
     COLUMNS,
     MEASURE_COLUMNS,
@@ -172,7 +171,7 @@ def newest_per_configuration(frame: pd.DataFrame) -> pd.DataFrame:
 # ----------------------------------------------------------------------------- tables
 
 
-def _format(value: object, decimals: int, scale: float = 1.0) -> str:
+def format_cell(value: object, decimals: int, scale: float = 1.0) -> str:
     if value is None or pd.isna(value):
         return MISSING
     return f"{float(value) * scale:.{decimals}f}"
@@ -216,8 +215,8 @@ def device_table(frame: pd.DataFrame, device_id: str) -> str:
     headers = labels + [header for header, *_ in DEVICE_COLUMNS]
     body = [
         [_cell(row[c]) for c in varying]
-        + [_cell(row["config_id"]), _cell(row["backend"]), _format(row["batch"], 0)]
-        + [_format(row[column], decimals, scale) for _, column, decimals, scale in DEVICE_COLUMNS]
+        + [_cell(row["config_id"]), _cell(row["backend"]), format_cell(row["batch"], 0)]
+        + [format_cell(row[column], decimals, scale) for _, column, decimals, scale in DEVICE_COLUMNS]
         for _, row in rows.iterrows()
     ]
     return _markdown(body, headers, numeric_from=len(labels) - 1)
@@ -243,8 +242,8 @@ def cross_device_table(frame: pd.DataFrame) -> str:
     table = _unpruned_first(facts.join(speedups).reset_index(), ["model"])
     targets = sorted(speedups.columns)
     body = [
-        [_cell(row["model"]), _cell(row["config_id"]), _format(row["batch"], 0), _format(row["macs_saving"], 1, 100.0)]
-        + [_format(row[t], 2) for t in targets]
+        [_cell(row["model"]), _cell(row["config_id"]), format_cell(row["batch"], 0), format_cell(row["macs_saving"], 1, 100.0)]
+        + [format_cell(row[t], 2) for t in targets]
         for _, row in table.iterrows()
     ]
     headers = ["model", "config", "batch", "MACs saved %"] + [_cell(t) for t in targets]
@@ -279,7 +278,7 @@ def _plotted(frame: pd.DataFrame, column: str) -> np.ndarray:
 
 def _series_label(device: str, backend: str, precision: str, batch: object) -> str:
     precision = "" if precision == "fp32" else f" {precision}"
-    return f"{device}/{backend}{precision}, batch {_format(batch, 0)}"
+    return f"{device}/{backend}{precision}, batch {format_cell(batch, 0)}"
 
 
 def _draw_series(ax, frame: pd.DataFrame, x: str, y: str) -> None:
@@ -401,6 +400,7 @@ def build_report(results_dir: str | Path, out_dir: str | Path) -> list[Path]:
         plot_pareto(latest, out, "latency_median_ms", accuracy, LATENCY_PLOT),
         plot_pareto(latest, out, "gmacs", accuracy, MACS_PLOT),
     ]
+    from amg.equal_macs import section as equal_macs_section  # it imports this module
     from amg.explain import draw_records  # torch and timm: only when pictures are drawn
 
     pictures = draw_records(root, out)
