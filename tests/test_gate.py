@@ -47,6 +47,17 @@ def _run(capsys, *argv) -> tuple[int, str, str]:
     return code, out, err
 
 
+def _gate(tmp_path, capsys, current: list[dict], *options: str) -> tuple[int, str, str]:
+    """`amg gate` of `current` against BASELINE, both written as CSV files."""
+    base, cur = _files(tmp_path, current)
+    return _run(capsys, "--baseline", base, "--current", cur, *options)
+
+
+def _line(out: str, config_id: str) -> str:
+    """The first line of the gate's table that names `config_id`."""
+    return next(line for line in out.splitlines() if config_id in line)
+
+
 def _bad(result: GateResult) -> list[Finding]:
     return [f for f in result.findings if f.verdict != "ok"]
 
@@ -65,8 +76,7 @@ def test_identical_files_pass(tmp_path, capsys):
 def test_two_point_accuracy_drop_fails_and_names_config_and_metric(tmp_path, capsys):
     current = _current()
     _pick(current, "heads50")["query_mAP"] = 0.72 - 0.02
-    base, cur = _files(tmp_path, current)
-    code, out, _ = _run(capsys, "--baseline", base, "--current", cur)
+    code, out, _ = _gate(tmp_path, capsys, current)
     assert code == 1
     table_lines = [line for line in out.splitlines() if "heads50" in line]
     assert len(table_lines) == 1 and "query_mAP" in table_lines[0] and "regression" in table_lines[0]
@@ -78,8 +88,7 @@ def test_half_point_accuracy_drop_passes(tmp_path, capsys):
     current = _current()
     for row in current:
         row["occluded_rank1"] -= 0.005
-    base, cur = _files(tmp_path, current)
-    code, out, _ = _run(capsys, "--baseline", base, "--current", cur)
+    code, out, _ = _gate(tmp_path, capsys, current)
     assert code == 0, out
 
 
@@ -107,10 +116,9 @@ def test_macs_tolerance_allows_small_change():
 def test_twenty_percent_slowdown_of_pruned_config_fails(tmp_path, capsys):
     current = _current()
     _pick(current, "tokens30")["speedup"] = 1.25 / 1.2
-    base, cur = _files(tmp_path, current)
-    code, out, _ = _run(capsys, "--baseline", base, "--current", cur)
+    code, out, _ = _gate(tmp_path, capsys, current)
     assert code == 1
-    line = next(line for line in out.splitlines() if "tokens30" in line)
+    line = _line(out, "tokens30")
     assert "speedup" in line and "regression" in line
 
 
@@ -138,10 +146,9 @@ def test_unpruned_speedup_is_not_checked():
 
 def test_missing_configuration_fails(tmp_path, capsys):
     current = [r for r in _current() if r["config_id"] != "tokens30"]
-    base, cur = _files(tmp_path, current)
-    code, out, _ = _run(capsys, "--baseline", base, "--current", cur)
+    code, out, _ = _gate(tmp_path, capsys, current)
     assert code == 1
-    line = next(line for line in out.splitlines() if "tokens30" in line)
+    line = _line(out, "tokens30")
     assert "missing" in line
     assert "1 missing" in out.strip().splitlines()[-1]
 
@@ -157,10 +164,9 @@ def test_configuration_with_other_batch_is_missing():
 def test_missing_metric_fails(tmp_path, capsys, value):
     current = _current()
     _pick(current, "heads50")["occluded_mAP"] = value
-    base, cur = _files(tmp_path, current)
-    code, out, _ = _run(capsys, "--baseline", base, "--current", cur)
+    code, out, _ = _gate(tmp_path, capsys, current)
     assert code == 1
-    line = next(line for line in out.splitlines() if "heads50" in line)
+    line = _line(out, "heads50")
     assert "occluded_mAP" in line and "missing" in line
 
 
