@@ -10,34 +10,32 @@ extra training alone buys).
 
 from __future__ import annotations
 
-import re
-
 import pandas as pd
 from tabulate import tabulate
 
+from amg.profiles import PruneSpec
 from amg.report import MISSING, format_cell
+from amg.schedule import SCHEDULES, Schedule
 
-SAVE_ID = re.compile(r"^save(?P<target>[0-9.]+):(?P<method>[^@]+)(?:@(?P<schedule>.+))?$")
-REFERENCES = ("unpruned",)  # plus "unpruned@<schedule>" controls
 FAMILIES = ("heads", "tokens", "heads+tokens")
-SCHEDULE_ORDER = {"one-shot": 0, "ft": 1, "it": 2}
 
 
 def _family_rank(method: str) -> int:
-    family = "+".join(part.split(":")[0].rstrip("0123456789.") for part in method.split("+"))
+    family = "+".join(part.split(":")[0] for part in method.split("+"))
     return FAMILIES.index(family) if family in FAMILIES else len(FAMILIES)
 
 
 def _schedule_rank(label: str) -> int:
-    return SCHEDULE_ORDER.get(re.sub(r"\d.*", "", label), 9)
+    return SCHEDULES.index(Schedule.from_label(label).kind)
 
 
 def study_rows(frame: pd.DataFrame) -> pd.DataFrame:
     """The equal-MACs rows and the unpruned references, with target/method/schedule columns."""
-    parsed = frame["config_id"].astype(str).str.extract(SAVE_ID)
-    study = frame.assign(target=pd.to_numeric(parsed["target"]), method=parsed["method"],
-                         schedule_label=parsed["schedule"].fillna("one-shot"))
-    is_reference = study["config_id"].astype(str).str.match(r"^unpruned(@|$)")
+    specs = frame["config_id"].astype(str).map(PruneSpec.from_config_id)
+    study = frame.assign(target=specs.map(lambda s: s.saving if s is not None and s.saving else float("nan")),
+                         method=specs.map(lambda s: s.method if s is not None else None),
+                         schedule_label=specs.map(lambda s: s.schedule.label if s is not None else None))
+    is_reference = specs.map(lambda s: s is not None and not (s.uses_heads or s.uses_tokens))
     return study[study["target"].notna() | is_reference]
 
 
@@ -96,7 +94,7 @@ def comparison_tables(frame: pd.DataFrame) -> list[tuple[str, str]]:
         for target, group in merged[merged["target"].notna()].groupby("target", sort=True):
             body = [_line(unpruned, unpruned, "unpruned", "—")]
             for _, control in references[references["config_id"] != "unpruned"].iterrows():
-                body.append(_line(control, unpruned, "unpruned", control["config_id"].split("@", 1)[1]))
+                body.append(_line(control, unpruned, "unpruned", control["schedule_label"]))
             group = group.assign(_family=group["method"].map(_family_rank),
                                  _schedule=group["schedule_label"].map(_schedule_rank))
             group = group.sort_values(["_family", "_schedule", "occluded_mAP"], ascending=[True, True, False],

@@ -7,6 +7,7 @@ chooses from; `build_cases` expands one, with the command line's overrides.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 from typing import Sequence
 
@@ -52,8 +53,9 @@ class PruneSpec:
                 or self.schedule != ONE_SHOT)
 
     @property
-    def config_id(self) -> str:
-        """e.g. `heads0.25:amg`, `heads0.5:amg/per-block+tokens0.5:amg`, `save0.3:heads:amg+tokens:amg@ft300`."""
+    def method(self) -> str:
+        """What is pruned and by which policy, e.g. `heads0.5:amg/per-block+tokens0.5:amg`
+        (without ratios when planned by a MACs saving: `heads:amg+tokens:amg`)."""
         heads = f"{self.heads:g}" if not self.saving else ""
         tokens = f"{self.tokens:g}" if not self.saving else ""
         parts = []
@@ -62,10 +64,47 @@ class PruneSpec:
             parts.append(f"heads{heads}:{self.head_policy}{allocation}")
         if self.uses_tokens:
             parts.append(f"tokens{tokens}:{self.token_policy}")
-        name = "+".join(parts) or "unpruned"
-        if self.saving:
-            name = f"save{self.saving:g}:{name}"
+        return "+".join(parts) or "unpruned"
+
+    @property
+    def config_id(self) -> str:
+        """e.g. `heads0.25:amg`, `heads0.5:amg/per-block+tokens0.5:amg`, `save0.3:heads:amg+tokens:amg@ft300`."""
+        name = f"save{self.saving:g}:{self.method}" if self.saving else self.method
         return name if self.schedule == ONE_SHOT else f"{name}@{self.schedule.label}"
+
+    @classmethod
+    def from_config_id(cls, config_id: str) -> PruneSpec | None:
+        """The configuration `config_id` names, or None for a name this class does not write."""
+        name, _, label = config_id.partition("@")
+        fields: dict = {}
+        if label:
+            fields["schedule"] = Schedule.from_label(label)
+            if fields["schedule"] is None:
+                return None
+        if name.startswith("save"):
+            target, _, name = name[len("save"):].partition(":")
+            fields["saving"] = target
+        axes = []
+        for part in [] if name == "unpruned" else name.split("+"):
+            match = _METHOD_PART.match(part)
+            if match is None:
+                return None
+            axes.append(match["axis"])
+            if "saving" not in fields:
+                fields[match["axis"]] = match["ratio"]
+            fields[f"{match['axis'][:-1]}_policy"] = match["policy"]
+            if match["allocation"]:
+                fields["allocation"] = match["allocation"]
+        if "saving" in fields:
+            fields["by"] = "both" if len(axes) == 2 else (axes or [""])[0]
+        try:
+            spec = cls(**{k: float(v) if k in ("heads", "tokens", "saving") else v for k, v in fields.items()})
+        except ValueError:
+            return None
+        return spec if spec.config_id == config_id else None  # only names written as config_id writes them
+
+
+_METHOD_PART = re.compile(r"^(?P<axis>heads|tokens)(?P<ratio>[0-9.]*):(?P<policy>[a-z-]+)(?:/(?P<allocation>[a-z-]+))?$")
 
 
 UNPRUNED = PruneSpec()

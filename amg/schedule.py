@@ -8,6 +8,7 @@ that they compare at equal training cost. Iterative spreads the steps over its r
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass
 
 from amg.iterative import IterativeConfig, TrainingSet, finetune, iterative_prune
@@ -15,6 +16,7 @@ from amg.model import ReIDViT
 from amg.prune import CalibrationData, Progress, PrunePlan, apply_plan
 
 SCHEDULES = ("one-shot", "finetune", "iterative")
+_LABEL = re.compile(r"^(?:one-shot|ft(?P<steps>\d+)|it(?P<rounds>\d+)x(?P<total>\d+))$")
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,19 @@ class Schedule:
     def label(self) -> str:
         """Short and stable: part of configuration names (e.g. `ft300`, `it3x300`)."""
         return {"one-shot": "one-shot", "finetune": f"ft{self.steps}", "iterative": f"it{self.rounds}x{self.steps}"}[self.kind]
+
+    @classmethod
+    def from_label(cls, label: str) -> Schedule | None:
+        """The schedule whose `label` this is (default learning rate), or None."""
+        match = _LABEL.match(label)
+        if match is None:
+            return None
+        try:
+            if match["steps"]:
+                return cls("finetune", int(match["steps"]))
+            return cls("iterative", int(match["total"]), rounds=int(match["rounds"])) if match["total"] else cls()
+        except ValueError:  # e.g. ft0
+            return None
 
     @property
     def description(self) -> str:

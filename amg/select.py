@@ -8,12 +8,12 @@ trades. `amg select` is the command; with `--measure` it runs the suite first.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import pandas as pd
 from tabulate import tabulate
 
+from amg.profiles import PruneSpec
 from amg.report import pareto_front, run_timestamps
 from amg.schedule import fine_tuning_stages
 
@@ -128,41 +128,25 @@ def frontier_table(selection: Selection) -> str:
     return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
 
 
-_PART = re.compile(r"^(?P<axis>heads|tokens)(?P<ratio>[0-9.]*):(?P<policy>[a-z-]+)(?:/(?P<allocation>[a-z-]+))?$")
-_SCHEDULE = re.compile(r"^(?:ft(?P<steps>\d+)|it(?P<rounds>\d+)x(?P<total>\d+))$")
-
-
 def prune_command(config_id: str, checkpoint: str = "default") -> str | None:
     """The `amg prune` command that makes configuration `config_id` (as the suite names it),
     or None for the unpruned model and names it does not know."""
-    name, _, schedule = config_id.partition("@")
-    saving = None
-    if name.startswith("save"):
-        target, _, name = name[len("save"):].partition(":")
-        saving = target
-    args, axes = [], []
-    for part in name.split("+"):
-        match = _PART.match(part)
-        if not match:
-            return None
-        axis = match["axis"]
-        axes.append(axis)
-        if saving is None:
-            args += [f"--{axis}", match["ratio"]]
-        args += [f"--{axis[:-1]}-policy", match["policy"]]
-        if match["allocation"]:
-            args += ["--allocation", match["allocation"]]
-    if saving is not None:
-        args = ["--macs-saving", saving, "--saving-by", "both" if len(axes) == 2 else axes[0]] + args
-    if schedule:
-        match = _SCHEDULE.match(schedule)
-        if not match:
-            return None
-        if match["steps"]:
-            args += ["--finetune", match["steps"]]
-        else:  # the suite spreads the total steps over the head rounds and the token stage
-            stages = fine_tuning_stages(int(match["rounds"]), "heads" in axes, "tokens" in axes)
-            args += ["--iterative-rounds", match["rounds"], "--finetune-steps", str(int(match["total"]) // stages)]
+    spec = PruneSpec.from_config_id(config_id)
+    if spec is None or not (spec.uses_heads or spec.uses_tokens):
+        return None
+    args = ["--macs-saving", f"{spec.saving:g}", "--saving-by", spec.by] if spec.saving else []
+    if spec.uses_heads:
+        args += ([] if spec.saving else ["--heads", f"{spec.heads:g}"]) + ["--head-policy", spec.head_policy]
+        if spec.allocation != "global":
+            args += ["--allocation", spec.allocation]
+    if spec.uses_tokens:
+        args += ([] if spec.saving else ["--tokens", f"{spec.tokens:g}"]) + ["--token-policy", spec.token_policy]
+    schedule = spec.schedule
+    if schedule.kind == "finetune":
+        args += ["--finetune", str(schedule.steps)]
+    elif schedule.kind == "iterative":  # the suite spreads the total steps over the head rounds and the token stage
+        stages = fine_tuning_stages(schedule.rounds, spec.uses_heads, spec.uses_tokens)
+        args += ["--iterative-rounds", str(schedule.rounds), "--finetune-steps", str(schedule.steps // stages)]
     model = [] if checkpoint == "default" else ["--model", checkpoint]
     return " ".join(["amg", "prune", *model, *args, "--out", "pruned.pt"])
 

@@ -142,3 +142,12 @@ def test_attention_record_is_saved_for_the_report(tiny_suite, tmp_path):
     assert "heads0.34:amg+tokens0.25:amg" in record.plans
     assert len(record.entropy) == tiny_suite.model.config.depth
     assert (path.parent / "sample.png").is_file()
+
+
+def test_config_ids_read_back_as_their_configurations():
+    for profile in PROFILES.values():
+        for case in build_cases(profile):
+            assert PruneSpec.from_config_id(case.spec.config_id) == case.spec, case.spec.config_id
+    for unknown in ("heads=0.25,tokens=0", "save0.2:heads:amg@ft0", "heads0.25:amg@warm", "save:heads:amg",
+                    "heads0.250:amg", "save0.2:unpruned"):
+        assert PruneSpec.from_config_id(unknown) is None, unknown
