@@ -29,7 +29,7 @@ class Schedule:
     def __post_init__(self) -> None:
         if self.kind not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.kind!r}; choose one of {SCHEDULES}")
-        if (self.kind == "one-shot") != (self.steps == 0):
+        if (self.kind == "one-shot") != (self.steps == 0) or self.steps < 0:
             raise ValueError("one-shot takes no fine-tuning steps; finetune and iterative need steps >= 1")
         if self.rounds < 1 or (self.kind != "iterative" and self.rounds != 1):
             raise ValueError("rounds must be 1, or >= 1 for the iterative schedule")

@@ -24,7 +24,7 @@ def test_schedules_are_validated_and_labelled():
     assert Schedule("finetune", 300).label == "ft300"
     assert Schedule("iterative", 300, rounds=3).label == "it3x300"
     assert "distilled" in Schedule("finetune", 300).description
-    for bad in (dict(kind="anneal", steps=1), dict(kind="one-shot", steps=5), dict(kind="finetune", steps=0),
+    for bad in (dict(kind="anneal", steps=1), dict(kind="one-shot", steps=5), dict(kind="finetune", steps=0), dict(kind="finetune", steps=-5),
                 dict(kind="finetune", steps=5, rounds=2), dict(kind="iterative", steps=5, rounds=0)):
         with pytest.raises(ValueError):
             Schedule(**bad)
