@@ -19,6 +19,7 @@ from amg.finetune import TrainConfig
 from amg.measure.backends import BACKENDS, PRECISIONS
 
 EXIT_USAGE = 2
+WEIGHTS_DTYPES = {"fp32": None, "fp16": torch.float16}
 
 
 def progress(message: str) -> None:
@@ -60,14 +61,16 @@ def _training_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from amg.model import save_model
+    from amg.model import read_checkpoint, save_model
     from amg.zoo import default_model, train_on_dataset
 
     _set_threads(args.threads)
     training = _training_config(args)
-    if args.data is None and args.out is None:
+    weights_dtype = WEIGHTS_DTYPES[args.weights_dtype]
+    if args.data is None and not (args.img_size or args.sie):  # the embedded default: cached, copied if asked
         model, path = default_model(args.preset, training=training, progress=progress)
-        print(path)
+        print(save_model(model, args.out, weights_dtype=weights_dtype, **read_checkpoint(path).get("meta", {}))
+              if args.out else path)
         return 0
     if args.out is None:
         raise ValueError("--out is required when training on --data")
@@ -75,7 +78,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = {"num_cameras": dataset.num_cameras} if args.sie else {}
     img_size = tuple(args.img_size) if args.img_size else None
     model, summary = train_on_dataset(args.preset, dataset, training, img_size, progress, **overrides)
-    print(save_model(model, args.out, **summary))
+    print(save_model(model, args.out, weights_dtype=weights_dtype, **summary))
     return 0
 
 
@@ -293,7 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-instances", type=int, default=TrainConfig.num_instances, help="images per identity in a batch (default %(default)s)")
     train.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"), help="input size (default: the preset's)")
     train.add_argument("--sie", action="store_true", help="add a camera embedding (SIE) sized to the data set")
-    train.add_argument("--out", default=None, help="where to save the model (required with --data)")
+    train.add_argument("--out", default=None,
+                       help="where to save the model (required with --data; without it, a copy of the cached default)")
+    train.add_argument("--weights-dtype", default="fp32", choices=sorted(WEIGHTS_DTYPES),
+                       help="dtype the --out file stores weights in: fp16 halves it (e.g. a model committed for CI); "
+                            "loading always gives float32 (default %(default)s)")
     add_data_options(train)
     train.set_defaults(func=cmd_train)
 

@@ -87,6 +87,9 @@ class Finding:
 class GateResult:
     findings: list[Finding] = field(default_factory=list)
     configurations: int = 0  # baseline configurations found in the current run and compared
+    # What made each side (CPU or GPU, threads), e.g. "AMD EPYC, 2 threads"; told when they differ
+    baseline_machine: str = ""
+    current_machine: str = ""
 
     @property
     def passed(self) -> bool:
@@ -120,6 +123,13 @@ def parse_number(value: Any) -> float | None:
         except ValueError:
             return None
     return number if math.isfinite(number) else None
+
+
+def machine(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The CPU or GPU (`device_name`) and thread counts that made `rows`, e.g. "AMD EPYC, 2 threads"."""
+    seen = dict.fromkeys(f"{row.get('device_name') or 'unknown device'}, {row.get('threads') or '?'} threads"
+                         for row in rows)
+    return " + ".join(seen)
 
 
 def _is_blank(value: Any) -> bool:
@@ -224,7 +234,8 @@ def compare(
     for key in current:
         if key not in baseline:
             findings.append(Finding(key, CONFIGURATION, None, None, OK, "new: not in the baseline, not checked"))
-    return GateResult(findings, configurations=sum(1 for key in baseline if key in current))
+    return GateResult(findings, configurations=sum(1 for key in baseline if key in current),
+                      baseline_machine=machine(baseline_list), current_machine=machine(current_list))
 
 
 def gate(baseline_path: str | Path, current_path: str | Path, tolerances: Tolerances = Tolerances()) -> GateResult:
@@ -267,6 +278,11 @@ def format_findings(result: GateResult, verbose: bool = False) -> str:
     shown = [f for f in result.findings if verbose or f.verdict != OK]
     notes = [f for f in result.findings if not verbose and f.verdict == OK and f.note]
     parts = []
+    if result.baseline_machine != result.current_machine:
+        # Accuracy and MACs still compare when both ran the same model file and stored plans;
+        # the reader should know that the speed-ups come from two different machines.
+        parts.append(f"baseline made on: {result.baseline_machine}\n"
+                     f"current made on:  {result.current_machine}")
     if shown:
         headers = ["config", "backend", "precision", "batch", "metric", "baseline", "current", "change", "verdict", "note"]
         table = [[*(f.key if f.key else ("-",) * len(KEY_COLUMNS)), f.metric, _format_value(f.baseline),

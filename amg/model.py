@@ -176,18 +176,25 @@ def build_model(preset: str = DEFAULT_PRESET, num_classes: int = 0, **overrides:
     return ReIDViT(get_config(preset, **overrides), num_classes=num_classes)
 
 
-def save_model(model: ReIDViT, path: str | Path, extra: dict[str, Any] | None = None, **meta: Any) -> Path:
+def save_model(model: ReIDViT, path: str | Path, extra: dict[str, Any] | None = None,
+               weights_dtype: torch.dtype | None = None, **meta: Any) -> Path:
     """Write config + weights (+ `extra` payload entries, + `meta`) so loading needs nothing else.
 
+    `weights_dtype` (e.g. torch.float16) stores floating-point weights in that type: half the
+    file for a committed model; `load_model` reads them back into float32 parameters.
     Atomic (temp file + rename): an interrupted save never leaves a truncated model file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    state_dict = model.state_dict()
+    if weights_dtype is not None:
+        state_dict = {k: v.to(weights_dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+        meta = {**meta, "weights_dtype": str(weights_dtype).removeprefix("torch.")}
     payload = {
         "format": CHECKPOINT_FORMAT,
         "config": model.config.to_dict(),
         "num_classes": model.num_classes,
-        "state_dict": model.state_dict(),
+        "state_dict": state_dict,
         "meta": meta,
         **(extra or {}),
     }

@@ -30,6 +30,7 @@ from amg.measure.flops import count_macs
 from amg.measure.latency import LatencyStats, paired_speedup
 from amg.measure.memory import measure_peak_memory
 from amg.model import ReIDViT
+from amg.plan_store import PlanStore
 from amg.profiles import UNPRUNED, Case, Profile, PruneSpec
 from amg.prune import (
     CalibrationData,
@@ -108,6 +109,8 @@ class Suite:
     rows: list[dict[str, Any]] = field(default_factory=list)
     # Fault injection to prove the gate works: config_id -> factor (1.2 = 20% slower).
     slowdown: dict[str, float] = field(default_factory=dict)
+    # Where one-shot plans are reused from and new ones kept (None: plan every run anew).
+    plan_store: PlanStore | None = None
     _pruned: dict[PruneSpec, ReIDViT] = field(default_factory=dict)
     _plans: dict[PruneSpec, PrunePlan | OutOfReach] = field(default_factory=dict)
     _training: TrainingSet | None = None
@@ -130,20 +133,32 @@ class Suite:
         """The one-shot plan of `spec` (shared by its schedules); OutOfReach is remembered too."""
         key = replace(spec, schedule=ONE_SHOT)
         if key not in self._plans:
-            data = self.calibration() if key.needs_data else None
-            self.progress(f"planning {key.config_id}")
-            try:
-                if spec.saving:
-                    self._plans[key] = plan_for_saving(self.model, spec.saving, spec.by, spec.head_policy,
-                                                       spec.token_policy, spec.allocation, data)
-                else:
-                    self._plans[key] = make_plan(self.model, spec.heads, spec.tokens, spec.head_policy,
-                                                 spec.token_policy, spec.allocation, data)
-            except OutOfReach as error:
-                self._plans[key] = error
+            stored = self.plan_store.load(key.config_id, self.model.config, self.fingerprint()) \
+                if self.plan_store else None
+            self._plans[key] = stored or self._make_plan(key)
+            if self.plan_store and not stored and isinstance(self._plans[key], PrunePlan):
+                self.plan_store.save(key.config_id, self._plans[key], self.fingerprint())
         if isinstance(self._plans[key], OutOfReach):
             raise self._plans[key]
         return self._plans[key]
+
+    def _make_plan(self, spec: PruneSpec) -> PrunePlan | OutOfReach:
+        data = self.calibration() if spec.needs_data else None
+        self.progress(f"planning {spec.config_id}")
+        try:
+            if spec.saving:
+                return plan_for_saving(self.model, spec.saving, spec.by, spec.head_policy,
+                                       spec.token_policy, spec.allocation, data)
+            return make_plan(self.model, spec.heads, spec.tokens, spec.head_policy,
+                             spec.token_policy, spec.allocation, data)
+        except OutOfReach as error:
+            return error
+
+    def fingerprint(self) -> str:
+        """The base weights' hash: what stored plans and cached fine-tunings are made for."""
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(self.model)
+        return self._fingerprint
 
     def pruned(self, spec: PruneSpec) -> ReIDViT:
         if spec not in self._pruned:
@@ -158,9 +173,7 @@ class Suite:
     def _trained(self, spec: PruneSpec) -> ReIDViT:
         """Fine-tuned or iterative: minutes of training, so cached by everything that shapes it."""
         plan = self.plan(spec) if spec.uses_heads or spec.uses_tokens else PrunePlan.unpruned(self.model.config)
-        if self._fingerprint is None:
-            self._fingerprint = model_fingerprint(self.model)
-        key = {"base": self._fingerprint, "plan": plan.to_dict(), "schedule": spec.schedule.__dict__,
+        key = {"base": self.fingerprint(), "plan": plan.to_dict(), "schedule": spec.schedule.__dict__,
                "data": str(self.dataset.root), "calibration": self.calibration().description}
 
         def train() -> ReIDViT:

@@ -41,6 +41,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="comma-separated fp32,fp16,bf16 (autocast) for every backend (default: fp32, plus fp16 and bf16 "
              "on cuda/jetson)")
     add("--amg-threads", type=int, default=None, help="torch / onnxruntime CPU threads (default: all cores)")
+    add("--amg-plans", default=None, metavar="DIR",
+        help="reuse the pruning plans stored in DIR (one <config_id>.json each) and store the ones this run "
+             "makes there: runs on other CPUs or devices then measure the same pruned models (plans from "
+             "gradients differ in near-ties between CPUs). CI measures the committed results/baselines/ci-plans")
     add("--amg-results-dir", default="results", help="where the CSV goes: <dir>/<device-id>/<run-id>.csv")
     add("--amg-no-report", action="store_true", help="do not write a CSV (e.g. while developing)")
     add("--amg-inject-slowdown", default=None, metavar="CONFIG=FACTOR[,...]",
@@ -98,6 +102,7 @@ def progress_printer(config: pytest.Config) -> Callable[[str], None]:
 def suite(request: pytest.FixtureRequest):
     from amg.data.layout import load_dataset
     from amg.model import build_model
+    from amg.plan_store import PlanStore, PlanStoreError
     from amg.prune import load_pruned
     from amg.suite import Suite
     from amg.zoo import default_model, synthetic_root
@@ -127,8 +132,13 @@ def suite(request: pytest.FixtureRequest):
             slowdown[name] = float(factor)
         except ValueError as error:
             raise pytest.UsageError(f"--amg-inject-slowdown: {item!r} is not CONFIG=FACTOR") from error
+    plans = config.getoption("--amg-plans")
+    try:
+        plan_store = PlanStore(plans) if plans else None
+    except PlanStoreError as error:
+        raise pytest.UsageError(f"--amg-plans: {error}") from error
     state = Suite(model, source, PROFILES[config.getoption("--amg-profile")], dataset,
-                  torch.get_num_threads(), progress, slowdown=slowdown)
+                  torch.get_num_threads(), progress, slowdown=slowdown, plan_store=plan_store)
     config.stash[_SUITE_KEY] = state
     return state
 

@@ -56,6 +56,18 @@ def test_train_then_eval_on_given_data(tiny_root, tmp_path, capsys):
         assert 0 <= metrics["mAP"] <= 1
 
 
+def test_train_can_store_weights_as_fp16(tiny_root, tmp_path, capsys):
+    path = tmp_path / "half.pt"
+    assert main(["train", "--data", str(tiny_root), "--out", str(path), "--steps", "1", "--weights-dtype",
+                 "fp16", "--batch-ids", "3", "--batch-instances", "2", "--img-size", "64", "32"]) == 0
+    stored = torch.load(path, weights_only=True)["state_dict"]
+    assert {t.dtype for t in stored.values() if t.is_floating_point()} == {torch.float16}
+    assert all(p.dtype == torch.float32 for p in load_model(path).parameters())
+    with pytest.raises(SystemExit) as usage:  # argparse's own usage error
+        main(["train", "--weights-dtype", "fp8"])
+    assert usage.value.code == 2 and "invalid choice: 'fp8'" in capsys.readouterr().err
+
+
 def test_train_on_data_needs_out(tiny_root, capsys):
     assert main(["train", "--data", str(tiny_root)]) == 2
     assert "--out" in capsys.readouterr().err

@@ -288,3 +288,15 @@ def test_rows_from_read_csv_compare_like_dicts(tmp_path):
                                            ("0.5", 0.5), ("3000000000", 3e9), (None, None), (2, 2.0)])
 def test_parse_number(text, expected):
     assert parse_number(text) == expected
+
+
+def test_both_cpus_are_printed_when_the_runs_come_from_different_cpus(tmp_path, capsys):
+    current = _current()
+    for row in current:
+        row["device_name"] = "Intel(R) Xeon(R) Platinum"
+    code, out, _ = _gate(tmp_path, capsys, current)
+    assert code == 0, out
+    assert "baseline made on: cpu, 2 threads" in out
+    assert "current made on:  Intel(R) Xeon(R) Platinum, 2 threads" in out
+    code, out, _ = _gate(tmp_path / "same", capsys, _current())
+    assert code == 0 and "made on" not in out

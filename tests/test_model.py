@@ -85,6 +85,23 @@ def test_save_and_load_round_trip(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))  # atomic write leaves no temp file
 
 
+def test_weights_stored_as_fp16_load_back_as_float32_at_half_the_size(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("small", num_classes=5).eval()
+    full = save_model(model, tmp_path / "full.pt")
+    half = save_model(model, tmp_path / "half.pt", weights_dtype=torch.float16)
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    loaded = load_model(half)
+    for name, tensor in loaded.state_dict().items():
+        original = model.state_dict()[name]
+        assert tensor.dtype == original.dtype, name
+        assert torch.equal(tensor, original.half().to(original.dtype)), name  # exactly the fp16 rounding
+    assert torch.load(half, weights_only=True)["meta"]["weights_dtype"] == "float16"
+    images = torch.randn(2, 3, *model.config.img_size)
+    with torch.no_grad():
+        assert torch.allclose(loaded(images), model(images), rtol=1e-2, atol=1e-2)
+
+
 def test_load_rejects_foreign_and_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         load_model(tmp_path / "absent.pt")

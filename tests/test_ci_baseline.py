@@ -1,0 +1,86 @@
+"""What CI's gate rests on: the committed model, its stored plans and the baseline agree, and
+the gate fails the regressions it exists for against that very baseline.
+
+CI measures the committed model with the committed plans, so nothing it gates on depends on
+the CPU it runs on (training and gradient scoring do: see the README, "CI and the gate").
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+
+from amg.gate import compare
+from amg.measure.flops import count_macs
+from amg.plan_store import PlanStore
+from amg.profiles import PROFILES, UNPRUNED, build_cases
+from amg.prune import apply_plan, load_pruned
+from amg.results import read_csv
+from amg.zoo import model_fingerprint
+
+BASELINES = Path(__file__).resolve().parents[1] / "results" / "baselines"
+CI_MODEL = BASELINES / "ci-model.pt"
+CI_PLANS = BASELINES / "ci-plans"
+CI_BASELINE = BASELINES / "ci-python-2core.csv"
+CI_PROFILE = "quick"
+
+
+@pytest.fixture(scope="module")
+def ci_model():
+    return load_pruned(CI_MODEL)
+
+
+@pytest.fixture(scope="module")
+def stored_plans(ci_model):
+    store, fingerprint = PlanStore(CI_PLANS), model_fingerprint(ci_model)
+    specs = [case.spec for case in build_cases(PROFILES[CI_PROFILE]) if case.spec != UNPRUNED]
+    return {spec.config_id: store.load(spec.config_id, ci_model.config, fingerprint) for spec in specs}
+
+
+@pytest.fixture(scope="module")
+def baseline_rows():
+    return read_csv(CI_BASELINE).rows
+
+
+def test_every_ci_configuration_has_a_plan_stored_for_the_ci_model(stored_plans):
+    missing = [config_id for config_id, plan in stored_plans.items() if plan is None]
+    assert not missing, f"CI would plan these anew on its own CPU: {missing}"
+
+
+def test_the_stored_plans_cost_exactly_the_baselines_macs(ci_model, stored_plans, baseline_rows):
+    rows = {row["config_id"]: row for row in baseline_rows}
+    assert set(rows) == {"unpruned", *stored_plans}
+    assert count_macs(ci_model).total == int(rows["unpruned"]["macs"])
+    for config_id, plan in stored_plans.items():
+        pruned = apply_plan(copy.deepcopy(ci_model), copy.deepcopy(plan))
+        assert count_macs(pruned).total == int(rows[config_id]["macs"]), config_id
+
+
+def test_the_baseline_names_the_cpu_that_made_it(baseline_rows):
+    assert all(row["device_name"] and row["device_name"] != "unknown" for row in baseline_rows)
+    assert all(row["checkpoint"] == "results/baselines/ci-model.pt" for row in baseline_rows)
+
+
+def _changed(rows: list[dict], config_id: str, column: str, change) -> list[dict]:
+    """`rows` with one configuration's `column` changed: the smallest regression CI must catch."""
+    changed = copy.deepcopy(rows)
+    row = next(row for row in changed if row["config_id"] == config_id)
+    row[column] = str(change(float(row[column])))
+    return changed
+
+
+@pytest.mark.parametrize("column, change", [
+    ("occluded_rank1", lambda value: value - 0.02),  # two points of occluded Rank-1
+    ("query_mAP", lambda value: value - 0.02),
+    ("macs", lambda value: int(value) + 1),  # any change of the count
+    ("speedup", lambda value: value / 1.2),  # a configuration 20% slower than it was
+])
+def test_the_gate_fails_injected_regressions_against_the_committed_baseline(baseline_rows, column, change):
+    assert compare(baseline_rows, baseline_rows).passed
+    for row in baseline_rows:
+        if row["config_id"] == "unpruned":
+            continue
+        result = compare(baseline_rows, _changed(baseline_rows, row["config_id"], column, change))
+        assert [(f.key[0], f.metric) for f in result.regressions] == [(row["config_id"], column)]
