@@ -15,8 +15,8 @@ import torch
 from tabulate import tabulate
 
 from amg.data.synthetic import SynthConfig
-from amg.finetune import TrainConfig
 from amg.measure.backends import BACKENDS, PRECISIONS
+from amg.train.reid_training import TrainConfig
 
 EXIT_USAGE = 2
 WEIGHTS_DTYPES = {"fp32": None, "fp16": torch.float16}
@@ -50,7 +50,7 @@ def cmd_data_info(args: argparse.Namespace) -> int:
 
 def _load_dataset(root: str | None, layout: str):
     from amg.data.layout import load_dataset
-    from amg.zoo import synthetic_root
+    from amg.train.cache import synthetic_root
 
     return load_dataset(root if root else synthetic_root(progress=progress), layout if root else "auto")
 
@@ -61,8 +61,8 @@ def _training_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from amg.model import read_checkpoint, save_model
-    from amg.zoo import default_model, train_on_dataset
+    from amg.model.vit import read_checkpoint, save_model
+    from amg.train.cache import default_model, train_on_dataset
 
     _set_threads(args.threads)
     training = _training_config(args)
@@ -85,9 +85,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _load_model_arg(name: str | None, num_classes: int = 0):
     """A model file (pruned or not), a preset name (the default one: cached trained weights;
     others: random weights, for timing and scoring-cost studies), or None for the default."""
-    from amg.model import DEFAULT_PRESET, PRESETS, build_model
-    from amg.prune import load_pruned
-    from amg.zoo import default_model
+    from amg.model.pruned import load_pruned
+    from amg.model.vit import DEFAULT_PRESET, PRESETS, build_model
+    from amg.train.cache import default_model
 
     if name is None or name == DEFAULT_PRESET:
         return default_model(progress=progress)[0]
@@ -103,7 +103,7 @@ def _model_for_eval(args: argparse.Namespace):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from amg.evaluate import Evaluator
+    from amg.train.evaluate import Evaluator
 
     _set_threads(args.threads)
     model = _model_for_eval(args)
@@ -124,9 +124,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
     import time
 
     from amg.data.layout import relabel_pids
-    from amg.iterative import TrainingSet
-    from amg.prune import CalibrationData, current_plan, make_plan, plan_for_saving, save_pruned
-    from amg.schedule import ONE_SHOT, Schedule, fine_tuning_stages, run_schedule
+    from amg.model.pruned import current_plan, save_pruned
+    from amg.pruning.calibration import CalibrationData
+    from amg.pruning.iterative import TrainingSet, run_schedule
+    from amg.pruning.macs_target import plan_for_saving
+    from amg.pruning.planner import make_plan
+    from amg.pruning.schedule import ONE_SHOT, Schedule, fine_tuning_stages
 
     _set_threads(args.threads)
     if args.macs_saving is not None and (args.heads or args.tokens):
@@ -169,7 +172,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_flops(args: argparse.Namespace) -> int:
     from amg.measure.flops import count_macs
-    from amg.model import ReIDViT
+    from amg.model.vit import ReIDViT
 
     model = _load_model_arg(args.model)
     report = count_macs(model, args.batch)
@@ -183,7 +186,7 @@ def cmd_flops(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from amg.report import build_report
+    from amg.reporting.report import build_report
 
     for path in build_report(args.results_dir, args.out):
         print(path)
@@ -191,10 +194,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_select(args: argparse.Namespace) -> int:
+    from amg.benchmark.results import find_csvs
     from amg.measure.backends import device_id
-    from amg.results import find_csvs
-    from amg.report import load_reports
-    from amg.select import NoMeasurements, Target, select, summary
+    from amg.reporting.report import load_reports
+    from amg.reporting.select import NoMeasurements, Target, select, summary
 
     here = device_id()
     target = Target(args.device_id or here, args.backend, args.batch, args.precision, args.model)
@@ -239,8 +242,8 @@ def run_suite(args: argparse.Namespace) -> None:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from amg.checkpoints import import_state_dict
-    from amg.model import build_model, save_model
+    from amg.model.checkpoints import import_state_dict
+    from amg.model.vit import build_model, save_model
 
     overrides = {}
     if args.num_cameras is not None:
@@ -256,7 +259,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from amg.model import DEFAULT_PRESET, PRESETS
+    from amg.model.vit import DEFAULT_PRESET, PRESETS
 
     parser = argparse.ArgumentParser(
         prog="amg",
@@ -402,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["gate"]:  # the gate owns its options (argparse cannot hand "--help" through)
-        from amg.gate import main as gate_main
+        from amg.reporting.gate import main as gate_main
 
         return gate_main(argv[1:])
     parser = build_parser()

@@ -14,9 +14,9 @@ from typing import Callable
 import pytest
 import torch
 
+from amg.benchmark.profiles import PROFILES, build_cases
 from amg.measure.backends import BACKENDS, PRECISIONS
-from amg.model import DEFAULT_PRESET, PRESETS
-from amg.profiles import PROFILES, build_cases
+from amg.model.vit import DEFAULT_PRESET, PRESETS
 
 _SUITE_KEY = pytest.StashKey()
 
@@ -100,12 +100,12 @@ def progress_printer(config: pytest.Config) -> Callable[[str], None]:
 
 @pytest.fixture(scope="session")
 def suite(request: pytest.FixtureRequest):
+    from amg.benchmark.plan_store import PlanStore, PlanStoreError
+    from amg.benchmark.suite import Suite
     from amg.data.layout import load_dataset
-    from amg.model import build_model
-    from amg.plan_store import PlanStore, PlanStoreError
-    from amg.prune import load_pruned
-    from amg.suite import Suite
-    from amg.zoo import default_model, synthetic_root
+    from amg.model.pruned import load_pruned
+    from amg.model.vit import build_model
+    from amg.train.cache import default_model, synthetic_root
 
     config = request.config
     progress = progress_printer(config)
@@ -144,7 +144,7 @@ def suite(request: pytest.FixtureRequest):
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    from amg.results import write_csv
+    from amg.benchmark.results import write_csv
 
     state = session.config.stash.get(_SUITE_KEY, None)
     if state is None or not state.rows or session.config.getoption("--amg-no-report"):

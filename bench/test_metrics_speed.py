@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from amg.metrics import evaluate_rank
+from amg.train.metrics import evaluate_rank
 
 NUM_QUERY, NUM_GALLERY = 3368, 15913
 NUM_IDS, NUM_CAMS = 751, 6

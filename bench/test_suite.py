@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from amg.measure.backends import BackendUnavailable
-from amg.prune import OutOfReach
+from amg.pruning.macs_target import OutOfReach
 
 
 def test_configuration(benchmark, suite, case):

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from amg.gate import ACCURACY_METRICS, MACS_METRIC, SPEEDUP_METRIC, compare, parse_number
-from amg.results import read_csv
+from amg.benchmark.results import read_csv
+from amg.reporting.gate import ACCURACY_METRICS, MACS_METRIC, SPEEDUP_METRIC, compare
 
 
 def spread(baseline: Path, runs: list[Path]) -> list[list[str]]:

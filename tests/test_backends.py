@@ -9,8 +9,9 @@ import torch
 
 import amg.measure.backends as backends
 from amg.measure.memory import measure_peak_memory
-from amg.model import ModelConfig, ReIDViT
-from amg.prune import apply_plan, make_plan, save_pruned
+from amg.model.pruned import apply_plan, save_pruned
+from amg.model.vit import ModelConfig, ReIDViT
+from amg.pruning.planner import make_plan
 
 CONFIG = ModelConfig("backend-test", img_size=(64, 32), embed_dim=48, depth=2, num_heads=3)
 

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from amg.gate import compare
+from amg.benchmark.plan_store import PlanStore
+from amg.benchmark.profiles import PROFILES, UNPRUNED, build_cases
+from amg.benchmark.results import read_csv
 from amg.measure.flops import count_macs
-from amg.plan_store import PlanStore
-from amg.profiles import PROFILES, UNPRUNED, build_cases
-from amg.prune import apply_plan, load_pruned
-from amg.results import read_csv
-from amg.zoo import model_fingerprint
+from amg.model.pruned import apply_plan, load_pruned
+from amg.reporting.gate import compare
+from amg.train.cache import model_fingerprint
 
 BASELINES = Path(__file__).resolve().parents[1] / "results" / "baselines"
 CI_MODEL = BASELINES / "ci-model.pt"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from amg.cli import main
-from amg.model import load_model
+from amg.model.vit import load_model
 
 TINY = ["--ids", "6", "--test-ids", "3", "--images-per-id", "6", "--cameras", "3", "--seed", "1"]
 
@@ -74,7 +74,7 @@ def test_train_on_data_needs_out(tiny_root, capsys):
 
 
 def test_import_transreid_checkpoint(tmp_path, capsys):
-    from amg.model import build_model
+    from amg.model.vit import build_model
 
     source = build_model("small", img_size=(64, 32)).eval()
     state = {("base." + k[9:] if k.startswith("backbone.") else k.replace("neck.", "bottleneck.")): v
@@ -129,7 +129,7 @@ def test_iterative_prune_from_the_command_line(tiny_root, model_path, tmp_path, 
                  "--out", str(out)]) == 0
     err = capsys.readouterr().err
     assert "round 2/2" in err
-    from amg.prune import load_pruned
+    from amg.model.pruned import load_pruned
 
     assert "iterative x2" in load_pruned(out).plan.policy["schedule"]
 
@@ -138,7 +138,7 @@ def test_prune_to_a_macs_saving(tiny_root, model_path, tmp_path, capsys):
     out = tmp_path / "target.pt"
     assert main(["prune", "--model", str(model_path), "--data", str(tiny_root), "--macs-saving", "0.2",
                  "--saving-by", "heads", "--calibration-images", "6", "--out", str(out)]) == 0
-    from amg.prune import load_pruned
+    from amg.model.pruned import load_pruned
 
     assert load_pruned(out).plan.ratios["target_macs_saving"] == 0.2
     assert main(["prune", "--model", str(model_path), "--data", str(tiny_root), "--macs-saving", "0.2",
@@ -147,7 +147,7 @@ def test_prune_to_a_macs_saving(tiny_root, model_path, tmp_path, capsys):
 
 
 def test_prune_with_fine_tuning_to_a_macs_saving(tiny_root, model_path, tmp_path, capsys):
-    from amg.prune import load_pruned
+    from amg.model.pruned import load_pruned
 
     out = tmp_path / "tuned.pt"
     assert main(["prune", "--model", str(model_path), "--data", str(tiny_root), "--macs-saving", "0.15",

@@ -7,10 +7,11 @@ import copy
 import pytest
 import torch
 
-from amg.dynamic import apply_dynamic, bipartite_merge, evit_reduce
 from amg.measure.flops import count_macs
-from amg.model import ModelConfig, ReIDViT
-from amg.prune import apply_plan, make_plan
+from amg.model.dynamic import apply_dynamic, bipartite_merge, evit_reduce
+from amg.model.pruned import apply_plan
+from amg.model.vit import ModelConfig, ReIDViT
+from amg.pruning.planner import make_plan
 
 CONFIG = ModelConfig("dyn", img_size=(64, 32), embed_dim=48, depth=4, num_heads=3)
 
@@ -90,7 +91,7 @@ def test_dynamic_on_a_head_pruned_model():
 
 @pytest.mark.parametrize("policy", ["evit", "tome"])
 def test_dynamic_policy_travels_in_the_plan(policy, tmp_path):
-    from amg.prune import load_pruned, save_pruned
+    from amg.model.pruned import load_pruned, save_pruned
 
     model = build()
     plan = make_plan(model, heads=0.34, tokens=0.3, head_policy="random", token_policy=policy)

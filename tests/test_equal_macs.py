@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from amg.equal_macs import comparison_tables, section, study_rows
+from amg.reporting.equal_macs import comparison_tables, section, study_rows
 
 
 def _row(config, batch, speedup, occluded_mAP, saving=0.2, device="cpu-2c", run="r1"):

@@ -7,10 +7,11 @@ import copy
 import pytest
 import torch
 
-from amg.attention import patch_model
 from amg.measure.flops import analytic_block_macs, count_macs, sdpa_macs
-from amg.model import ModelConfig, ReIDViT, build_model
-from amg.prune import apply_plan, make_plan
+from amg.model.attention import patch_model
+from amg.model.pruned import apply_plan
+from amg.model.vit import ModelConfig, ReIDViT, build_model
+from amg.pruning.planner import make_plan
 
 CONFIG = ModelConfig("flops", img_size=(128, 64), embed_dim=96, depth=4, num_heads=6, mlp_ratio=3.0)
 
@@ -83,7 +84,7 @@ def test_counting_leaves_training_mode_alone():
 
 @pytest.mark.parametrize("mode, target", [("heads", 0.3), ("both", 0.2), ("tokens", 0.1)])
 def test_plan_for_saving_reaches_the_measured_target(mode, target):
-    from amg.prune import plan_for_saving
+    from amg.pruning.macs_target import plan_for_saving
 
     torch.manual_seed(0)
     model = ReIDViT(CONFIG).eval()
@@ -95,7 +96,7 @@ def test_plan_for_saving_reaches_the_measured_target(mode, target):
 
 @pytest.mark.parametrize("policy, target", [("tome", 0.25), ("evit", 0.3), ("evit", 0.45)])
 def test_plan_for_saving_finds_the_dynamic_amount(policy, target):
-    from amg.prune import DYNAMIC_SAVING_TOLERANCE, plan_for_saving
+    from amg.pruning.macs_target import DYNAMIC_SAVING_TOLERANCE, plan_for_saving
 
     torch.manual_seed(0)
     model = ReIDViT(CONFIG).eval()
@@ -106,7 +107,7 @@ def test_plan_for_saving_finds_the_dynamic_amount(policy, target):
 
 
 def test_unreachable_saving_is_explained():
-    from amg.prune import OutOfReach, plan_for_saving
+    from amg.pruning.macs_target import OutOfReach, plan_for_saving
 
     with pytest.raises(OutOfReach, match="out of reach by tokens"):
         plan_for_saving(ReIDViT(CONFIG).eval(), 0.6, "tokens", token_policy="random")

@@ -6,8 +6,17 @@ import copy
 
 import pytest
 
-from amg.gate import Finding, GateResult, Tolerances, compare, format_findings, gate, main, parse_number
-from amg.results import read_csv, write_csv
+from amg.benchmark.results import read_csv, write_csv
+from amg.reporting.gate import (
+    Finding,
+    GateResult,
+    Tolerances,
+    compare,
+    format_findings,
+    gate,
+    main,
+    parse_number,
+)
 
 
 def _row(config_id: str, speedup: float | None, macs: int, rank1: float, mAP: float) -> dict:

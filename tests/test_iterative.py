@@ -8,11 +8,12 @@ import torch
 from amg.data.layout import load_dataset, relabel_pids
 from amg.data.preload import preload_images
 from amg.data.synthetic import SynthConfig, generate
-from amg.finetune import TrainConfig
-from amg.iterative import IterativeConfig, TrainingSet, iterative_prune
-from amg.losses import soft_distillation
-from amg.prune import CalibrationData, load_pruned, save_pruned
-from amg.zoo import train_on_dataset
+from amg.model.pruned import load_pruned, save_pruned
+from amg.pruning.calibration import CalibrationData
+from amg.pruning.iterative import IterativeConfig, TrainingSet, iterative_prune
+from amg.train.cache import train_on_dataset
+from amg.train.losses import soft_distillation
+from amg.train.reid_training import TrainConfig
 
 DATA = SynthConfig(train_ids=6, test_ids=3, images_per_id=6, num_cameras=3, queries_per_id=2,
                    distractors=1, junk=1, height=64, width=32, seed=11)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from amg.metrics import RankMetrics, evaluate_rank, pairwise_distance
+from amg.train.metrics import RankMetrics, evaluate_rank, pairwise_distance
 
 # --------------------------------------------------------------------------- hand-worked cases
 # One query: pid 1, camera 0. Gallery of 5 whose distances sort as indices 1, 3, 0, 4, 2.

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from amg.model import PRESETS, ModelConfig, ReIDViT, build_model, get_config, load_model, save_model
+from amg.model.vit import PRESETS, ModelConfig, ReIDViT, build_model, get_config, load_model, save_model
 
 
 def tiny(num_classes: int = 5, **overrides) -> ReIDViT:

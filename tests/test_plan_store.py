@@ -8,11 +8,12 @@ import json
 
 import pytest
 
-from amg.plan_store import PlanStore, PlanStoreError
-from amg.profiles import PROFILES, PruneSpec
-from amg.prune import PrunePlan, current_plan, make_plan
-from amg.suite import Suite
-from amg.zoo import model_fingerprint
+from amg.benchmark.plan_store import PlanStore, PlanStoreError
+from amg.benchmark.profiles import PROFILES, PruneSpec
+from amg.benchmark.suite import Suite
+from amg.model.pruned import current_plan
+from amg.pruning.planner import make_plan
+from amg.train.cache import model_fingerprint
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,13 @@ import dataclasses
 import pytest
 import torch
 
-from amg.attention import capture_attention, patch_model
-from amg.model import ModelConfig, ReIDViT
-from amg.prune import (CalibrationData, PrunePlan, apply_plan, load_pruned, make_plan, save_pruned,
-                       select_heads, select_tokens)
+from amg.model.attention import capture_attention, patch_model
+from amg.model.plan import PrunePlan
+from amg.model.pruned import apply_plan, load_pruned, save_pruned
+from amg.model.vit import ModelConfig, ReIDViT
+from amg.pruning.calibration import CalibrationData
+from amg.pruning.planner import make_plan
+from amg.pruning.selection import select_heads, select_tokens
 
 # ViTs the code was not written around: depth, width, heads, bias, overlapping patches, SIE.
 CONFIGS = {
@@ -133,7 +136,7 @@ def test_same_seed_and_data_give_the_same_plan(head_policy):
 
 def test_amg_head_scores_follow_entropy():
     """Removing by entropy: the plan drops exactly the highest-scaled-entropy heads."""
-    from amg import scores as S
+    from amg.pruning import scores as S
 
     config = CONFIGS["d4-w48-h6-sie"]
     model = build(config)

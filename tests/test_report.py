@@ -12,7 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from amg.report import (
+from amg.benchmark.results import COLUMNS, ReportError, safe_name, write_csv
+from amg.reporting.report import (
     build_report,
     cross_device_table,
     device_table,
@@ -21,7 +22,6 @@ from amg.report import (
     pareto_front,
     plot_pareto,
 )
-from amg.results import COLUMNS, ReportError, safe_name, write_csv
 
 X86 = "x86_64-2c"
 JETSON = "Jetson Orin/Nano (8GB)"  # safe_name turns it into a folder name

@@ -7,9 +7,11 @@ import copy
 import pytest
 import torch
 
-from amg.iterative import TrainingSet
-from amg.prune import CalibrationData, apply_plan, make_plan
-from amg.schedule import ONE_SHOT, Schedule, run_schedule
+from amg.model.pruned import apply_plan
+from amg.pruning.calibration import CalibrationData
+from amg.pruning.iterative import TrainingSet, run_schedule
+from amg.pruning.planner import make_plan
+from amg.pruning.schedule import ONE_SHOT, Schedule
 
 
 @pytest.fixture(scope="module")

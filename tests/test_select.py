@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from amg.benchmark.results import write_csv
 from amg.cli import main
-from amg.report import load_reports
-from amg.results import write_csv
-from amg.select import PAIRED, NoMeasurements, Target, candidates, select
+from amg.reporting.report import load_reports
+from amg.reporting.select import PAIRED, NoMeasurements, Target, candidates, select
 
 DEVICE = "board-4c"
 RUN, OLDER = "20261125T100000Z-aaaaaa", "20261120T100000Z-bbbbbb"
@@ -110,7 +110,7 @@ def test_cli_prints_the_frontier_and_exits_by_whether_anything_fits(results, cap
     ("unpruned", None), ("heads=0.25,tokens=0", None),
 ])
 def test_the_chosen_configuration_comes_with_the_command_that_makes_it(config_id, command):
-    from amg.select import prune_command
+    from amg.reporting.select import prune_command
 
     assert prune_command(config_id) == command
     if command:

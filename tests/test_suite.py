@@ -8,10 +8,10 @@ import dataclasses
 import pytest
 import torch
 
-from amg.gate import gate
-from amg.profiles import PROFILES, UNPRUNED, Case, PruneSpec, build_cases
-from amg.results import COLUMNS, read_csv, write_csv
-from amg.suite import Suite
+from amg.benchmark.profiles import PROFILES, UNPRUNED, Case, PruneSpec, build_cases
+from amg.benchmark.results import COLUMNS, read_csv, write_csv
+from amg.benchmark.suite import Suite
+from amg.reporting.gate import gate
 
 TINY_PROFILE = dataclasses.replace(PROFILES["quick"], paired_rounds=3, rounds=3)
 
@@ -63,8 +63,8 @@ def test_measured_rows_fill_the_schema_and_survive_the_csv(tiny_suite, tmp_path)
 def test_injected_slowdown_really_slows_the_runner():
     import time
 
+    from amg.benchmark.suite import slowed
     from amg.measure.backends import Runner
-    from amg.suite import slowed
 
     def work():
         end = time.perf_counter() + 0.01
@@ -80,7 +80,7 @@ def test_injected_slowdown_really_slows_the_runner():
 
 
 def test_saving_specs_name_their_method_and_schedule():
-    from amg.schedule import Schedule
+    from amg.pruning.schedule import Schedule
 
     spec = PruneSpec(saving=0.3, by="both", allocation="per-block", schedule=Schedule("finetune", 300))
     assert spec.config_id == "save0.3:heads:amg/per-block+tokens:amg@ft300"
@@ -115,8 +115,8 @@ def test_equal_macs_profile_and_precisions():
 
 
 def test_fine_tuned_configurations_are_trained_once_then_cached(tiny_suite, tmp_path, monkeypatch):
-    from amg.prune import OutOfReach
-    from amg.schedule import Schedule
+    from amg.pruning.macs_target import OutOfReach
+    from amg.pruning.schedule import Schedule
 
     monkeypatch.setenv("AMG_CACHE_DIR", str(tmp_path / "cache"))
     spec = PruneSpec(saving=0.15, by="heads", schedule=Schedule("finetune", 2))
@@ -134,7 +134,7 @@ def test_fine_tuned_configurations_are_trained_once_then_cached(tiny_suite, tmp_
 
 
 def test_attention_record_is_saved_for_the_report(tiny_suite, tmp_path):
-    from amg.explain import load_record
+    from amg.benchmark.attention_record import load_record
 
     tiny_suite.pruned(PruneSpec(heads=0.34, tokens=0.25))
     path = tiny_suite.save_attention_record(tmp_path)

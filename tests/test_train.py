@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-import amg.zoo as zoo
+import amg.train.cache as model_cache
 from amg.data.layout import load_dataset
 from amg.data.synthetic import SynthConfig, generate
-from amg.finetune import TrainConfig, learning_rate
-from amg.losses import batch_hard_triplet
-from amg.model import load_model
+from amg.model.vit import load_model
+from amg.train.losses import batch_hard_triplet
+from amg.train.reid_training import TrainConfig, learning_rate
 
 TINY_DATA = SynthConfig(train_ids=8, test_ids=4, images_per_id=6, num_cameras=3, queries_per_id=2,
                         distractors=2, junk=1, height=64, width=32, seed=3)
@@ -26,8 +26,8 @@ def tiny_root(tmp_path_factory):
 
 def test_short_training_run_lowers_the_loss_and_is_reproducible(tiny_root):
     dataset = load_dataset(tiny_root)
-    model_a, summary = zoo.train_on_dataset("small", dataset, SHORT, img_size=(64, 32))
-    model_b, _ = zoo.train_on_dataset("small", dataset, SHORT, img_size=(64, 32))
+    model_a, summary = model_cache.train_on_dataset("small", dataset, SHORT, img_size=(64, 32))
+    model_b, _ = model_cache.train_on_dataset("small", dataset, SHORT, img_size=(64, 32))
     assert summary["steps"] == SHORT.steps
     for a, b in zip(model_a.state_dict().values(), model_b.state_dict().values()):
         assert torch.equal(a, b)
@@ -56,19 +56,19 @@ def test_batch_hard_triplet_hand_case():
 
 def test_default_model_is_trained_once_then_loaded(tiny_root, tmp_path, monkeypatch):
     monkeypatch.setenv("AMG_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(zoo, "synthetic_root", lambda config, progress=None: tiny_root)
-    model, path = zoo.default_model("small", TINY_DATA, SHORT)
+    monkeypatch.setattr(model_cache, "synthetic_root", lambda config, progress=None: tiny_root)
+    model, path = model_cache.default_model("small", TINY_DATA, SHORT)
     assert path.is_file() and path.parent == tmp_path / "cache" / "models"
 
     def must_not_train(*args, **kwargs):
         raise AssertionError("a cached model was trained again")
 
-    monkeypatch.setattr(zoo, "train", must_not_train)
-    again, same_path = zoo.default_model("small", TINY_DATA, SHORT)
+    monkeypatch.setattr(model_cache, "train_reid", must_not_train)
+    again, same_path = model_cache.default_model("small", TINY_DATA, SHORT)
     assert same_path == path
     images = torch.randn(2, 3, 64, 32)
     with torch.no_grad():
         assert torch.equal(model.eval()(images), again(images))
     # a different training config is a different cache entry
-    assert zoo.default_model_path("small", TINY_DATA, TrainConfig(steps=25)) != path
+    assert model_cache.default_model_path("small", TINY_DATA, TrainConfig(steps=25)) != path
     assert load_model(path).config.img_size == (64, 32)

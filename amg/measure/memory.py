@@ -51,7 +51,7 @@ def _measure_here(model_file: str, backend: str, batch: int, precision: str, thr
     import torch
 
     from amg.measure.backends import prepare
-    from amg.prune import load_pruned
+    from amg.model.pruned import load_pruned
 
     if threads:
         torch.set_num_threads(threads)
@@ -81,7 +81,7 @@ def _pool() -> ProcessPoolExecutor:
     if _executor is None:
         if "forkserver" in multiprocessing.get_all_start_methods():
             context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload(["torch", "timm", "amg.prune", "amg.measure.backends"])
+            context.set_forkserver_preload(["torch", "timm", "amg.model.pruned", "amg.measure.backends"])
         else:
             context = multiprocessing.get_context("spawn")
         _executor = ProcessPoolExecutor(max_workers=1, mp_context=context, max_tasks_per_child=1)

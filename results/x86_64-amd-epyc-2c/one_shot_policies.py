@@ -5,14 +5,20 @@ synthetic holistic and occluded query sets. Provenance of one_shot_policies.md:
 
 The suite that supersedes this script (CSV reports at equal MACs) is issue 4/5's work.
 """
-import copy, torch, time
+import copy
+
+import torch
+
 torch.set_num_threads(2)
-from amg.zoo import default_model, synthetic_root
 from amg.data import load_dataset, relabel_pids
 from amg.data.preload import preload_images
-from amg.evaluate import Evaluator
-from amg.prune import CalibrationData, make_plan, apply_plan
 from amg.measure.flops import count_macs
+from amg.model.pruned import apply_plan
+from amg.pruning.calibration import CalibrationData
+from amg.pruning.planner import make_plan
+from amg.train.cache import default_model, synthetic_root
+from amg.train.evaluate import Evaluator
+
 model, _ = default_model()
 ds = load_dataset(synthetic_root())
 labels, _ = relabel_pids(ds.train)

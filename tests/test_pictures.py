@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
-from amg.explain import RECORD_FILE, draw_records, find_records, load_record, make_record, save_record
-from amg.model import ModelConfig, ReIDViT
-from amg.prune import PrunePlan
-from amg.report import build_report
-from amg.results import ReportError, write_csv
+from amg.benchmark.attention_record import RECORD_FILE, find_records, load_record, save_record
+from amg.benchmark.recording import make_record
+from amg.benchmark.results import ReportError, write_csv
+from amg.model.plan import PrunePlan
+from amg.model.vit import ModelConfig, ReIDViT
+from amg.reporting.pictures import draw_records
+from amg.reporting.report import build_report
 
 CONFIG = ModelConfig(name="tiny", img_size=(32, 16), patch_size=8, embed_dim=32, depth=3, num_heads=4)
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -45,7 +48,7 @@ def test_record_holds_entropy_per_block_and_head_within_the_bound(record):
 
 
 def test_saving_merges_plans_and_round_trips(record, tmp_path):
-    sample = torch.randint(0, 255, (3, 32, 16), dtype=torch.uint8)
+    sample = torch.randint(0, 255, (32, 16, 3), dtype=torch.uint8).numpy()
     save_record(record, sample, tmp_path)
     later = copy.deepcopy(record)
     later.plans = {"heads0.5:amg": _plan(heads=[[0], [1], [2, 3]]).to_dict()}
@@ -57,7 +60,7 @@ def test_saving_merges_plans_and_round_trips(record, tmp_path):
 
 
 def test_pictures_are_drawn_and_a_broken_record_is_named(record, tmp_path):
-    save_record(record, torch.zeros(3, 32, 16, dtype=torch.uint8), tmp_path)
+    save_record(record, np.zeros((32, 16, 3), dtype=np.uint8), tmp_path)
     [(drawn, paths)] = draw_records(tmp_path, tmp_path / "out")
     assert [p.name for p in paths] == ["head_entropy_tiny-default.png", "kept_kv_tiny-default.png"]
     assert all(p.read_bytes().startswith(PNG) for p in paths)
@@ -67,7 +70,7 @@ def test_pictures_are_drawn_and_a_broken_record_is_named(record, tmp_path):
 
 
 def test_report_shows_the_pictures(record, tmp_path):
-    save_record(record, torch.zeros(3, 32, 16, dtype=torch.uint8), tmp_path)
+    save_record(record, np.zeros((32, 16, 3), dtype=np.uint8), tmp_path)
     write_csv([{"run_id": "r", "timestamp": "2026-11-25T00:00:00Z", "device_id": "d", "backend": "cpu",
                 "precision": "fp32", "batch": 1, "model": "tiny", "checkpoint": "default", "config_id": "unpruned",
                 "head_ratio": 0, "token_ratio": 0, "macs": 10, "gmacs": 1e-8, "latency_median_ms": 1.0}],

@@ -29,7 +29,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from tabulate import tabulate
 
-from amg.results import KEY_COLUMNS, ReportError, ResultsFile, read_csv
+from amg.benchmark.results import KEY_COLUMNS, ReportError, ResultsFile, read_csv
 
 EXIT_PASS = 0
 EXIT_FAIL = 1

@@ -23,7 +23,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from tabulate import tabulate
 
-from amg.results import (
+from amg.benchmark.results import (
     COLUMNS,
     MEASURE_COLUMNS,
     ReportError,
@@ -400,8 +400,8 @@ def build_report(results_dir: str | Path, out_dir: str | Path) -> list[Path]:
         plot_pareto(latest, out, "latency_median_ms", accuracy, LATENCY_PLOT),
         plot_pareto(latest, out, "gmacs", accuracy, MACS_PLOT),
     ]
-    from amg.equal_macs import section as equal_macs_section  # it imports this module
-    from amg.explain import draw_records  # torch and timm: only when pictures are drawn
+    from amg.reporting.equal_macs import section as equal_macs_section  # it imports this module
+    from amg.reporting.pictures import draw_records  # torch and timm: only when pictures are drawn
 
     pictures = draw_records(root, out)
     text = "\n".join([_readme(frame, latest, root, accuracy), equal_macs_section(latest),

@@ -18,8 +18,8 @@ import torch
 from amg.data.layout import ReIDDataset, load_dataset, relabel_pids
 from amg.data.preload import preload_images
 from amg.data.synthetic import GENERATOR_VERSION, MANIFEST, SynthConfig, generate
-from amg.finetune import TrainConfig, train
-from amg.model import DEFAULT_PRESET, ReIDViT, build_model, get_config, load_model, save_model
+from amg.model.vit import DEFAULT_PRESET, ReIDViT, build_model, get_config, load_model, save_model
+from amg.train.reid_training import TrainConfig, train_reid
 
 # Bump when the training code changes in a way the configs do not capture.
 RECIPE_VERSION = 1
@@ -66,7 +66,7 @@ def train_on_dataset(preset: str, dataset: ReIDDataset, training: TrainConfig,
     if progress:
         progress(f"loading {len(dataset.train)} training images")
     images = preload_images(dataset.train, model.config.img_size, progress)
-    log = train(model, images, labels, camids, training, progress)
+    log = train_reid(model, images, labels, camids, training, progress)
     summary = {"train_seconds": round(log.seconds, 1), "steps": log.steps,
                "first_loss": log.losses[0], "final_loss": log.losses[-1], "final_id_accuracy": log.final_accuracy,
                "dataset": str(dataset.root), "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -99,7 +99,7 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 def cached_pruned(key: dict[str, Any], build: Callable[[], ReIDViT], progress: Progress | None = None) -> ReIDViT:
     """The pruned model cached under `key` (plan, schedule, base weights...), built on first use."""
-    from amg.prune import load_pruned, save_pruned
+    from amg.model.pruned import load_pruned, save_pruned
 
     path = cache_root() / "pruned" / f"{_key({**key, 'recipe': RECIPE_VERSION})}.pt"
     if path.is_file():

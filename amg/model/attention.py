@@ -22,8 +22,8 @@ from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from timm.layers import Attention as TimmAttention
+from torch import nn
 
 
 class PrunableAttention(nn.Module):

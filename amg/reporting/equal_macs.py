@@ -13,9 +13,9 @@ from __future__ import annotations
 import pandas as pd
 from tabulate import tabulate
 
-from amg.profiles import PruneSpec
-from amg.report import MISSING, format_cell
-from amg.schedule import SCHEDULES, Schedule
+from amg.benchmark.profiles import PruneSpec
+from amg.pruning.schedule import SCHEDULES, Schedule
+from amg.reporting.report import MISSING, format_cell
 
 FAMILIES = ("heads", "tokens", "heads+tokens")
 

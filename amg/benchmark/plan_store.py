@@ -17,9 +17,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from amg.model import ModelConfig
-from amg.prune import PrunePlan
-from amg.results import safe_name, write_atomic
+from amg.benchmark.results import safe_name, write_atomic
+from amg.model.plan import PrunePlan
+from amg.model.vit import ModelConfig
 
 STORE_FORMAT = "amg-plan-store/1"
 

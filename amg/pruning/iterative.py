@@ -17,9 +17,13 @@ import torch
 
 from amg.data.layout import ReIDDataset, relabel_pids
 from amg.data.preload import preload_images
-from amg.finetune import TrainConfig, train
-from amg.model import ReIDViT
-from amg.prune import CalibrationData, Progress, PrunePlan, apply_plan, make_plan
+from amg.model.plan import PrunePlan
+from amg.model.pruned import apply_plan
+from amg.model.vit import ReIDViT
+from amg.pruning.calibration import CalibrationData, Progress
+from amg.pruning.planner import make_plan
+from amg.pruning.schedule import Schedule, fine_tuning_stages
+from amg.train.reid_training import TrainConfig, train_reid
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,7 @@ class TrainingSet:
         return cls(preload_images(dataset.train, img_size), labels, [s.camid for s in dataset.train])
 
 
-def finetune(model: ReIDViT, teacher: ReIDViT, data: TrainingSet, steps: int, config: IterativeConfig,
+def finetune_distilled(model: ReIDViT, teacher: ReIDViT, data: TrainingSet, steps: int, config: IterativeConfig,
              base: TrainConfig = TrainConfig(), progress: Progress | None = None) -> None:
     if steps == 0:
         return
@@ -59,7 +63,7 @@ def finetune(model: ReIDViT, teacher: ReIDViT, data: TrainingSet, steps: int, co
     identities = min(base.num_identities, len(set(data.labels)))
     recipe = dataclasses.replace(base, steps=steps, lr=config.finetune_lr, warmup_steps=min(10, steps),
                                  log_every=max(1, steps // 3), num_identities=identities)
-    train(model, data.images, data.labels, data.camids, recipe, progress, teacher=teacher)
+    train_reid(model, data.images, data.labels, data.camids, recipe, progress, teacher=teacher)
 
 
 def iterative_prune(model: ReIDViT, heads: float, tokens: float, calibration: CalibrationData,
@@ -78,14 +82,14 @@ def iterative_prune(model: ReIDViT, heads: float, tokens: float, calibration: Ca
         plan = make_plan(student, heads=ratio, head_policy=head_policy, allocation=allocation,
                          data=calibration, seed=seed + round_index, progress=progress)
         apply_plan(student, plan)
-        finetune(student, teacher, training, config.finetune_steps, config, base, progress)
+        finetune_distilled(student, teacher, training, config.finetune_steps, config, base, progress)
     if tokens > 0:
         if progress:
             progress(f"tokens: {tokens:.0%} of key/value positions removed")
         plan = make_plan(student, tokens=tokens, token_policy=token_policy, data=calibration, seed=seed,
                          progress=progress)
         apply_plan(student, plan)
-        finetune(student, teacher, training, config.finetune_steps, config, base, progress)
+        finetune_distilled(student, teacher, training, config.finetune_steps, config, base, progress)
     plan = plan or PrunePlan.unpruned(model.config)
     plan.policy = {"heads": head_policy if heads else "none", "tokens": token_policy if tokens else "none",
                    "allocation": allocation,
@@ -93,3 +97,33 @@ def iterative_prune(model: ReIDViT, heads: float, tokens: float, calibration: Ca
     plan.ratios = {"heads": heads, "tokens": tokens}
     student.plan = plan
     return student.eval(), plan
+
+
+def run_schedule(model: ReIDViT, plan: PrunePlan, schedule: Schedule, calibration: CalibrationData | None,
+                 training: TrainingSet | None, progress: Progress | None = None) -> ReIDViT:
+    """A pruned copy of `model` (left untouched) by `schedule`, starting from the one-shot `plan`.
+
+    Iterative re-scores with `plan`'s policies and ratios; a plan with dynamic tokens (EViT,
+    ToMe) has nothing to re-score and is fine-tuned once instead (its description says so).
+    """
+    if schedule.kind != "one-shot" and training is None:
+        raise ValueError(f"the {schedule.kind} schedule needs training data")
+    if schedule.kind == "iterative" and plan.dynamic_tokens is None:
+        if calibration is None:
+            raise ValueError("the iterative schedule needs calibration data to re-score")
+        stages = fine_tuning_stages(schedule.rounds, bool(plan.ratios.get("heads")), bool(plan.ratios.get("tokens")))
+        per_stage = max(1, schedule.steps // stages)
+        pruned, new_plan = iterative_prune(
+            model, plan.ratios.get("heads", 0.0), plan.ratios.get("tokens", 0.0), calibration, training,
+            IterativeConfig(schedule.rounds, per_stage, schedule.lr), plan.policy.get("heads", "amg"),
+            plan.policy.get("tokens", "amg"), plan.policy.get("allocation", "global"), progress=progress)
+        new_plan.ratios = dict(plan.ratios)
+        new_plan.policy["schedule"] = schedule.description
+        return pruned
+    pruned = apply_plan(copy.deepcopy(model), copy.deepcopy(plan))
+    if schedule.kind != "one-shot":
+        teacher = copy.deepcopy(model).eval()
+        finetune_distilled(pruned, teacher, training, schedule.steps, IterativeConfig(1, schedule.steps, schedule.lr),
+                 progress=progress)
+        pruned.plan.policy["schedule"] = schedule.description
+    return pruned.eval()

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch import nn
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 CHECKPOINT_FORMAT = "amg-reid-v1"
 

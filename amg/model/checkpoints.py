@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from timm.layers import resample_abs_pos_embed
 
-from amg.model import ReIDViT, load_exact, read_checkpoint
+from amg.model.vit import ReIDViT, load_exact, read_checkpoint
 
 Rule = tuple[str, str | None]  # (regex on the checkpoint key, replacement or None to drop)
 

@@ -11,10 +11,8 @@ import re
 from dataclasses import dataclass, replace
 from typing import Sequence
 
-from amg.dynamic import DYNAMIC_POLICIES
-from amg.prune import needs_calibration
-from amg.schedule import ONE_SHOT, Schedule
-from amg.scores import HEAD_POLICIES, TOKEN_POLICIES
+from amg.pruning.policies import HEAD_POLICIES, TOKEN_POLICIES, needs_calibration
+from amg.pruning.schedule import ONE_SHOT, Schedule
 
 GPU_BACKENDS = ("cuda", "jetson")  # fp16/bf16 autocast cases run there by default
 
@@ -208,7 +206,7 @@ def build_cases(profile: Profile, ratios: Sequence[float] | None = None, policie
 
 def _ratio_specs(profile: Profile, ratios: Sequence[float], policies: Sequence[str] | None) -> list[PruneSpec]:
     head_policies = tuple(p for p in (policies or profile.head_policies) if p in HEAD_POLICIES)
-    token_policies = tuple(p for p in (policies or profile.token_policies) if p in TOKEN_POLICIES + DYNAMIC_POLICIES)
+    token_policies = tuple(p for p in (policies or profile.token_policies) if p in TOKEN_POLICIES)
     specs = [UNPRUNED]
     for ratio in ratios:
         specs += [PruneSpec(heads=ratio, head_policy=p) for p in head_policies]

@@ -3,17 +3,14 @@
 All three start from the same one-shot plan (its ratios, its policies) and spend the same
 number of fine-tuning steps (`Schedule.steps`), always distilled from the unpruned model, so
 that they compare at equal training cost. Iterative spreads the steps over its rounds.
+The schedule is a name and numbers (torch-free, for profiles and reports); running one is
+`amg.pruning.iterative.run_schedule`.
 """
 
 from __future__ import annotations
 
-import copy
 import re
 from dataclasses import dataclass
-
-from amg.iterative import IterativeConfig, TrainingSet, finetune, iterative_prune
-from amg.model import ReIDViT
-from amg.prune import CalibrationData, Progress, PrunePlan, apply_plan
 
 SCHEDULES = ("one-shot", "finetune", "iterative")
 _LABEL = re.compile(r"^(?:one-shot|ft(?P<steps>\d+)|it(?P<rounds>\d+)x(?P<total>\d+))$")
@@ -68,33 +65,3 @@ def fine_tuning_stages(rounds: int, heads: bool, tokens: bool) -> int:
     """How many fine-tuning stages share an iterative schedule's steps: one after each head
     round, one after the tokens (at least one)."""
     return max(1, rounds * heads + tokens)
-
-
-def run_schedule(model: ReIDViT, plan: PrunePlan, schedule: Schedule, calibration: CalibrationData | None,
-                 training: TrainingSet | None, progress: Progress | None = None) -> ReIDViT:
-    """A pruned copy of `model` (left untouched) by `schedule`, starting from the one-shot `plan`.
-
-    Iterative re-scores with `plan`'s policies and ratios; a plan with dynamic tokens (EViT,
-    ToMe) has nothing to re-score and is fine-tuned once instead (its description says so).
-    """
-    if schedule.kind != "one-shot" and training is None:
-        raise ValueError(f"the {schedule.kind} schedule needs training data")
-    if schedule.kind == "iterative" and plan.dynamic_tokens is None:
-        if calibration is None:
-            raise ValueError("the iterative schedule needs calibration data to re-score")
-        stages = fine_tuning_stages(schedule.rounds, bool(plan.ratios.get("heads")), bool(plan.ratios.get("tokens")))
-        per_stage = max(1, schedule.steps // stages)
-        pruned, new_plan = iterative_prune(
-            model, plan.ratios.get("heads", 0.0), plan.ratios.get("tokens", 0.0), calibration, training,
-            IterativeConfig(schedule.rounds, per_stage, schedule.lr), plan.policy.get("heads", "amg"),
-            plan.policy.get("tokens", "amg"), plan.policy.get("allocation", "global"), progress=progress)
-        new_plan.ratios = dict(plan.ratios)
-        new_plan.policy["schedule"] = schedule.description
-        return pruned
-    pruned = apply_plan(copy.deepcopy(model), copy.deepcopy(plan))
-    if schedule.kind != "one-shot":
-        teacher = copy.deepcopy(model).eval()
-        finetune(pruned, teacher, training, schedule.steps, IterativeConfig(1, schedule.steps, schedule.lr),
-                 progress=progress)
-        pruned.plan.policy["schedule"] = schedule.description
-    return pruned.eval()

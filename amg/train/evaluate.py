@@ -10,8 +10,8 @@ import torch
 from amg.data.layout import ReIDDataset, Sample
 from amg.data.preload import preload_images
 from amg.data.transforms import normalize
-from amg.metrics import RankMetrics, evaluate_rank, pairwise_distance
-from amg.model import ReIDViT
+from amg.model.vit import ReIDViT
+from amg.train.metrics import RankMetrics, evaluate_rank, pairwise_distance
 
 
 @torch.inference_mode()

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import pandas as pd
 from tabulate import tabulate
 
-from amg.profiles import PruneSpec
-from amg.report import pareto_front, run_timestamps
-from amg.schedule import fine_tuning_stages
+from amg.benchmark.profiles import PruneSpec
+from amg.pruning.schedule import fine_tuning_stages
+from amg.reporting.report import pareto_front, run_timestamps
 
 LATENCY = "latency_median_ms"
 PAIRED = "latency_paired_ms"

@@ -11,8 +11,8 @@ import torch
 
 from amg.data.sampler import PKSampler
 from amg.data.transforms import BatchAugment, normalize
-from amg.losses import batch_hard_triplet, id_loss, soft_distillation
-from amg.model import ReIDViT
+from amg.model.vit import ReIDViT
+from amg.train.losses import batch_hard_triplet, id_loss, soft_distillation
 
 Progress = Callable[[str], None]
 
@@ -82,7 +82,7 @@ def _pk_batches(labels: list[int], config: TrainConfig):
         epoch += 1
 
 
-def train(model: ReIDViT, images: torch.Tensor, labels: list[int], camids: list[int],
+def train_reid(model: ReIDViT, images: torch.Tensor, labels: list[int], camids: list[int],
           config: TrainConfig = TrainConfig(), progress: Progress | None = None,
           teacher: ReIDViT | None = None) -> TrainLog:
     """Train `model` in place on preloaded uint8 `images` with contiguous `labels`.

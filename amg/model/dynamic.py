@@ -21,9 +21,10 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from amg.attention import patch_model
+from amg.model.attention import patch_model
 
-DYNAMIC_POLICIES = ("evit", "tome")
+# The token policies whose blocks this module implements (amg.pruning.policies names them too).
+IMPLEMENTED = ("evit", "tome")
 
 
 def evit_reduce(x: torch.Tensor, cls_attention: torch.Tensor, keep: int) -> torch.Tensor:
@@ -132,7 +133,7 @@ def apply_dynamic(model: nn.Module, policy: str, amount: float | int, blocks: Se
             raise ValueError(f"ToMe merges a whole number r >= 1 of tokens per block, got {amount}")
         blocks = blocks if blocks is not None else range(depth)
     else:
-        raise ValueError(f"unknown dynamic token policy {policy!r}; choose one of {DYNAMIC_POLICIES}")
+        raise ValueError(f"unknown dynamic token policy {policy!r}; choose one of {IMPLEMENTED}")
     sizes: dict = {}
     for index in blocks:
         if not 0 <= index < depth:

@@ -1,90 +1,23 @@
 """What pruning removed, in pictures: head entropy by block and head, kept K/V positions over a person.
 
-The suite saves one `AttentionRecord` per model beside its CSVs (`results/models/<model>/`):
-the unpruned model's head entropies on its calibration images, a sample query image at the
-model's input size, and the one-shot plans it made (in original numbering). `amg report`
-draws them from those files alone: no model, no data set.
+Drawn from the attention records the suite saves (`amg.benchmark.attention_record`) alone:
+no model, no data set, no torch.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
 
 import numpy as np
-import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
-from amg.model import ReIDViT
-from amg.prune import PrunePlan
-from amg.results import ReportError, safe_name, write_atomic
-from amg.scores import calibrate, head_entropy
+from amg.benchmark.attention_record import SAMPLE_FILE, AttentionRecord, find_records, load_record
+from amg.benchmark.results import write_atomic
+from amg.model.plan import PrunePlan
 
-RECORDS_DIR = "models"
-RECORD_FILE = "attention.json"
-SAMPLE_FILE = "sample.png"
 MAX_HEAD_PANELS = 3
 TOKEN_BLOCKS = 4  # blocks shown with their kept K/V positions
-
-
-@dataclass
-class AttentionRecord:
-    model: str  # preset name
-    checkpoint: str
-    img_size: tuple[int, int]
-    grid: tuple[int, int]  # patch rows, columns
-    stride: int  # pixels between patch positions
-    entropy: list[list[float]]  # [block][head], bits, unpruned model on the calibration images
-    plans: dict[str, dict[str, Any]] = field(default_factory=dict)  # config_id -> PrunePlan dict
-
-    @property
-    def key(self) -> str:
-        return safe_name(f"{self.model}-{Path(self.checkpoint).stem}")
-
-
-def make_record(model: ReIDViT, checkpoint: str, calibration_images: torch.Tensor,
-                plans: Mapping[str, PrunePlan]) -> AttentionRecord:
-    """Entropies of `model` (unpruned) on `calibration_images` (uint8), with `plans` made for it."""
-    result = calibrate(model, calibration_images, gradients=False)
-    entropy = [head_entropy(attention).tolist() for attention in result.mean_attention]
-    config = model.config
-    return AttentionRecord(config.name, checkpoint, tuple(config.img_size), tuple(config.grid_size),
-                           config.patch_stride or config.patch_size, entropy,
-                           {name: plan.to_dict() for name, plan in plans.items()})
-
-
-def save_record(record: AttentionRecord, sample: torch.Tensor, results_dir: str | Path) -> Path:
-    """Write `record` (merging plans already recorded for the same model) and `sample` ([3,H,W] uint8)."""
-    folder = Path(results_dir) / RECORDS_DIR / record.key
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / RECORD_FILE
-    if path.is_file():
-        try:
-            record.plans = {**load_record(folder).plans, **record.plans}
-        except ReportError:
-            pass  # an unreadable old record is replaced, not merged
-    image = Image.fromarray(sample.permute(1, 2, 0).numpy())
-    write_atomic(folder / SAMPLE_FILE, lambda stream: image.save(stream, format="PNG"))
-    text = json.dumps(asdict(record), indent=1) + "\n"
-    return write_atomic(path, lambda stream: stream.write(text.encode("utf-8")))
-
-
-def load_record(folder: str | Path) -> AttentionRecord:
-    path = Path(folder) / RECORD_FILE
-    try:
-        values = json.loads(path.read_text())
-        record = AttentionRecord(**values)
-    except (OSError, json.JSONDecodeError, TypeError) as error:
-        raise ReportError(f"{path} is not an attention record: {error}") from error
-    record.img_size, record.grid = tuple(record.img_size), tuple(record.grid)
-    return record
-
-
-def find_records(results_dir: str | Path) -> list[Path]:
-    return sorted(p.parent for p in (Path(results_dir) / RECORDS_DIR).glob(f"*/{RECORD_FILE}"))
 
 
 # ------------------------------------------------------------------------------- drawing

@@ -21,29 +21,24 @@ from typing import Any, Callable, Sequence
 import torch
 
 import amg
+from amg.benchmark.plan_store import PlanStore
+from amg.benchmark.profiles import UNPRUNED, Case, Profile, PruneSpec
 from amg.data.layout import ReIDDataset
 from amg.data.synthetic import MANIFEST
-from amg.evaluate import Evaluator
-from amg.iterative import TrainingSet
 from amg.measure.backends import Runner, device_id, device_name, prepare
 from amg.measure.flops import count_macs
 from amg.measure.latency import LatencyStats, paired_speedup
 from amg.measure.memory import measure_peak_memory
-from amg.model import ReIDViT
-from amg.plan_store import PlanStore
-from amg.profiles import UNPRUNED, Case, Profile, PruneSpec
-from amg.prune import (
-    CalibrationData,
-    OutOfReach,
-    PrunePlan,
-    apply_plan,
-    current_plan,
-    make_plan,
-    plan_for_saving,
-    save_pruned,
-)
-from amg.schedule import ONE_SHOT, run_schedule
-from amg.zoo import cached_pruned, model_fingerprint
+from amg.model.plan import PrunePlan
+from amg.model.pruned import apply_plan, current_plan, save_pruned
+from amg.model.vit import ReIDViT
+from amg.pruning.calibration import CalibrationData
+from amg.pruning.iterative import TrainingSet, run_schedule
+from amg.pruning.macs_target import OutOfReach, plan_for_saving
+from amg.pruning.planner import make_plan
+from amg.pruning.schedule import ONE_SHOT
+from amg.train.cache import cached_pruned, model_fingerprint
+from amg.train.evaluate import Evaluator
 
 Progress = Callable[[str], None]
 # Peak memory is measured where the child process runs the model as deployed; the export
@@ -187,15 +182,16 @@ class Suite:
     def save_attention_record(self, results_dir: str | Path) -> Path | None:
         """For `amg report`'s pictures: the unpruned model's head entropy, a sample query image and
         the one-shot plans made in this session. None when nothing was calibrated (no AMG plan)."""
+        from amg.benchmark.attention_record import save_record
+        from amg.benchmark.recording import make_record
         from amg.data.preload import preload_images
-        from amg.explain import make_record, save_record
 
         if self._calibration is None or self.dataset is None:
             return None
         plans = {key.config_id: plan for key, plan in self._plans.items() if isinstance(plan, PrunePlan)}
         record = make_record(self.model, self.checkpoint, self._calibration.images, plans)
         sample = preload_images(self.dataset.query_sets["query"][:1], self.model.config.img_size)[0]
-        return save_record(record, sample, results_dir)
+        return save_record(record, sample.permute(1, 2, 0).numpy(), results_dir)
 
     def runner(self, case: Case) -> Runner:
         runner = prepare(case.backend, copy.deepcopy(self.pruned(case.spec)), case.batch, case.precision, self.threads)

@@ -15,8 +15,9 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from amg.attention import capture_attention, patch_model
 from amg.data.transforms import normalize
+from amg.model.attention import capture_attention, patch_model
+from amg.pruning.policies import HEAD_ALLOCATIONS
 
 # The reference scales block l's head entropy by (1 + HEAD_LAYER_SCALE * l) before the
 # global ranking, so deeper heads look slightly more diffuse (more removable).
@@ -24,10 +25,6 @@ HEAD_LAYER_SCALE = 0.02
 # The reference scales block l's L2-normalised token scores by (1 - TOKEN_DEPTH_DECAY * l),
 # so deeper blocks lose key/value positions first.
 TOKEN_DEPTH_DECAY = 0.03
-
-HEAD_POLICIES = ("amg", "amg-lowest", "random", "magnitude", "gradient")
-HEAD_ALLOCATIONS = ("global", "per-block", "normalized")
-TOKEN_POLICIES = ("amg", "random")
 
 Progress = Callable[[str], None]
 
@@ -125,11 +122,15 @@ def head_entropy(mean_attention: torch.Tensor) -> torch.Tensor:
     return (-plogp.sum(dim=-1)).mean(dim=-1)
 
 
-def amg_head_removal_scores(calibration: Calibration, allocation: str = "global") -> list[torch.Tensor]:
+# Scorers named in amg.pruning.policies share one signature: (model, calibration, allocation, seed).
+
+
+def amg_head_removal_scores(model, calibration: Calibration, allocation: str = "global",
+                            seed: int = 0) -> list[torch.Tensor]:
     """AMG: high entropy (diffuse attention) goes first.
 
     global: the reference's layer scale (1 + 0.02·l) then one ranking across blocks.
-    per-block: the same ranking used inside each block (see `heads_to_remove`).
+    per-block: the same ranking used inside each block (`amg.pruning.selection.select_heads`).
     normalized: entropy divided by its maximum log2(N_kv), so blocks compare fairly.
     """
     if allocation not in HEAD_ALLOCATIONS:
@@ -145,19 +146,22 @@ def amg_head_removal_scores(calibration: Calibration, allocation: str = "global"
     return scores
 
 
-def lowest_entropy_removal_scores(calibration: Calibration) -> list[torch.Tensor]:
+def lowest_entropy_removal_scores(model, calibration: Calibration, allocation: str = "global",
+                                  seed: int = 0) -> list[torch.Tensor]:
     """The opposite rule (a baseline): focused heads go first."""
     return [-head_entropy(attention) for attention in calibration.mean_attention]
 
 
-def gradient_removal_scores(calibration: Calibration) -> list[torch.Tensor]:
+def gradient_removal_scores(model, calibration: Calibration, allocation: str = "global",
+                            seed: int = 0) -> list[torch.Tensor]:
     """Michel et al. 2019: E|sum(head output · dL/d output)|, L2-normalised per block; low goes first."""
     if calibration.head_taylor is None:
         raise ValueError("gradient head scores need a calibration with gradients")
     return [-(t / t.norm().clamp_min(1e-12)) for t in calibration.head_taylor]
 
 
-def magnitude_removal_scores(model) -> list[torch.Tensor]:
+def magnitude_removal_scores(model, calibration: Calibration | None = None, allocation: str = "global",
+                             seed: int = 0) -> list[torch.Tensor]:
     """Weight magnitude: L2 norm of a head's q, k, v rows and proj columns; small goes first."""
     scores = []
     for module in patch_model(model):
@@ -168,9 +172,9 @@ def magnitude_removal_scores(model) -> list[torch.Tensor]:
     return scores
 
 
-def random_removal_scores(head_counts: Sequence[int], seed: int) -> list[torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.rand(count, generator=generator) for count in head_counts]
+def random_removal_scores(model, calibration: Calibration | None = None, allocation: str = "global",
+                          seed: int = 0) -> list[torch.Tensor]:
+    return _uniform([module.num_heads for module in patch_model(model)], seed)
 
 
 # ----------------------------------------------------------------------------- token scores
@@ -178,7 +182,8 @@ def random_removal_scores(head_counts: Sequence[int], seed: int) -> list[torch.T
 # Position 0 (the class token) is never scored: callers always keep it.
 
 
-def amg_token_keep_scores(calibration: Calibration) -> list[torch.Tensor]:
+def amg_token_keep_scores(model, calibration: Calibration, allocation: str = "global",
+                          seed: int = 0) -> list[torch.Tensor]:
     """AMG: |sum A·dL/dA| per key, L2-normalised per block, scaled by (1 - 0.03·l)."""
     if calibration.token_taylor is None:
         raise ValueError("AMG token scores need a calibration with gradients")
@@ -190,6 +195,11 @@ def amg_token_keep_scores(calibration: Calibration) -> list[torch.Tensor]:
     return scores
 
 
-def random_token_keep_scores(token_counts: Sequence[int], seed: int) -> list[torch.Tensor]:
+def random_token_keep_scores(model, calibration: Calibration | None = None, allocation: str = "global",
+                             seed: int = 0) -> list[torch.Tensor]:
+    return _uniform([model.config.num_tokens] * model.config.depth, seed)
+
+
+def _uniform(counts: Sequence[int], seed: int) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
-    return [torch.rand(count, generator=generator) for count in token_counts]
+    return [torch.rand(count, generator=generator) for count in counts]

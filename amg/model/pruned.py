@@ -1,0 +1,47 @@
+"""Pruned models: apply a plan to a model, read it back, save and load pruned model files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from amg.model.attention import patch_model
+from amg.model.dynamic import apply_dynamic
+from amg.model.plan import PrunePlan
+from amg.model.vit import ReIDViT, load_model, save_model
+
+
+def apply_plan(model: ReIDViT, plan: PrunePlan) -> ReIDViT:
+    """Prune `model` in place to `plan` (it may already be pruned to a superset of the plan)."""
+    plan.check_fits(model.config)
+    for module, heads, tokens in zip(patch_model(model), plan.kept_heads, plan.kept_tokens):
+        if sorted(heads) != sorted(module.head_ids):
+            module.keep_heads(heads)
+        module.keep_tokens(tokens, model.config.num_tokens)
+    if plan.dynamic_tokens is not None:
+        apply_dynamic(model, plan.dynamic_tokens["policy"], plan.dynamic_tokens["amount"],
+                      plan.dynamic_tokens.get("blocks"))
+    model.plan = plan
+    return model
+
+
+def current_plan(model: ReIDViT) -> PrunePlan:
+    return getattr(model, "plan", None) or PrunePlan.unpruned(model.config)
+
+
+# ------------------------------------------------------------------------------ save and load
+
+
+def save_pruned(model: ReIDViT, path: str | Path, **meta: Any) -> Path:
+    """An amg model file with the plan inside; `load_pruned` rebuilds the shapes from it."""
+    return save_model(model, path, extra={"plan": current_plan(model).to_dict()}, **meta)
+
+
+def _apply_saved_plan(model: ReIDViT, payload: dict[str, Any]) -> None:
+    if payload.get("plan") is not None:
+        apply_plan(model, PrunePlan.from_dict(payload["plan"]))
+
+
+def load_pruned(path: str | Path) -> ReIDViT:
+    """Load any amg model file, pruned (with a plan) or not, in eval mode."""
+    return load_model(path, prepare=_apply_saved_plan)

@@ -1,0 +1,44 @@
+"""The calibration images that heads and tokens are scored on (statistics: `scores.Calibration`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from amg.data.layout import ReIDDataset, relabel_pids
+from amg.data.preload import preload_images
+from amg.model.vit import ReIDViT
+from amg.pruning import scores as S
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class CalibrationData:
+    """uint8 images (+ training labels and camera ids) used to score heads and tokens."""
+
+    images: torch.Tensor
+    labels: list[int] | None = None
+    camids: list[int] | None = None
+    description: dict[str, Any] = field(default_factory=dict)
+    loss: str = "id"
+    teacher: ReIDViT | None = None
+
+    @classmethod
+    def from_dataset(cls, dataset: ReIDDataset, img_size: tuple[int, int], count: int = 256, seed: int = 0,
+                     progress: Progress | None = None) -> CalibrationData:
+        """`count` random training images (by `seed`) with their contiguous training labels."""
+        labels, _ = relabel_pids(dataset.train)
+        count = min(count, len(dataset.train))
+        chosen = torch.randperm(len(dataset.train), generator=torch.Generator().manual_seed(seed))[:count].tolist()
+        samples = [dataset.train[i] for i in chosen]
+        if progress:
+            progress(f"loading {count} calibration images from {dataset.root}")
+        return cls(preload_images(samples, img_size), [labels[i] for i in chosen], [s.camid for s in samples],
+                   {"dataset": str(dataset.root), "split": "train", "images": count, "seed": seed, "loss": "id"})
+
+    def run(self, model: ReIDViT, progress: Progress | None, gradients: bool = True) -> S.Calibration:
+        return S.calibrate(model, self.images, self.labels, self.camids, self.loss, self.teacher,
+                           gradients=gradients, progress=progress)

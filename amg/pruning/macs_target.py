@@ -1,0 +1,137 @@
+"""Plans by MACs target: the pruning ratio (or EViT keep rate / ToMe r) that saves a given
+fraction of the whole model's fvcore MACs, or `OutOfReach` with the reachable maximum."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+from amg.measure.flops import analytic_model_macs, count_macs
+from amg.model.attention import patch_model
+from amg.model.dynamic import apply_dynamic
+from amg.model.plan import PrunePlan
+from amg.model.vit import ModelConfig, ReIDViT
+from amg.pruning.calibration import CalibrationData, Progress
+from amg.pruning.planner import head_removal_scores, make_plan, token_keep_scores
+from amg.pruning.policies import is_dynamic, needs_calibration, needs_gradients
+from amg.pruning.selection import select_heads, select_tokens
+
+
+def plan_macs(config: ModelConfig, plan: PrunePlan) -> int:
+    """Analytic per-image MACs of the blocks under `plan` (instant; fvcore confirms the final plan)."""
+    return analytic_model_macs(
+        config.num_tokens, config.embed_dim, config.embed_dim // config.num_heads,
+        int(config.embed_dim * config.mlp_ratio), [len(h) for h in plan.kept_heads],
+        [config.num_tokens if t is None else len(t) for t in plan.kept_tokens],
+    )
+
+
+MAX_SEARCH_RATIO = 0.95
+
+
+class OutOfReach(ValueError):
+    """A MACs saving that a pruning mode cannot reach on this model (not a bug: a limit)."""
+
+
+def plan_for_saving(model: ReIDViT, target: float, mode: str = "both", head_policy: str = "amg",
+                    token_policy: str = "amg", allocation: str = "global", data: CalibrationData | None = None,
+                    seed: int = 0, progress: Progress | None = None) -> PrunePlan:
+    """A plan removing about `target` of the model's fvcore MACs, by heads, tokens or both (equal ratios).
+
+    Static plans: the ratio is found by bisection on the analytic block count plus the fixed
+    rest of the model (patch embedding, neck), with scores from one calibration of the
+    unpruned model; the returned plan is then made properly by `make_plan` (tokens scored on
+    the head-pruned model), so its measured saving can differ slightly from `target`.
+    Dynamic token policies (EViT, ToMe; mode "tokens" only) are searched on fvcore's count
+    of the patched model; ToMe's whole r per block gives the nearest reachable saving.
+    Raises OutOfReach when the mode cannot save `target` on this model.
+    """
+    if not 0.0 < target < 1.0:
+        raise ValueError(f"target MACs saving must be in (0, 1), got {target}")
+    if mode not in ("heads", "tokens", "both"):
+        raise ValueError(f"mode must be heads, tokens or both, got {mode!r}")
+    use_heads, use_tokens = mode in ("heads", "both"), mode in ("tokens", "both")
+    if use_tokens and is_dynamic(token_policy):
+        if use_heads:
+            raise ValueError("a MACs target with a dynamic token policy is searched by tokens alone (mode 'tokens')")
+        return _dynamic_plan_for_saving(model, target, token_policy)
+    work = copy.deepcopy(model)
+    modules = patch_model(work)
+    needs_data = needs_calibration(use_heads, head_policy, use_tokens, token_policy)
+    if needs_data and data is None:
+        raise ValueError(f"this plan needs calibration data (head policy {head_policy!r}, token policy {token_policy!r})")
+    gradients = needs_gradients(use_heads, head_policy, use_tokens, token_policy)
+    calibration = data.run(work, progress, gradients=gradients) if needs_data else None
+    head_scores = head_removal_scores(work, head_policy, allocation, calibration, seed) if use_heads else None
+    token_scores = token_keep_scores(work, token_policy, calibration, seed) if use_tokens else None
+    blocks = plan_macs(work.config, PrunePlan.unpruned(work.config))
+    rest = count_macs(work).total - blocks  # what no plan changes: patch embedding, norms, neck
+    candidate = PrunePlan.unpruned(work.config)
+
+    def saving(ratio: float) -> float:
+        if head_scores is not None:
+            candidate.kept_heads = select_heads(head_scores, [m.head_ids for m in modules], ratio, allocation)
+        if token_scores is not None:
+            candidate.kept_tokens = select_tokens(token_scores, ratio)
+        return 1 - (rest + plan_macs(work.config, candidate)) / (rest + blocks)
+
+    reachable = saving(MAX_SEARCH_RATIO)
+    if reachable < target:
+        raise OutOfReach(f"a {target:.0%} MACs saving is out of reach by {mode}: at ratio {MAX_SEARCH_RATIO} "
+                         f"the saving is {reachable:.1%}")
+    low, high = 0.0, MAX_SEARCH_RATIO
+    for _ in range(30):
+        middle = (low + high) / 2
+        low, high = (middle, high) if saving(middle) < target else (low, middle)
+    plan = make_plan(model, heads=high if use_heads else 0.0, tokens=high if use_tokens else 0.0,
+                     head_policy=head_policy, token_policy=token_policy, allocation=allocation, data=data,
+                     seed=seed, progress=progress, calibration=calibration)
+    plan.ratios["target_macs_saving"] = target
+    return plan
+
+
+# ToMe's savings come in steps of one merged token per block; a step further than this from
+# the target is reported as out of reach rather than silently compared at another saving.
+DYNAMIC_SAVING_TOLERANCE = 0.05
+
+
+def _dynamic_plan_for_saving(model: ReIDViT, target: float, policy: str) -> PrunePlan:
+    full = count_macs(model).total
+    patches = model.config.num_tokens - 1
+
+    def saving(amount: float) -> float:
+        patched = apply_dynamic(copy.deepcopy(model), policy, amount)
+        return 1 - count_macs(patched).total / full
+
+    if policy == "tome":
+        # r above half of what is left merges nothing more (bipartite halves); stop when a step adds nothing
+        best, best_gap, previous = None, math.inf, -1.0
+        for r in range(1, patches // 2 + 1):
+            value = saving(r)
+            if abs(value - target) < best_gap:
+                best, best_gap = r, abs(value - target)
+            if value >= target or value <= previous:
+                break
+            previous = value
+        amount: float = best
+    else:  # EViT: the keep rate; a lower rate saves more
+        low, high = 1.0 / patches, 1.0 - 1.0 / patches
+        if saving(low) < target:
+            raise OutOfReach(f"a {target:.0%} MACs saving is out of reach by EViT: keeping one token in "
+                             f"{patches} saves {saving(low):.1%}")
+        for _ in range(14):
+            middle = (low + high) / 2
+            low, high = (middle, high) if saving(middle) >= target else (low, middle)
+        amount, best_gap = round(low, 4), abs(saving(round(low, 4)) - target)
+    if best_gap > DYNAMIC_SAVING_TOLERANCE:
+        raise OutOfReach(f"a {target:.0%} MACs saving is out of reach by {policy}: the nearest setting "
+                         f"({amount}) is {best_gap:.1%} away")
+    plan = PrunePlan.unpruned(model.config)
+    plan.policy = {"heads": "none", "tokens": policy, "allocation": "global"}
+    # the token ratio that `dynamic_amount` turns into this amount
+    ratio = 1.0 - amount if policy == "evit" else amount * model.config.depth / patches
+    plan.ratios = {"heads": 0.0, "tokens": round(ratio, 4), "target_macs_saving": target}
+    plan.dynamic_tokens = {"policy": policy, "amount": amount}
+    return plan
+
+

@@ -1,0 +1,91 @@
+"""Making a plan: score heads and key/value positions by a policy, then select what stays."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+from amg.model.attention import patch_model
+from amg.model.plan import PrunePlan
+from amg.model.pruned import apply_plan
+from amg.model.vit import ModelConfig, ReIDViT
+from amg.pruning import scores as S
+from amg.pruning.calibration import CalibrationData, Progress
+from amg.pruning.policies import HEAD_ALLOCATIONS, HEADS, TOKENS, needs_calibration, policy
+from amg.pruning.selection import check_ratio, select_heads, select_tokens
+
+
+def policy_scores(axis: str, model: ReIDViT, name: str, allocation: str, calibration: S.Calibration | None,
+                  seed: int) -> list[torch.Tensor]:
+    """The registered scorer of policy `name` on `axis` (heads: higher goes; tokens: higher stays)."""
+    chosen = policy(axis, name)
+    if chosen.dynamic:
+        raise ValueError(f"token policy {name!r} is dynamic: its blocks choose tokens at run time, nothing is scored")
+    if chosen.needs_data and calibration is None:
+        raise ValueError(f"{axis[:-1]} policy {name!r} needs calibration data")
+    return getattr(S, chosen.scorer)(model, calibration, allocation, seed)
+
+
+def head_removal_scores(model: ReIDViT, name: str, allocation: str, calibration: S.Calibration | None,
+                        seed: int) -> list[torch.Tensor]:
+    return policy_scores(HEADS, model, name, allocation, calibration, seed)
+
+
+def token_keep_scores(model: ReIDViT, name: str, calibration: S.Calibration | None, seed: int) -> list[torch.Tensor]:
+    return policy_scores(TOKENS, model, name, "global", calibration, seed)
+
+
+def make_plan(model: ReIDViT, heads: float = 0.0, tokens: float = 0.0, head_policy: str = "amg",
+              token_policy: str = "amg", allocation: str = "global", data: CalibrationData | None = None,
+              seed: int = 0, progress: Progress | None = None,
+              calibration: S.Calibration | None = None) -> PrunePlan:
+    """Score and select: heads first, then tokens scored on the head-pruned model (as the reference).
+
+    `calibration`, if given, is a calibration of `model` as it is now (e.g. from a ratio
+    search), reused instead of running `data` through the model again before heads go.
+    """
+    check_ratio("head", heads)
+    check_ratio("token", tokens)
+    head_scoring, token_scoring = policy(HEADS, head_policy), policy(TOKENS, token_policy)
+    if allocation not in HEAD_ALLOCATIONS:
+        raise ValueError(f"unknown head allocation {allocation!r}; choose one of {HEAD_ALLOCATIONS}")
+    work = copy.deepcopy(model)
+    modules = patch_model(work)
+    needs_data = needs_calibration(heads > 0, head_policy, tokens > 0, token_policy)
+    if needs_data and data is None:
+        raise ValueError(f"this plan needs calibration data (head policy {head_policy!r}, token policy {token_policy!r})")
+    plan = PrunePlan.unpruned(work.config)
+    # Start from what the model already is (iterative pruning calls this on pruned models).
+    plan.kept_heads = [list(m.head_ids) for m in modules]
+    plan.kept_tokens = [None if m.kv_index is None else m.kv_index.tolist() for m in modules]
+    plan.policy = {"heads": head_policy if heads else "none", "tokens": token_policy if tokens else "none",
+                   "allocation": allocation}
+    plan.ratios = {"heads": heads, "tokens": tokens}
+    plan.calibration = dict(data.description) if data is not None and needs_data else {}
+    if heads > 0:
+        if calibration is None and head_scoring.needs_data:
+            calibration = data.run(work, progress, gradients=head_scoring.gradients)
+        scores = head_removal_scores(work, head_policy, allocation, calibration, seed)
+        plan.kept_heads = select_heads(scores, [m.head_ids for m in modules], heads, allocation,
+                                       total_heads=work.config.depth * work.config.num_heads)
+        apply_plan(work, plan)
+        calibration = None  # it described the model before its heads went
+    if tokens > 0 and token_scoring.dynamic:
+        plan.dynamic_tokens = dynamic_amount(token_policy, tokens, work.config)
+    elif tokens > 0:
+        if token_scoring.needs_data and (calibration is None or calibration.token_taylor is None):
+            calibration = data.run(work, progress, gradients=token_scoring.gradients)
+        plan.kept_tokens = select_tokens(token_keep_scores(work, token_policy, calibration, seed), tokens)
+    return plan
+
+
+def dynamic_amount(policy: str, ratio: float, config: ModelConfig) -> dict[str, Any]:
+    """A token ratio in dynamic terms: EViT keeps 1 - ratio of the tokens at each of its
+    reduction blocks; ToMe merges ratio x patches / depth tokens in every block."""
+    if policy == "evit":
+        return {"policy": "evit", "amount": round(1.0 - ratio, 4)}
+    return {"policy": "tome", "amount": max(1, round(ratio * (config.num_tokens - 1) / config.depth))}
+
+

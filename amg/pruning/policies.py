@@ -1,0 +1,75 @@
+"""Every pruning policy, by name: what it prunes, what it needs, and which function scores it.
+
+Adding a policy is one entry here plus its scorer in `amg.pruning.scores`, with the signature
+`scorer(model, calibration, allocation, seed) -> list[Tensor]`: per block, one score per head
+(higher = removed first) or per key/value position (higher = kept). Dynamic token policies
+(EViT, ToMe) have no scorer: their blocks (`amg.model.dynamic`) choose tokens at run time.
+
+Torch-free on purpose: profiles, the command line's choices and the reports read it on a
+machine that only collects CSVs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+HEADS, TOKENS = "heads", "tokens"
+HEAD_ALLOCATIONS = ("global", "per-block", "normalized")
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    axis: str  # HEADS or TOKENS
+    summary: str
+    needs_data: bool = False  # scored on calibration images
+    gradients: bool = False  # ...with a backward pass
+    scorer: str | None = None  # function name in amg.pruning.scores; None: dynamic token policy
+
+    @property
+    def dynamic(self) -> bool:
+        return self.scorer is None
+
+
+_POLICIES = (
+    Policy("amg", HEADS, "AMG: heads with the highest attention-map entropy go", needs_data=True,
+           scorer="amg_head_removal_scores"),
+    Policy("amg-lowest", HEADS, "the opposite rule: the most focused heads go", needs_data=True,
+           scorer="lowest_entropy_removal_scores"),
+    Policy("random", HEADS, "random heads go", scorer="random_removal_scores"),
+    Policy("magnitude", HEADS, "heads with the smallest qkv/proj weight norm go", scorer="magnitude_removal_scores"),
+    Policy("gradient", HEADS, "Taylor importance |sum(head output x gradient)| (Michel et al. 2019)",
+           needs_data=True, gradients=True, scorer="gradient_removal_scores"),
+    Policy("amg", TOKENS, "AMG: key/value positions with the lowest |sum attention x gradient| go",
+           needs_data=True, gradients=True, scorer="amg_token_keep_scores"),
+    Policy("random", TOKENS, "random key/value positions go", scorer="random_token_keep_scores"),
+    Policy("evit", TOKENS, "EViT: keep the most class-attended tokens at 1/4, 1/2, 3/4 depth, fuse the rest"),
+    Policy("tome", TOKENS, "ToMe: merge the most similar tokens in every block"),
+)
+HEAD_POLICIES = {p.name: p for p in _POLICIES if p.axis == HEADS}
+TOKEN_POLICIES = {p.name: p for p in _POLICIES if p.axis == TOKENS}
+STATIC_TOKEN_POLICIES = tuple(name for name, p in TOKEN_POLICIES.items() if not p.dynamic)
+DYNAMIC_TOKEN_POLICIES = tuple(name for name, p in TOKEN_POLICIES.items() if p.dynamic)
+ALL_POLICY_NAMES = tuple(dict.fromkeys(p.name for p in _POLICIES))
+
+
+def policy(axis: str, name: str) -> Policy:
+    """The policy `name` for `axis` (heads or tokens); a ValueError lists the choices."""
+    table = HEAD_POLICIES if axis == HEADS else TOKEN_POLICIES
+    if name not in table:
+        raise ValueError(f"unknown {axis[:-1]} policy {name!r}; choose one of {', '.join(table)}")
+    return table[name]
+
+
+def is_dynamic(token_policy: str) -> bool:
+    return policy(TOKENS, token_policy).dynamic
+
+
+def needs_calibration(heads: bool, head_policy: str, tokens: bool, token_policy: str) -> bool:
+    """Whether pruning heads (if `heads`) and tokens (if `tokens`) by these policies scores on data."""
+    return (heads and policy(HEADS, head_policy).needs_data) or (tokens and policy(TOKENS, token_policy).needs_data)
+
+
+def needs_gradients(heads: bool, head_policy: str, tokens: bool, token_policy: str) -> bool:
+    """Whether that scoring needs a backward pass (entropy needs the attention maps only)."""
+    return (heads and policy(HEADS, head_policy).gradients) or (tokens and policy(TOKENS, token_policy).gradients)

@@ -1,0 +1,76 @@
+"""Selection: from per-block scores to the heads and key/value positions a plan keeps."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+
+def check_ratio(name: str, ratio: float) -> float:
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"{name} ratio must be in [0, 1), got {ratio}")
+    return float(ratio)
+
+
+def select_heads(removal_scores: Sequence[torch.Tensor], head_ids: Sequence[Sequence[int]], ratio: float,
+                 allocation: str = "global", total_heads: int | None = None) -> list[list[int]]:
+    """Kept original head numbers per block after removing `ratio` of all heads.
+
+    `allocation` "per-block" spreads the removals evenly over blocks; any other (global,
+    normalized) ranks all heads together.
+
+    `total_heads` (default: the heads now present) is what the ratio is a fraction of, so
+    that iterative pruning can aim at a fraction of the original model. Higher score goes
+    first; every block keeps at least one head.
+    """
+    check_ratio("head", ratio)
+    present = sum(len(ids) for ids in head_ids)
+    total = total_heads or present
+    to_remove = round(ratio * total) - (total - present)
+    removed = [0] * len(head_ids)
+    cap = [len(ids) - 1 for ids in head_ids]  # never empty a block
+    remove: set[tuple[int, int]] = set()
+    if allocation == "per-block":
+        # Each block's whole share first; the remainder of the exact total (a ratio rarely
+        # divides a block's heads) goes one extra per block, to the highest-scoring heads.
+        share = ratio * total / len(head_ids)
+        for block, (score, ids) in enumerate(zip(removal_scores, head_ids)):
+            already = round(total / len(head_ids)) - len(ids)
+            quota = max(0, min(math.floor(share) - already, cap[block]))
+            for position in torch.argsort(score, descending=True)[:quota].tolist():
+                remove.add((block, position))
+            removed[block] = quota
+            cap[block] = min(cap[block], quota + 1)
+    order = sorted(((float(s), b, p) for b, score in enumerate(removal_scores) for p, s in enumerate(score)),
+                   key=lambda item: (-item[0], item[1], item[2]))
+    for _, block, position in order:
+        if len(remove) >= to_remove:
+            break
+        if (block, position) not in remove and removed[block] < cap[block]:
+            remove.add((block, position))
+            removed[block] += 1
+    return [[ids[p] for p in range(len(ids)) if (b, p) not in remove] for b, ids in enumerate(head_ids)]
+
+
+def select_tokens(keep_scores: Sequence[torch.Tensor], ratio: float, min_keep: int = 1) -> list[list[int] | None]:
+    """Kept K/V positions per block after dropping `ratio` of all non-class positions globally.
+
+    Position 0 (class token) is always kept, and every block keeps `min_keep` patch positions.
+    """
+    check_ratio("token", ratio)
+    if ratio == 0:
+        return [None] * len(keep_scores)
+    candidates = sorted(((float(s), b, p) for b, score in enumerate(keep_scores) for p, s in enumerate(score) if p > 0),
+                        key=lambda item: (item[0], item[1], item[2]))
+    to_drop = round(ratio * len(candidates))
+    left = [len(score) - 1 for score in keep_scores]
+    dropped: set[tuple[int, int]] = set()
+    for _, block, position in candidates:
+        if len(dropped) >= to_drop:
+            break
+        if left[block] > min_keep:
+            dropped.add((block, position))
+            left[block] -= 1
+    return [[p for p in range(len(score)) if (b, p) not in dropped] for b, score in enumerate(keep_scores)]
