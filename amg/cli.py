@@ -11,15 +11,19 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-import torch
 from tabulate import tabulate
 
 from amg.data.synthetic import SynthConfig
-from amg.measure.backends import BACKENDS, PRECISIONS
-from amg.train.reid_training import TrainConfig
+from amg.measure.backend_registry import BACKEND_NAMES, PRECISIONS
+from amg.pruning.policies import ALL_POLICY_NAMES, HEAD_ALLOCATIONS, HEAD_POLICIES, TOKEN_POLICIES, Policy
+from amg.train.config import TrainConfig
 
 EXIT_USAGE = 2
-WEIGHTS_DTYPES = {"fp32": None, "fp16": torch.float16}
+WEIGHTS_DTYPES = ("fp32", "fp16")
+
+
+def _policy_help(policies: dict[str, Policy]) -> str:
+    return "; ".join(f"{name} ({p.summary})" for name, p in policies.items())
 
 
 def progress(message: str) -> None:
@@ -28,6 +32,8 @@ def progress(message: str) -> None:
 
 def _set_threads(threads: int | None) -> None:
     if threads:
+        import torch
+
         torch.set_num_threads(threads)
 
 
@@ -66,7 +72,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     _set_threads(args.threads)
     training = _training_config(args)
-    weights_dtype = WEIGHTS_DTYPES[args.weights_dtype]
+    import torch
+
+    weights_dtype = torch.float16 if args.weights_dtype == "fp16" else None
     if args.data is None and not (args.img_size or args.sie):  # the embedded default: cached, copied if asked
         model, path = default_model(args.preset, training=training, progress=progress)
         print(save_model(model, args.out, weights_dtype=weights_dtype, **read_checkpoint(path).get("meta", {}))
@@ -85,14 +93,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _load_model_arg(name: str | None, num_classes: int = 0):
     """A model file (pruned or not), a preset name (the default one: cached trained weights;
     others: random weights, for timing and scoring-cost studies), or None for the default."""
+    from amg.model.config import DEFAULT_PRESET, PRESETS
     from amg.model.pruned import load_pruned
-    from amg.model.vit import DEFAULT_PRESET, PRESETS, build_model
+    from amg.model.vit import build_model
     from amg.train.cache import default_model
 
     if name is None or name == DEFAULT_PRESET:
         return default_model(progress=progress)[0]
     if name in PRESETS:
         progress(f"preset {name!r} has no trained weights here: using random weights")
+        import torch
+
         torch.manual_seed(0)
         return build_model(name, num_classes=num_classes).eval()
     return load_pruned(name)
@@ -195,7 +206,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_select(args: argparse.Namespace) -> int:
     from amg.benchmark.results import find_csvs
-    from amg.measure.backends import device_id
+    from amg.measure.device import device_id
     from amg.reporting.report import load_reports
     from amg.reporting.select import NoMeasurements, Target, select, summary
 
@@ -259,7 +270,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from amg.model.vit import DEFAULT_PRESET, PRESETS
+    from amg.model.config import DEFAULT_PRESET, PRESETS
 
     parser = argparse.ArgumentParser(
         prog="amg",
@@ -301,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--sie", action="store_true", help="add a camera embedding (SIE) sized to the data set")
     train.add_argument("--out", default=None,
                        help="where to save the model (required with --data; without it, a copy of the cached default)")
-    train.add_argument("--weights-dtype", default="fp32", choices=sorted(WEIGHTS_DTYPES),
+    train.add_argument("--weights-dtype", default="fp32", choices=WEIGHTS_DTYPES,
                        help="dtype the --out file stores weights in: fp16 halves it (e.g. a model committed for CI); "
                             "loading always gives float32 (default %(default)s)")
     add_data_options(train)
@@ -323,11 +334,14 @@ def build_parser() -> argparse.ArgumentParser:
                             "other presets get random weights); default: the embedded default model")
     prune.add_argument("--heads", type=float, default=0.0, help="fraction of all heads to remove, in [0, 1)")
     prune.add_argument("--tokens", type=float, default=0.0, help="fraction of key/value positions to drop, in [0, 1)")
-    prune.add_argument("--policy", default="amg", help="policy for both heads and tokens (default %(default)s)")
-    prune.add_argument("--head-policy", default=None, help="amg | amg-lowest | random | magnitude | gradient")
-    prune.add_argument("--token-policy", default=None,
-                       help="amg | random (static K/V positions) | evit | tome (dynamic baselines)")
-    prune.add_argument("--allocation", default="global", help="head allocation: global | per-block | normalized")
+    prune.add_argument("--policy", default="amg", choices=ALL_POLICY_NAMES,
+                       help="policy for both heads and tokens (default %(default)s)")
+    prune.add_argument("--head-policy", default=None, choices=sorted(HEAD_POLICIES), metavar="POLICY",
+                       help="head policy, overrides --policy: " + _policy_help(HEAD_POLICIES))
+    prune.add_argument("--token-policy", default=None, choices=sorted(TOKEN_POLICIES), metavar="POLICY",
+                       help="token policy, overrides --policy: " + _policy_help(TOKEN_POLICIES))
+    prune.add_argument("--allocation", default="global", choices=HEAD_ALLOCATIONS,
+                       help="how head removals spread over blocks (default %(default)s)")
     prune.add_argument("--macs-saving", type=float, default=None,
                        help="instead of --heads/--tokens: remove about this fraction of the blocks' MACs")
     prune.add_argument("--saving-by", default="both", choices=["heads", "tokens", "both"],
@@ -365,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "best accuracy whose measured median latency fits --budget-ms, and print the Pareto "
                     "frontier (latency against accuracy). Exit 0 when one fits, 1 when none does.")
     select.add_argument("--budget-ms", type=float, required=True, help="latency budget per batch, milliseconds")
-    select.add_argument("--backend", required=True, choices=BACKENDS, help="where the model will run")
+    select.add_argument("--backend", required=True, choices=BACKEND_NAMES, help="where the model will run")
     select.add_argument("--batch", type=int, default=1, help="batch size (default %(default)s)")
     select.add_argument("--precision", default="fp32", choices=PRECISIONS, help="(default %(default)s)")
     select.add_argument("--metric", default="query_mAP",

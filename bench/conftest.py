@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from amg.benchmark.profiles import PROFILES, build_cases
-from amg.measure.backends import BACKENDS, PRECISIONS
-from amg.model.vit import DEFAULT_PRESET, PRESETS
+from amg.measure.backend_registry import BACKEND_NAMES, PRECISIONS
+from amg.model.config import DEFAULT_PRESET, PRESETS
+from amg.pruning.policies import ALL_POLICY_NAMES
 
 _SUITE_KEY = pytest.StashKey()
 
@@ -35,7 +36,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     add("--amg-ratios", default=None, help="comma-separated pruning ratios, e.g. 0.25,0.5 (default: the profile's)")
     add("--amg-policies", default=None, help="comma-separated policies, e.g. amg,random,tome (default: the profile's)")
     add("--amg-backends", default=None,
-        help=f"comma-separated backends from {','.join(BACKENDS)} (default: the profile's; unavailable ones skip)")
+        help=f"comma-separated backends from {','.join(BACKEND_NAMES)} (default: the profile's; unavailable ones skip)")
     add("--amg-batches", default=None, help="comma-separated batch sizes (default: the profile's)")
     add("--amg-precisions", default=None,
         help="comma-separated fp32,fp16,bf16 (autocast) for every backend (default: fp32, plus fp16 and bf16 "
@@ -62,19 +63,23 @@ def _split(value: str | None, cast: Callable = str) -> list | None:
 
 def _cases(config: pytest.Config):
     backends = _split(config.getoption("--amg-backends"))
-    unknown = sorted(set(backends or ()) - set(BACKENDS))
+    unknown = sorted(set(backends or ()) - set(BACKEND_NAMES))
     if unknown:
-        raise pytest.UsageError(f"unknown backend(s) {unknown}; choose from {', '.join(BACKENDS)}")
+        raise pytest.UsageError(f"unknown backend(s) {unknown}; choose from {', '.join(BACKEND_NAMES)}")
     precisions = _split(config.getoption("--amg-precisions"))
     if sorted(set(precisions or ()) - set(PRECISIONS)):
         raise pytest.UsageError(f"unknown precision(s) in {precisions}; choose from {', '.join(PRECISIONS)}")
+    policies = _split(config.getoption("--amg-policies"))
+    unknown = sorted(set(policies or ()) - set(ALL_POLICY_NAMES))
+    if unknown:
+        raise pytest.UsageError(f"unknown policy(ies) {unknown}; choose from {', '.join(ALL_POLICY_NAMES)}")
     ratios = _split(config.getoption("--amg-ratios"), float)
     for ratio in ratios or ():
         if not 0 < ratio < 1:
             raise pytest.UsageError(f"--amg-ratios: {ratio} is outside (0, 1)")
     try:
         return build_cases(PROFILES[config.getoption("--amg-profile")], ratios,
-                           _split(config.getoption("--amg-policies")), backends,
+                           policies, backends,
                            _split(config.getoption("--amg-batches"), int),
                            precisions)
     except ValueError as error:

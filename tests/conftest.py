@@ -7,7 +7,7 @@ import pytest
 from amg.data.layout import load_dataset
 from amg.data.synthetic import SynthConfig, generate
 from amg.train.cache import train_on_dataset
-from amg.train.reid_training import TrainConfig
+from amg.train.config import TrainConfig
 
 TINY_DATA = SynthConfig(train_ids=6, test_ids=3, images_per_id=6, num_cameras=3, queries_per_id=2,
                         distractors=1, junk=1, height=64, width=32, seed=5)

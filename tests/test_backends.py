@@ -8,9 +8,12 @@ import pytest
 import torch
 
 import amg.measure.backends as backends
+import amg.measure.device as device
+from amg.measure.backend_registry import BACKENDS, PRECISIONS
 from amg.measure.memory import measure_peak_memory
+from amg.model.config import ModelConfig
 from amg.model.pruned import apply_plan, save_pruned
-from amg.model.vit import ModelConfig, ReIDViT
+from amg.model.vit import ReIDViT
 from amg.pruning.planner import make_plan
 
 CONFIG = ModelConfig("backend-test", img_size=(64, 32), embed_dim=48, depth=2, num_heads=3)
@@ -39,21 +42,46 @@ def test_cpu_always_runs_and_unavailable_ones_say_why():
 
 def test_board_detection_reads_the_device_tree(tmp_path, monkeypatch):
     model_file = tmp_path / "model"
-    monkeypatch.setattr(backends, "DEVICE_TREE_MODEL", model_file)
-    monkeypatch.setattr(backends, "TEGRA_RELEASE", tmp_path / "absent")
+    monkeypatch.setattr(device, "DEVICE_TREE_MODEL", model_file)
+    monkeypatch.setattr(device, "TEGRA_RELEASE", tmp_path / "absent")
     model_file.write_bytes(b"Raspberry Pi 5 Model B Rev 1.0\x00")
-    assert backends.is_raspberry_pi() and not backends.is_jetson()
+    assert device.is_raspberry_pi() and not device.is_jetson()
     assert backends.availability("rpi") is None
-    assert backends.device_id().startswith(f"{backends.platform.machine().lower()}-raspberry-pi-5-model-b")
+    assert device.device_id().startswith(f"{device.platform.machine().lower()}-raspberry-pi-5-model-b")
     model_file.write_bytes(b"NVIDIA Jetson Orin Nano Developer Kit\x00")
-    assert backends.is_jetson() and not backends.is_raspberry_pi()
+    assert device.is_jetson() and not device.is_raspberry_pi()
     assert "the device tree does not name a Raspberry Pi" == backends.availability("rpi")
 
 
+def test_a_gpu_is_named_from_its_driver_without_torch(tmp_path, monkeypatch):
+    monkeypatch.setattr(device, "DEVICE_TREE_MODEL", tmp_path / "absent")
+    monkeypatch.setattr(device, "NVIDIA_GPUS", tmp_path / "gpus")
+    assert device.gpu_name() == "" and " + " not in device.device_name()
+    (tmp_path / "gpus" / "0000:01:00.0").mkdir(parents=True)
+    (tmp_path / "gpus" / "0000:01:00.0" / "information").write_text(
+        "Model: \t\t NVIDIA H100 80GB HBM3\nIRQ:   \t\t 35\n")
+    assert device.gpu_name() == "NVIDIA H100 80GB HBM3"
+    assert device.device_name().startswith("NVIDIA H100 80GB HBM3 + ")
+    assert "-nvidia-h100-80gb-hbm3-" in device.device_id()
+
+
 def test_device_id_is_file_system_safe_and_overridable(monkeypatch):
-    assert re.fullmatch(r"[a-z0-9_-]+", backends.device_id())
+    assert re.fullmatch(r"[a-z0-9_-]+", device.device_id())
     monkeypatch.setenv("AMG_DEVICE_ID", "Lab Box #3 (Orin/8GB)")
-    assert backends.device_id() == "lab-box-3-orin-8gb"
+    assert device.device_id() == "lab-box-3-orin-8gb"
+
+
+def test_every_backend_entry_names_functions_that_exist():
+    for entry in BACKENDS.values():
+        assert callable(getattr(backends, entry.availability)) and callable(getattr(backends, entry.runner)), entry
+        assert set(entry.precisions) <= set(PRECISIONS) and "fp32" in entry.precisions
+
+
+def test_a_precision_the_backend_does_not_run_is_a_skip_with_the_reason():
+    with pytest.raises(backends.BackendUnavailable, match="onnxruntime runs fp32 here, not bf16"):
+        backends.prepare("onnxruntime", tiny(), 1, "bf16")
+    with pytest.raises(backends.BackendUnavailable, match="cpu runs fp32, bf16 here, not fp16"):
+        backends.prepare("cpu", tiny(), 1, "fp16")
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torchscript", "onnxruntime"])

@@ -9,7 +9,8 @@ import timm
 import torch
 
 from amg.model.checkpoints import detect_format, import_state_dict
-from amg.model.vit import ModelConfig, ReIDViT, build_model
+from amg.model.config import ModelConfig
+from amg.model.vit import ReIDViT, build_model
 
 CONFIG = ModelConfig("ckpt-test", img_size=(64, 32), patch_size=16, patch_stride=12,
                      embed_dim=48, depth=2, num_heads=3, num_cameras=3)

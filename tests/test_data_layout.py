@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from amg.data import (
+from amg.data.layout import (
     DatasetError,
     ReIDImageDataset,
     Sample,

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from amg.measure.flops import count_macs
+from amg.model.config import ModelConfig
 from amg.model.dynamic import apply_dynamic, bipartite_merge, evit_reduce
 from amg.model.pruned import apply_plan
-from amg.model.vit import ModelConfig, ReIDViT
+from amg.model.vit import ReIDViT
 from amg.pruning.planner import make_plan
 
 CONFIG = ModelConfig("dyn", img_size=(64, 32), embed_dim=48, depth=4, num_heads=3)

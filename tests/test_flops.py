@@ -9,8 +9,9 @@ import torch
 
 from amg.measure.flops import analytic_block_macs, count_macs, sdpa_macs
 from amg.model.attention import patch_model
+from amg.model.config import ModelConfig
 from amg.model.pruned import apply_plan
-from amg.model.vit import ModelConfig, ReIDViT, build_model
+from amg.model.vit import ReIDViT, build_model
 from amg.pruning.planner import make_plan
 
 CONFIG = ModelConfig("flops", img_size=(128, 64), embed_dim=96, depth=4, num_heads=6, mlp_ratio=3.0)

@@ -12,8 +12,8 @@ from amg.model.pruned import load_pruned, save_pruned
 from amg.pruning.calibration import CalibrationData
 from amg.pruning.iterative import IterativeConfig, TrainingSet, iterative_prune
 from amg.train.cache import train_on_dataset
+from amg.train.config import TrainConfig
 from amg.train.losses import soft_distillation
-from amg.train.reid_training import TrainConfig
 
 DATA = SynthConfig(train_ids=6, test_ids=3, images_per_id=6, num_cameras=3, queries_per_id=2,
                    distractors=1, junk=1, height=64, width=32, seed=11)

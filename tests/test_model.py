@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from amg.model.vit import PRESETS, ModelConfig, ReIDViT, build_model, get_config, load_model, save_model
+from amg.model.config import PRESETS, ModelConfig, get_config
+from amg.model.vit import ReIDViT, build_model, load_model, save_model
 
 
 def tiny(num_classes: int = 5, **overrides) -> ReIDViT:

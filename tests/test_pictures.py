@@ -11,8 +11,9 @@ import torch
 from amg.benchmark.attention_record import RECORD_FILE, find_records, load_record, save_record
 from amg.benchmark.recording import make_record
 from amg.benchmark.results import ReportError, write_csv
+from amg.model.config import ModelConfig
 from amg.model.plan import PrunePlan
-from amg.model.vit import ModelConfig, ReIDViT
+from amg.model.vit import ReIDViT
 from amg.reporting.pictures import draw_records
 from amg.reporting.report import build_report
 

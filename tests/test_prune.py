@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from amg.model.attention import capture_attention, patch_model
+from amg.model.config import ModelConfig
 from amg.model.plan import PrunePlan
 from amg.model.pruned import apply_plan, load_pruned, save_pruned
-from amg.model.vit import ModelConfig, ReIDViT
+from amg.model.vit import ReIDViT
 from amg.pruning.calibration import CalibrationData
 from amg.pruning.planner import make_plan
 from amg.pruning.selection import select_heads, select_tokens

@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 import torch
 
-from amg.data import PKSampler
+from amg.data.sampler import PKSampler
 
 # 7 identities with 1..5 images each (some below K), shuffled so label order != index order.
 LABELS = [3, 9, 3, 1, 4, 9, 3, 20, 4, 3, 1, 9, 5, 3, 20, 6]

@@ -9,8 +9,9 @@ import amg.train.cache as model_cache
 from amg.data.layout import load_dataset
 from amg.data.synthetic import SynthConfig, generate
 from amg.model.vit import load_model
+from amg.train.config import TrainConfig
 from amg.train.losses import batch_hard_triplet
-from amg.train.reid_training import TrainConfig, learning_rate
+from amg.train.reid_training import learning_rate
 
 TINY_DATA = SynthConfig(train_ids=8, test_ids=4, images_per_id=6, num_cameras=3, queries_per_id=2,
                         distractors=2, junk=1, height=64, width=32, seed=3)

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from amg.benchmark.results import safe_name, write_atomic
+from amg.model.config import ModelConfig
 from amg.model.plan import PrunePlan
-from amg.model.vit import ModelConfig
 
 STORE_FORMAT = "amg-plan-store/1"
 

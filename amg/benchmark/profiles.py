@@ -11,10 +11,9 @@ import re
 from dataclasses import dataclass, replace
 from typing import Sequence
 
+from amg.measure.backend_registry import GPU_BACKENDS
 from amg.pruning.policies import HEAD_POLICIES, TOKEN_POLICIES, needs_calibration
 from amg.pruning.schedule import ONE_SHOT, Schedule
-
-GPU_BACKENDS = ("cuda", "jetson")  # fp16/bf16 autocast cases run there by default
 
 
 @dataclass(frozen=True)

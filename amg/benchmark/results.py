@@ -24,7 +24,7 @@ from typing import Any, BinaryIO, Callable, Iterable, Mapping
 IDENTITY_COLUMNS = [
     "run_id",  # one per pytest session, e.g. 20261125T140229Z-1a2b3c
     "timestamp",  # ISO 8601 UTC
-    "device_id",  # stable, file-system safe (amg.measure.backends.device_id)
+    "device_id",  # stable, file-system safe (amg.measure.device.device_id)
     "device_name",  # CPU model or GPU name, as the OS reports it
     "backend",  # cpu | cuda | jetson | rpi | onnxruntime | torchscript
     "precision",  # fp32 | fp16 | bf16

@@ -25,7 +25,9 @@ from amg.benchmark.plan_store import PlanStore
 from amg.benchmark.profiles import UNPRUNED, Case, Profile, PruneSpec
 from amg.data.layout import ReIDDataset
 from amg.data.synthetic import MANIFEST
-from amg.measure.backends import Runner, device_id, device_name, prepare
+from amg.measure.backend_registry import EAGER_BACKENDS
+from amg.measure.backends import Runner, prepare
+from amg.measure.device import device_id, device_name
 from amg.measure.flops import count_macs
 from amg.measure.latency import LatencyStats, paired_speedup
 from amg.measure.memory import measure_peak_memory
@@ -41,9 +43,6 @@ from amg.train.cache import cached_pruned, model_fingerprint
 from amg.train.evaluate import Evaluator
 
 Progress = Callable[[str], None]
-# Peak memory is measured where the child process runs the model as deployed; the export
-# backends' children would mostly measure the exporter, so their memory is left unmeasured.
-TORCH_BACKENDS = ("cpu", "cuda", "jetson", "rpi")
 PAIRED_BUDGET_S = 0.5  # seconds of each side's passes behind a speed-up, at least
 MAX_PAIRED_ROUNDS = 1000
 
@@ -248,7 +247,7 @@ class Suite:
                          min(MAX_PAIRED_ROUNDS, math.ceil(PAIRED_BUDGET_S * 1e3 / stats.median_ms)))
             speedup, _, _ = paired_speedup(self.reference(case), runner, rounds, synchronize=runner.synchronize)
             row.update(speedup=speedup, latency_saving=1 - 1 / speedup)
-        if self.profile.memory and case.backend in TORCH_BACKENDS:
+        if self.profile.memory and case.backend in EAGER_BACKENDS:  # an export backend's child would measure the exporter
             row.update(self._memory(case, model))
         row.update(self.accuracy(case.spec))
         self.rows.append(row)

@@ -12,10 +12,9 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:  # the plan itself is plain data: reports read plans without torch
-    from amg.model.vit import ModelConfig
+from amg.model.config import ModelConfig
 
 PLAN_VERSION = 1
 

@@ -7,9 +7,7 @@ because the camera embedding (SIE) has to be added between the position embeddin
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,68 +16,9 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from amg.model.config import DEFAULT_PRESET, ModelConfig, get_config
+
 CHECKPOINT_FORMAT = "amg-reid-v1"
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Everything needed to rebuild a ReIDViT's shapes (weights come from a state dict)."""
-
-    name: str
-    img_size: tuple[int, int] = (256, 128)  # (height, width): pedestrians are tall
-    patch_size: int = 16
-    patch_stride: int | None = None  # < patch_size gives TransReID's overlapping patches
-    embed_dim: int = 384
-    depth: int = 12
-    num_heads: int = 6
-    mlp_ratio: float = 4.0
-    qkv_bias: bool = True
-    num_cameras: int = 0  # > 0 enables the side-information (camera) embedding, SIE
-    sie_scale: float = 3.0  # TransReID's `sie_xishu`
-
-    @property
-    def grid_size(self) -> tuple[int, int]:
-        stride = self.patch_stride or self.patch_size
-        return tuple((s - self.patch_size) // stride + 1 for s in self.img_size)  # type: ignore[return-value]
-
-    @property
-    def num_tokens(self) -> int:
-        rows, cols = self.grid_size
-        return rows * cols + 1
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown model config fields {unknown}; known: {sorted(known)}")
-        values = dict(values)
-        values["img_size"] = tuple(values.get("img_size", (256, 128)))
-        return cls(**values)
-
-
-PRESETS: dict[str, ModelConfig] = {
-    # The embedded default: trains from scratch on the synthetic set in a few CPU minutes.
-    "small": ModelConfig("small", img_size=(128, 64), embed_dim=192, depth=6, num_heads=6),
-    "vit_tiny": ModelConfig("vit_tiny", embed_dim=192, depth=12, num_heads=3),
-    "vit_small": ModelConfig("vit_small", embed_dim=384, depth=12, num_heads=6),
-    "vit_base": ModelConfig("vit_base", embed_dim=768, depth=12, num_heads=12),
-    # TransReID's ViT-Base: 16x16 patches at stride 12 (211 tokens at 256x128) and camera embedding.
-    "transreid_base": ModelConfig(
-        "transreid_base", embed_dim=768, depth=12, num_heads=12, patch_stride=12, num_cameras=6
-    ),
-}
-DEFAULT_PRESET = "small"
-
-
-def get_config(preset: str, **overrides: Any) -> ModelConfig:
-    """The preset's config with `overrides` applied (e.g. `img_size=(256, 128)`, `num_cameras=8`)."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
-    return dataclasses.replace(PRESETS[preset], **overrides)
 
 
 class OverlapPatchEmbed(PatchEmbed):

@@ -23,7 +23,8 @@ from amg.model.vit import ReIDViT
 from amg.pruning.calibration import CalibrationData, Progress
 from amg.pruning.planner import make_plan
 from amg.pruning.schedule import Schedule, fine_tuning_stages
-from amg.train.reid_training import TrainConfig, train_reid
+from amg.train.config import TrainConfig
+from amg.train.reid_training import train_reid
 
 
 @dataclass(frozen=True)

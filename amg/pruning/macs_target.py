@@ -8,9 +8,10 @@ import math
 
 from amg.measure.flops import analytic_model_macs, count_macs
 from amg.model.attention import patch_model
+from amg.model.config import ModelConfig
 from amg.model.dynamic import apply_dynamic
 from amg.model.plan import PrunePlan
-from amg.model.vit import ModelConfig, ReIDViT
+from amg.model.vit import ReIDViT
 from amg.pruning.calibration import CalibrationData, Progress
 from amg.pruning.planner import head_removal_scores, make_plan, token_keep_scores
 from amg.pruning.policies import is_dynamic, needs_calibration, needs_gradients

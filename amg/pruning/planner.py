@@ -8,9 +8,10 @@ from typing import Any
 import torch
 
 from amg.model.attention import patch_model
+from amg.model.config import ModelConfig
 from amg.model.plan import PrunePlan
 from amg.model.pruned import apply_plan
-from amg.model.vit import ModelConfig, ReIDViT
+from amg.model.vit import ReIDViT
 from amg.pruning import scores as S
 from amg.pruning.calibration import CalibrationData, Progress
 from amg.pruning.policies import HEAD_ALLOCATIONS, HEADS, TOKENS, needs_calibration, policy
@@ -48,7 +49,9 @@ def make_plan(model: ReIDViT, heads: float = 0.0, tokens: float = 0.0, head_poli
     """
     check_ratio("head", heads)
     check_ratio("token", tokens)
-    head_scoring, token_scoring = policy(HEADS, head_policy), policy(TOKENS, token_policy)
+    # Only the axes being pruned need a valid policy (`--policy tome` prunes tokens only).
+    head_scoring = policy(HEADS, head_policy) if heads > 0 else None
+    token_scoring = policy(TOKENS, token_policy) if tokens > 0 else None
     if allocation not in HEAD_ALLOCATIONS:
         raise ValueError(f"unknown head allocation {allocation!r}; choose one of {HEAD_ALLOCATIONS}")
     work = copy.deepcopy(model)

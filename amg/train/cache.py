@@ -18,8 +18,10 @@ import torch
 from amg.data.layout import ReIDDataset, load_dataset, relabel_pids
 from amg.data.preload import preload_images
 from amg.data.synthetic import GENERATOR_VERSION, MANIFEST, SynthConfig, generate
-from amg.model.vit import DEFAULT_PRESET, ReIDViT, build_model, get_config, load_model, save_model
-from amg.train.reid_training import TrainConfig, train_reid
+from amg.model.config import DEFAULT_PRESET, get_config
+from amg.model.vit import ReIDViT, build_model, load_model, save_model
+from amg.train.config import TrainConfig
+from amg.train.reid_training import train_reid
 
 # Bump when the training code changes in a way the configs do not capture.
 RECIPE_VERSION = 1
