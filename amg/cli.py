@@ -14,6 +14,7 @@ from typing import Sequence
 from tabulate import tabulate
 
 from amg.data.synthetic import SynthConfig
+from amg.errors import InputError
 from amg.measure.backend_registry import BACKEND_NAMES, PRECISIONS
 from amg.pruning.policies import ALL_POLICY_NAMES, HEAD_ALLOCATIONS, HEAD_POLICIES, TOKEN_POLICIES, Policy
 from amg.train.config import TrainConfig
@@ -81,7 +82,7 @@ def cmd_train(args: argparse.Namespace) -> int:
               if args.out else path)
         return 0
     if args.out is None:
-        raise ValueError("--out is required when training on --data")
+        raise InputError("--out is required when training on --data")
     dataset = _load_dataset(args.data, args.layout)
     overrides = {"num_cameras": dataset.num_cameras} if args.sie else {}
     img_size = tuple(args.img_size) if args.img_size else None
@@ -144,14 +145,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     _set_threads(args.threads)
     if args.macs_saving is not None and (args.heads or args.tokens):
-        raise ValueError("--macs-saving chooses the ratios itself: drop --heads/--tokens")
+        raise InputError("--macs-saving chooses the ratios itself: drop --heads/--tokens")
     if args.iterative_rounds > 0 and args.finetune:
-        raise ValueError("--finetune fine-tunes a one-shot plan, --iterative-rounds prunes in rounds: choose one")
+        raise InputError("--finetune fine-tunes a one-shot plan, --iterative-rounds prunes in rounds: choose one")
     dataset = _load_dataset(args.data, args.layout)
     labels, _ = relabel_pids(dataset.train)
     model = _load_model_arg(args.model, num_classes=max(labels) + 1)
     if model.classifier is not None and model.num_classes != max(labels) + 1:
-        raise ValueError(f"the model's classifier has {model.num_classes} identities but the calibration "
+        raise InputError(f"the model's classifier has {model.num_classes} identities but the calibration "
                          f"data's training split has {max(labels) + 1}: calibrate on the data it was trained on")
     data = CalibrationData.from_dataset(dataset, model.config.img_size, args.calibration_images, args.seed, progress)
     start = time.perf_counter()
@@ -224,9 +225,9 @@ def cmd_select(args: argparse.Namespace) -> int:
         command = (f"pytest bench/ --amg-backends {args.backend} --amg-batches {args.batch} "
                    f"--amg-precisions {args.precision} --amg-results-dir {args.results_dir}")
         if not args.measure:
-            raise ValueError(f"{missing}: run `{command}` on that device first, or pass --measure here") from None
+            raise InputError(f"{missing}: run `{command}` on that device first, or pass --measure here") from None
         if target.device_id != here:
-            raise ValueError(f"{missing}, and --measure measures this device ({here}), not {target.device_id}") from None
+            raise InputError(f"{missing}, and --measure measures this device ({here}), not {target.device_id}") from None
         progress(f"{missing}: measuring now with `{command} --amg-profile {args.profile}`")
         run_suite(args)
         selection = choose()
@@ -242,14 +243,15 @@ def run_suite(args: argparse.Namespace) -> None:
 
     bench = Path(amg.__file__).resolve().parent.parent / "bench"
     if not (bench / "conftest.py").is_file():
-        raise RuntimeError(f"--measure runs the suite in an AMG-Bench checkout's bench/ folder; none at {bench}")
+        raise InputError(f"--measure runs the suite in an AMG-Bench checkout's bench/ folder; none at {bench}")
     command = [sys.executable, "-m", "pytest", str(bench / "test_suite.py"), "-q", "-p", "no:cacheprovider",
                f"--amg-profile={args.profile}", f"--amg-backends={args.backend}", f"--amg-batches={args.batch}",
                f"--amg-precisions={args.precision}", f"--amg-results-dir={args.results_dir}"]
     if args.model:
         command.append(f"--amg-model={args.model}")
-    if subprocess.run(command).returncode != 0:
-        raise RuntimeError(f"the suite failed: {' '.join(command)}")
+    status = subprocess.run(command).returncode
+    if status != 0:  # its own output says why; not the user's input, so not exit 2
+        raise SystemExit(f"amg select: the suite failed with status {status}: {' '.join(command)}")
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -426,8 +428,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as error:
-        # Bad input is the user's to fix: say what, without a traceback.
+    except (InputError, OSError) as error:
+        # Bad input (and missing or unwritable files) is the user's to fix: say what, without a
+        # traceback. Anything else is a bug or a failure inside a library: its traceback stays.
         print(f"amg {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
 

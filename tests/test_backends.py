@@ -9,6 +9,7 @@ import torch
 
 import amg.measure.backends as backends
 import amg.measure.device as device
+from amg.errors import InputError
 from amg.measure.backend_registry import BACKENDS, PRECISIONS
 from amg.measure.memory import measure_peak_memory
 from amg.model.config import ModelConfig
@@ -105,7 +106,7 @@ def test_peak_memory_runs_isolated(tmp_path):
     assert 0 < small.baseline_rss_mb <= small.peak_rss_mb
     assert large.peak_rss_mb > small.peak_rss_mb  # activations of 256 images show up
     assert small.cuda_max_allocated_mb is None
-    with pytest.raises(RuntimeError, match="memory measurement failed"):
+    with pytest.raises(InputError, match="memory measurement failed: model file not found"):
         measure_peak_memory(tmp_path / "absent.pt")
 
 

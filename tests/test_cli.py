@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from amg.cli import main
+from amg.errors import InputError
 from amg.model.vit import load_model
 
 TINY = ["--ids", "6", "--test-ids", "3", "--images-per-id", "6", "--cameras", "3", "--seed", "1"]
@@ -158,3 +159,20 @@ def test_prune_with_fine_tuning_to_a_macs_saving(tiny_root, model_path, tmp_path
     assert main(["prune", "--model", str(model_path), "--data", str(tiny_root), "--heads", "0.2", "--finetune", "2",
                  "--iterative-rounds", "2", "--out", str(out)]) == 2
     assert "choose one" in capsys.readouterr().err
+
+
+def test_only_bad_input_exits_2_and_a_bug_keeps_its_traceback(monkeypatch, capsys):
+    import amg.cli as cli
+
+    def bad_input(args):
+        raise InputError("--batch must be >= 1, got 0")
+
+    def bug(args):
+        raise RuntimeError("onnxruntime output differs from PyTorch")
+
+    monkeypatch.setattr(cli, "cmd_flops", bad_input)
+    assert main(["flops"]) == 2
+    assert "amg flops: error: --batch must be >= 1, got 0" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "cmd_flops", bug)
+    with pytest.raises(RuntimeError, match="differs from PyTorch"):
+        main(["flops"])

@@ -18,13 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from amg.benchmark.results import safe_name, write_atomic
+from amg.errors import InputError
 from amg.model.config import ModelConfig
 from amg.model.plan import PrunePlan
 
 STORE_FORMAT = "amg-plan-store/1"
 
 
-class PlanStoreError(ValueError):
+class PlanStoreError(InputError):
     """A stored plan cannot be used for this model or configuration; names the file."""
 
 
@@ -48,7 +49,7 @@ class PlanStore:
         try:
             entry = json.loads(path.read_text(encoding="utf-8"))
             if not isinstance(entry, dict) or entry.get("format") != STORE_FORMAT:
-                raise ValueError(f"not a stored plan (format {STORE_FORMAT!r} expected)")
+                raise InputError(f"not a stored plan (format {STORE_FORMAT!r} expected)")
             plan = PrunePlan.from_dict(entry["plan"])
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise PlanStoreError(f"cannot read stored plan {path}: {error}") from error

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Sequence
 
+from amg.errors import InputError
 from amg.measure.backend_registry import GPU_BACKENDS
 from amg.pruning.policies import HEAD_POLICIES, TOKEN_POLICIES, needs_calibration
 from amg.pruning.schedule import ONE_SHOT, Schedule
@@ -32,9 +33,9 @@ class PruneSpec:
 
     def __post_init__(self) -> None:
         if bool(self.saving) != bool(self.by):
-            raise ValueError("a MACs saving needs `by` (heads, tokens or both), and `by` needs a saving")
+            raise InputError("a MACs saving needs `by` (heads, tokens or both), and `by` needs a saving")
         if self.saving and (self.heads or self.tokens):
-            raise ValueError("give ratios or a MACs saving, not both")
+            raise InputError("give ratios or a MACs saving, not both")
 
     @property
     def uses_heads(self) -> bool:
@@ -192,7 +193,7 @@ def build_cases(profile: Profile, ratios: Sequence[float] | None = None, policie
     """The profile's cases; explicit `ratios`/`policies`/`backends`/`batches`/`precisions` replace its own."""
     if profile.specs:
         if ratios:
-            raise ValueError("this profile fixes its configurations by MACs saving: ratios do not apply")
+            raise InputError("this profile fixes its configurations by MACs saving: ratios do not apply")
         specs = [UNPRUNED] + [spec for spec in profile.specs if not policies or (
             (not spec.uses_heads or spec.head_policy in policies) and (not spec.uses_tokens or spec.token_policy in policies))]
     else:

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Mapping
 
+from amg.errors import InputError
+
 # The schema, in file order. Units are in the names; empty means "not measured".
 IDENTITY_COLUMNS = [
     "run_id",  # one per pytest session, e.g. 20261125T140229Z-1a2b3c
@@ -73,7 +75,7 @@ KEY_COLUMNS = ("config_id", "backend", "precision", "batch")
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
-class ReportError(ValueError):
+class ReportError(InputError):
     """A results file is missing, truncated, or does not follow the schema; names the file."""
 
 
@@ -81,7 +83,7 @@ def safe_name(text: str) -> str:
     """A file-system safe form of `text` (device ids, run ids): letters, digits, '.', '_', '-'."""
     cleaned = _SAFE.sub("-", text).strip("-.")
     if not cleaned:
-        raise ValueError(f"{text!r} has no character usable in a file name")
+        raise InputError(f"{text!r} has no character usable in a file name")
     return cleaned[:80]
 
 

@@ -25,6 +25,7 @@ from amg.benchmark.plan_store import PlanStore
 from amg.benchmark.profiles import UNPRUNED, Case, Profile, PruneSpec
 from amg.data.layout import ReIDDataset
 from amg.data.synthetic import MANIFEST
+from amg.errors import InputError
 from amg.measure.backend_registry import EAGER_BACKENDS
 from amg.measure.backends import Runner, prepare
 from amg.measure.device import device_id, device_name
@@ -50,7 +51,7 @@ MAX_PAIRED_ROUNDS = 1000
 def slowed(runner: Runner, factor: float) -> Runner:
     """`runner`, made `factor` times slower by busy-waiting after each pass (like real extra work)."""
     if factor < 1:
-        raise ValueError(f"a slowdown factor must be >= 1, got {factor}")
+        raise InputError(f"a slowdown factor must be >= 1, got {factor}")
 
     def run() -> object:
         start = time.perf_counter()
@@ -118,7 +119,7 @@ class Suite:
     def calibration(self) -> CalibrationData:
         if self._calibration is None:
             if self.dataset is None:
-                raise ValueError("AMG and gradient policies need data with labels: pass --amg-data or use a trained model")
+                raise InputError("AMG and gradient policies need data with labels: pass --amg-data or use a trained model")
             self._calibration = CalibrationData.from_dataset(self.dataset, self.model.config.img_size,
                                                              progress=self.progress)
         return self._calibration

@@ -24,6 +24,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from amg.errors import InputError
+
 LAYOUTS = ("market1501", "dukemtmc", "occluded_duke", "msmt17")
 
 # Files with these suffixes must parse; anything else (Thumbs.db, readme.txt, .mat) is skipped.
@@ -40,7 +42,7 @@ _MSMT_NAME = re.compile(r"(?P<pid>\d+)_\d+_(?P<cam>\d+)_[0-9A-Za-z]+_\d+_\d+" + 
 _MSMT_NAME_DOC = "PPPP_III_CC_<date><time>_FFFF_N.jpg (e.g. 0000_000_01_0303morning_0015_0.jpg)"
 
 
-class DatasetError(ValueError):
+class DatasetError(InputError):
     """A dataset on disk does not look like it should; the message names the file or folder."""
 
 
@@ -335,7 +337,7 @@ class ReIDImageDataset(Dataset):
         labels: list[int] | None = None,
     ) -> None:
         if labels is not None and len(labels) != len(samples):
-            raise ValueError(f"got {len(labels)} labels for {len(samples)} samples")
+            raise InputError(f"got {len(labels)} labels for {len(samples)} samples")
         self.samples = list(samples)
         self.transform = transform
         self.labels = None if labels is None else list(labels)

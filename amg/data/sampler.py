@@ -8,6 +8,8 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from torch.utils.data import Sampler
 
+from amg.errors import InputError
+
 
 class PKSampler(Sampler[int]):
     """Yield indices in consecutive groups of P*K: P distinct identities with K instances each.
@@ -21,14 +23,14 @@ class PKSampler(Sampler[int]):
 
     def __init__(self, labels: Sequence[int], num_identities: int, num_instances: int, seed: int = 0) -> None:
         if num_identities < 1 or num_instances < 1:
-            raise ValueError(f"PKSampler needs P >= 1 and K >= 1, got P={num_identities}, K={num_instances}")
+            raise InputError(f"PKSampler needs P >= 1 and K >= 1, got P={num_identities}, K={num_instances}")
         if seed < 0:
-            raise ValueError(f"PKSampler seed must be >= 0, got {seed}")  # numpy SeedSequence rejects it
+            raise InputError(f"PKSampler seed must be >= 0, got {seed}")  # numpy SeedSequence rejects it
         by_label: dict[int, list[int]] = {}
         for index, label in enumerate(labels):
             by_label.setdefault(int(label), []).append(index)
         if len(by_label) < num_identities:
-            raise ValueError(
+            raise InputError(
                 f"PKSampler needs at least P={num_identities} identities per batch, "
                 f"but the labels contain only {len(by_label)}"
             )

@@ -25,6 +25,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from amg.errors import InputError
+
 # Bump whenever a change here changes the images, so cached data sets are regenerated.
 GENERATOR_VERSION = 3
 SUPERSAMPLE = 2  # draw at 2x and downsample: anti-aliased edges without per-shape AA
@@ -59,16 +61,16 @@ class SynthConfig:
 
     def __post_init__(self) -> None:
         if self.train_ids < 2 or self.test_ids < 2:
-            raise ValueError("need at least 2 training and 2 test identities")
+            raise InputError("need at least 2 training and 2 test identities")
         if not 2 <= self.num_cameras <= 6:
-            raise ValueError("num_cameras must be 2..6: the files follow Market-1501, which has 6 cameras")
+            raise InputError("num_cameras must be 2..6: the files follow Market-1501, which has 6 cameras")
         if self.images_per_id < 2 * self.num_cameras:
-            raise ValueError(
+            raise InputError(
                 f"images_per_id ({self.images_per_id}) must be at least 2 x num_cameras "
                 f"({self.num_cameras}) so every query keeps a cross-camera match in the gallery"
             )
         if not 0 <= self.occlusion_min < self.occlusion_max <= 1:
-            raise ValueError("need 0 <= occlusion_min < occlusion_max <= 1")
+            raise InputError("need 0 <= occlusion_min < occlusion_max <= 1")
 
 
 @dataclass(frozen=True)
@@ -181,7 +183,7 @@ class _Canvas:
         elif pattern == "two_tone":
             choice = yy > self.height * 0.36
         else:
-            raise ValueError(f"unknown pattern {pattern!r}")
+            raise InputError(f"unknown pattern {pattern!r}")
         first = np.clip(colour, 0, 255).astype(np.uint8)
         other = np.clip(second, 0, 255).astype(np.uint8)
         return np.where(choice[..., None], other, first)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from amg.errors import InputError
+
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 
@@ -47,5 +49,5 @@ EAGER_BACKENDS = tuple(name for name, backend in BACKENDS.items() if backend.eag
 def backend(name: str) -> Backend:
     """The backend `name`; a ValueError lists the choices."""
     if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
+        raise InputError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
     return BACKENDS[name]

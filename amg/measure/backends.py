@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from amg.errors import InputError
 from amg.measure.backend_registry import PRECISIONS, backend
 from amg.measure.device import is_jetson, is_raspberry_pi
 
@@ -158,7 +159,7 @@ def prepare(name: str, model: torch.nn.Module, batch: int, precision: str = "fp3
     if reason:
         raise BackendUnavailable(f"{name}: {reason}")
     if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose from {PRECISIONS}")
+        raise InputError(f"unknown precision {precision!r}; choose from {PRECISIONS}")
     if precision not in spec.precisions:
         raise BackendUnavailable(f"{name} runs {', '.join(spec.precisions)} here, not {precision}")
     generator = torch.Generator().manual_seed(0)

@@ -16,6 +16,8 @@ from typing import Callable
 
 import torch
 
+from amg.errors import InputError
+
 
 @dataclass(frozen=True)
 class LatencyStats:
@@ -28,7 +30,7 @@ class LatencyStats:
     @classmethod
     def of(cls, samples_s: list[float]) -> LatencyStats:
         if not samples_s:
-            raise ValueError("no latency samples")
+            raise InputError("no latency samples")
         ordered = sorted(samples_s)
 
         def quantile(q: float) -> float:  # nearest-rank: a real sample, never an interpolation
@@ -53,7 +55,7 @@ def paired_speedup(reference: Callable[[], object], candidate: Callable[[], obje
                    ) -> tuple[float, LatencyStats, LatencyStats]:
     """(median(reference) / median(candidate), reference stats, candidate stats), interleaved."""
     if rounds < 1:
-        raise ValueError("rounds must be >= 1")
+        raise InputError("rounds must be >= 1")
     for _ in range(warmup):
         reference()
         candidate()

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from amg.errors import InputError
+
 FORWARD_PASSES = 3
 
 
@@ -92,7 +94,7 @@ def _pool() -> ProcessPoolExecutor:
 def measure_peak_memory(model_file: str | Path, backend: str = "cpu", batch: int = 1, precision: str = "fp32",
                         threads: int | None = None, timeout_s: float = 600) -> MemoryPeak:
     if not Path(model_file).is_file():
-        raise RuntimeError(f"memory measurement failed: model file not found: {model_file}")
+        raise InputError(f"memory measurement failed: model file not found: {model_file}")
     future = _pool().submit(_measure_here, str(model_file), backend, batch, precision, threads)
     try:
         return MemoryPeak(**future.result(timeout=timeout_s))

@@ -25,13 +25,15 @@ import torch.nn.functional as F
 from timm.layers import Attention as TimmAttention
 from torch import nn
 
+from amg.errors import InputError
+
 
 class PrunableAttention(nn.Module):
     def __init__(self, qkv: nn.Linear, proj: nn.Linear, num_heads: int, head_dim: int,
                  block_index: int = 0) -> None:
         super().__init__()
         if qkv.out_features != 3 * num_heads * head_dim or proj.in_features != num_heads * head_dim:
-            raise ValueError(f"block {block_index}: qkv {tuple(qkv.weight.shape)} / proj {tuple(proj.weight.shape)} "
+            raise InputError(f"block {block_index}: qkv {tuple(qkv.weight.shape)} / proj {tuple(proj.weight.shape)} "
                              f"do not match {num_heads} heads of {head_dim}")
         self.num_heads = num_heads
         self.head_dim = head_dim
@@ -64,7 +66,7 @@ class PrunableAttention(nn.Module):
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 is_causal: bool = False) -> torch.Tensor:
         if attn_mask is not None or is_causal:
-            raise ValueError("PrunableAttention takes no attention mask: pruning is static (kv_index)")
+            raise InputError("PrunableAttention takes no attention mask: pruning is static (kv_index)")
         q, k, v = self.project(x)
         if self.recorder is None:
             out = F.scaled_dot_product_attention(q, k, v)
@@ -110,10 +112,10 @@ class PrunableAttention(nn.Module):
         """Physically keep only the heads with these original numbers (in their current order)."""
         missing = sorted(set(original_ids) - set(self.head_ids))
         if missing:
-            raise ValueError(f"block {self.block_index}: heads {missing} are not in this block "
+            raise InputError(f"block {self.block_index}: heads {missing} are not in this block "
                              f"(it has heads {list(self.head_ids)})")
         if not original_ids:
-            raise ValueError(f"block {self.block_index}: cannot prune every head of a block")
+            raise InputError(f"block {self.block_index}: cannot prune every head of a block")
         positions = [self.head_ids.index(i) for i in sorted(set(original_ids))]
         dim, inner = self.head_dim, self.inner_dim
         rows = torch.tensor([part * inner + p * dim + j for part in range(3) for p in positions for j in range(dim)])
@@ -130,7 +132,7 @@ class PrunableAttention(nn.Module):
             return
         index = sorted(set(int(p) for p in positions))
         if not index or index[0] < 0 or index[-1] >= num_tokens:
-            raise ValueError(f"block {self.block_index}: key/value positions must lie in [0, {num_tokens}), "
+            raise InputError(f"block {self.block_index}: key/value positions must lie in [0, {num_tokens}), "
                              f"got {index[:3]}...{index[-3:]}" if index else
                              f"block {self.block_index}: no key/value position kept")
         self.kv_index = torch.tensor(index, dtype=torch.long, device=self.qkv.weight.device)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from timm.layers import resample_abs_pos_embed
 
+from amg.errors import InputError
 from amg.model.vit import ReIDViT, load_exact, read_checkpoint
 
 Rule = tuple[str, str | None]  # (regex on the checkpoint key, replacement or None to drop)
@@ -70,7 +71,7 @@ def detect_format(state_dict: dict[str, Any]) -> str:
         return "la_transformer"
     if any(k.startswith("blocks.") for k in keys) and "pos_embed" in keys:
         return "timm"
-    raise ValueError(
+    raise InputError(
         "cannot tell the checkpoint format from its keys (first keys: "
         f"{', '.join(sorted(keys)[:5])}); pass format= one of {sorted(FORMATS)}"
     )
@@ -89,7 +90,7 @@ def _unwrap(payload: dict[str, Any]) -> dict[str, torch.Tensor]:
 def rename_keys(state_dict: dict[str, torch.Tensor], fmt: str) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Apply `fmt`'s rules; returns (renamed tensors, dropped keys). Unmatched keys raise."""
     if fmt not in FORMATS:
-        raise ValueError(f"unknown checkpoint format {fmt!r}; choose one of {sorted(FORMATS)}")
+        raise InputError(f"unknown checkpoint format {fmt!r}; choose one of {sorted(FORMATS)}")
     renamed, dropped, unmatched = {}, [], []
     for key, value in state_dict.items():
         for pattern, replacement in FORMATS[fmt]:
@@ -102,7 +103,7 @@ def rename_keys(state_dict: dict[str, torch.Tensor], fmt: str) -> tuple[dict[str
         else:
             unmatched.append(key)
     if unmatched:
-        raise ValueError(f"unknown keys for format {fmt!r} ({len(unmatched)}): {', '.join(unmatched[:20])}")
+        raise InputError(f"unknown keys for format {fmt!r} ({len(unmatched)}): {', '.join(unmatched[:20])}")
     return renamed, dropped
 
 
@@ -110,14 +111,14 @@ def _source_grid(num_patches: int, target: tuple[int, int], source_grid: tuple[i
     """The checkpoint's patch grid: given, the model's own, or square (ImageNet ViTs)."""
     if source_grid is not None:
         if source_grid[0] * source_grid[1] != num_patches:
-            raise ValueError(f"source grid {source_grid} does not hold {num_patches} patches")
+            raise InputError(f"source grid {source_grid} does not hold {num_patches} patches")
         return source_grid
     if num_patches == target[0] * target[1]:
         return target
     side = math.isqrt(num_patches)
     if side * side == num_patches:
         return side, side
-    raise ValueError(
+    raise InputError(
         f"position embedding has {num_patches} patches, which is neither the model's grid {target} nor "
         "square; pass source_grid=(rows, cols)"
     )

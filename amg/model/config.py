@@ -7,6 +7,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from amg.errors import InputError
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -42,7 +44,7 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown model config fields {unknown}; known: {sorted(known)}")
+            raise InputError(f"unknown model config fields {unknown}; known: {sorted(known)}")
         values = dict(values)
         values["img_size"] = tuple(values.get("img_size", (256, 128)))
         return cls(**values)
@@ -65,5 +67,5 @@ DEFAULT_PRESET = "small"
 def get_config(preset: str, **overrides: Any) -> ModelConfig:
     """The preset's config with `overrides` applied (e.g. `img_size=(256, 128)`, `num_cameras=8`)."""
     if preset not in PRESETS:
-        raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
+        raise InputError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
     return dataclasses.replace(PRESETS[preset], **overrides)

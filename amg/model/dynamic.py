@@ -21,6 +21,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from amg.errors import InputError
 from amg.model.attention import patch_model
 
 # The token policies whose blocks this module implements (amg.pruning.policies names them too).
@@ -35,7 +36,7 @@ def evit_reduce(x: torch.Tensor, cls_attention: torch.Tensor, keep: int) -> torc
     """
     patches = x[:, 1:]
     if not 0 < keep < patches.shape[1]:
-        raise ValueError(f"EViT keeps between 1 and {patches.shape[1] - 1} tokens, asked for {keep}")
+        raise InputError(f"EViT keeps between 1 and {patches.shape[1] - 1} tokens, asked for {keep}")
     order = cls_attention.argsort(dim=1, descending=True)
     kept_index = order[:, :keep].sort(dim=1).values
     dropped_index = order[:, keep:]
@@ -97,7 +98,7 @@ class DynamicTokenBlock(Block):
     @classmethod
     def convert(cls, block: Block, policy: str, amount: float, sizes: dict) -> DynamicTokenBlock:
         if block.attn.kv_index is not None:
-            raise ValueError("dynamic token policies need all key/value positions: this block has a static "
+            raise InputError("dynamic token policies need all key/value positions: this block has a static "
                              "K/V index (combine them with head pruning only)")
         block.__class__ = cls
         block.policy, block.amount, block.sizes = policy, amount, sizes
@@ -126,18 +127,18 @@ def apply_dynamic(model: nn.Module, policy: str, amount: float | int, blocks: Se
     depth = len(model.backbone.blocks)
     if policy == "evit":
         if not 0 < amount < 1:
-            raise ValueError(f"EViT keep rate must be in (0, 1), got {amount}")
+            raise InputError(f"EViT keep rate must be in (0, 1), got {amount}")
         blocks = blocks if blocks is not None else sorted({depth // 4, depth // 2, 3 * depth // 4})
     elif policy == "tome":
         if int(amount) != amount or amount < 1:
-            raise ValueError(f"ToMe merges a whole number r >= 1 of tokens per block, got {amount}")
+            raise InputError(f"ToMe merges a whole number r >= 1 of tokens per block, got {amount}")
         blocks = blocks if blocks is not None else range(depth)
     else:
-        raise ValueError(f"unknown dynamic token policy {policy!r}; choose one of {IMPLEMENTED}")
+        raise InputError(f"unknown dynamic token policy {policy!r}; choose one of {IMPLEMENTED}")
     sizes: dict = {}
     for index in blocks:
         if not 0 <= index < depth:
-            raise ValueError(f"block {index} does not exist (depth {depth})")
+            raise InputError(f"block {index} does not exist (depth {depth})")
         DynamicTokenBlock.convert(model.backbone.blocks[index], policy, amount, sizes)
     model.dynamic_tokens = {"policy": policy, "amount": amount, "blocks": list(blocks)}
     return model

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from amg.errors import InputError
 from amg.model.config import ModelConfig
 
 PLAN_VERSION = 1
@@ -45,9 +46,9 @@ class PrunePlan:
         try:
             plan = cls(**values)
         except TypeError as error:
-            raise ValueError(f"not a PrunePlan: {error}") from error
+            raise InputError(f"not a PrunePlan: {error}") from error
         if plan.version != PLAN_VERSION:
-            raise ValueError(f"plan version {plan.version} is not supported (expected {PLAN_VERSION})")
+            raise InputError(f"plan version {plan.version} is not supported (expected {PLAN_VERSION})")
         return plan
 
     def save(self, path: str | Path) -> Path:
@@ -62,7 +63,7 @@ class PrunePlan:
         try:
             return cls.from_dict(json.loads(Path(path).read_text()))
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not a JSON plan: {error}") from error
+            raise InputError(f"{path} is not a JSON plan: {error}") from error
 
     def check_fits(self, config: ModelConfig) -> None:
         """Raise a ValueError naming the first mismatch between this plan and `config`."""
@@ -88,7 +89,7 @@ class PrunePlan:
         if self.dynamic_tokens is not None and any(t is not None for t in self.kept_tokens):
             problems.append("a plan has either static K/V positions or a dynamic token policy, not both")
         if problems:
-            raise ValueError("plan does not fit the model: " + "; ".join(problems))
+            raise InputError("plan does not fit the model: " + "; ".join(problems))
 
     @property
     def heads_kept(self) -> int:

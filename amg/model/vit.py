@@ -16,6 +16,7 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from amg.errors import InputError
 from amg.model.config import DEFAULT_PRESET, ModelConfig, get_config
 
 CHECKPOINT_FORMAT = "amg-reid-v1"
@@ -95,7 +96,7 @@ class ReIDViT(nn.Module):
         x = vit._pos_embed(vit.patch_embed(images))
         if self.sie_embed is not None:
             if camids is None:
-                raise ValueError("this model has a camera embedding (SIE): pass camids to forward")
+                raise InputError("this model has a camera embedding (SIE): pass camids to forward")
             x = x + self.config.sie_scale * self.sie_embed[camids]
         x = vit.norm_pre(vit.patch_drop(x))
         x = vit.blocks(x)
@@ -150,9 +151,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for a corrupt file
-        raise ValueError(f"cannot read checkpoint {path}: {error}") from error
+        raise InputError(f"cannot read checkpoint {path}: {error}") from error
     if not isinstance(payload, dict):
-        raise ValueError(f"checkpoint {path} holds a {type(payload).__name__}, not a dict")
+        raise InputError(f"checkpoint {path} holds a {type(payload).__name__}, not a dict")
     return payload
 
 
@@ -165,7 +166,7 @@ def load_model(path: str | Path,
     """
     payload = read_checkpoint(path)
     if payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(
+        raise InputError(
             f"{path} is not an AMG-Bench checkpoint (format {payload.get('format')!r}); "
             "import foreign state dicts with `amg import` (amg.checkpoints.import_state_dict)"
         )
@@ -173,7 +174,7 @@ def load_model(path: str | Path,
     if prepare is not None:
         prepare(model, payload)
     elif payload.get("plan") is not None:
-        raise ValueError(f"{path} holds a pruned model: load it with amg.prune.load_pruned")
+        raise InputError(f"{path} holds a pruned model: load it with amg.prune.load_pruned")
     load_exact(model, payload["state_dict"], source=str(path))
     return model.eval()
 
@@ -196,5 +197,5 @@ def load_exact(model: nn.Module, state_dict: dict[str, torch.Tensor], source: st
             lines.append(f"  unknown keys ({len(unknown)}): {', '.join(unknown[:20])}")
         if misshaped:
             lines.append(f"  shape mismatches ({len(misshaped)}): {'; '.join(misshaped[:10])}")
-        raise ValueError("\n".join(lines))
+        raise InputError("\n".join(lines))
     model.load_state_dict(state_dict, strict=True)

@@ -17,6 +17,7 @@ import torch
 
 from amg.data.layout import ReIDDataset, relabel_pids
 from amg.data.preload import preload_images
+from amg.errors import InputError
 from amg.model.plan import PrunePlan
 from amg.model.pruned import apply_plan
 from amg.model.vit import ReIDViT
@@ -35,7 +36,7 @@ class IterativeConfig:
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.finetune_steps < 0:
-            raise ValueError("rounds must be >= 1 and finetune_steps >= 0")
+            raise InputError("rounds must be >= 1 and finetune_steps >= 0")
 
 
 @dataclass
@@ -108,10 +109,10 @@ def run_schedule(model: ReIDViT, plan: PrunePlan, schedule: Schedule, calibratio
     ToMe) has nothing to re-score and is fine-tuned once instead (its description says so).
     """
     if schedule.kind != "one-shot" and training is None:
-        raise ValueError(f"the {schedule.kind} schedule needs training data")
+        raise InputError(f"the {schedule.kind} schedule needs training data")
     if schedule.kind == "iterative" and plan.dynamic_tokens is None:
         if calibration is None:
-            raise ValueError("the iterative schedule needs calibration data to re-score")
+            raise InputError("the iterative schedule needs calibration data to re-score")
         stages = fine_tuning_stages(schedule.rounds, bool(plan.ratios.get("heads")), bool(plan.ratios.get("tokens")))
         per_stage = max(1, schedule.steps // stages)
         pruned, new_plan = iterative_prune(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 
+from amg.errors import InputError
 from amg.measure.flops import analytic_model_macs, count_macs
 from amg.model.attention import patch_model
 from amg.model.config import ModelConfig
@@ -30,7 +31,7 @@ def plan_macs(config: ModelConfig, plan: PrunePlan) -> int:
 MAX_SEARCH_RATIO = 0.95
 
 
-class OutOfReach(ValueError):
+class OutOfReach(InputError):
     """A MACs saving that a pruning mode cannot reach on this model (not a bug: a limit)."""
 
 
@@ -48,19 +49,19 @@ def plan_for_saving(model: ReIDViT, target: float, mode: str = "both", head_poli
     Raises OutOfReach when the mode cannot save `target` on this model.
     """
     if not 0.0 < target < 1.0:
-        raise ValueError(f"target MACs saving must be in (0, 1), got {target}")
+        raise InputError(f"target MACs saving must be in (0, 1), got {target}")
     if mode not in ("heads", "tokens", "both"):
-        raise ValueError(f"mode must be heads, tokens or both, got {mode!r}")
+        raise InputError(f"mode must be heads, tokens or both, got {mode!r}")
     use_heads, use_tokens = mode in ("heads", "both"), mode in ("tokens", "both")
     if use_tokens and is_dynamic(token_policy):
         if use_heads:
-            raise ValueError("a MACs target with a dynamic token policy is searched by tokens alone (mode 'tokens')")
+            raise InputError("a MACs target with a dynamic token policy is searched by tokens alone (mode 'tokens')")
         return _dynamic_plan_for_saving(model, target, token_policy)
     work = copy.deepcopy(model)
     modules = patch_model(work)
     needs_data = needs_calibration(use_heads, head_policy, use_tokens, token_policy)
     if needs_data and data is None:
-        raise ValueError(f"this plan needs calibration data (head policy {head_policy!r}, token policy {token_policy!r})")
+        raise InputError(f"this plan needs calibration data (head policy {head_policy!r}, token policy {token_policy!r})")
     gradients = needs_gradients(use_heads, head_policy, use_tokens, token_policy)
     calibration = data.run(work, progress, gradients=gradients) if needs_data else None
     head_scores = head_removal_scores(work, head_policy, allocation, calibration, seed) if use_heads else None

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from amg.errors import InputError
 from amg.model.attention import patch_model
 from amg.model.config import ModelConfig
 from amg.model.plan import PrunePlan
@@ -23,9 +24,9 @@ def policy_scores(axis: str, model: ReIDViT, name: str, allocation: str, calibra
     """The registered scorer of policy `name` on `axis` (heads: higher goes; tokens: higher stays)."""
     chosen = policy(axis, name)
     if chosen.dynamic:
-        raise ValueError(f"token policy {name!r} is dynamic: its blocks choose tokens at run time, nothing is scored")
+        raise InputError(f"token policy {name!r} is dynamic: its blocks choose tokens at run time, nothing is scored")
     if chosen.needs_data and calibration is None:
-        raise ValueError(f"{axis[:-1]} policy {name!r} needs calibration data")
+        raise InputError(f"{axis[:-1]} policy {name!r} needs calibration data")
     return getattr(S, chosen.scorer)(model, calibration, allocation, seed)
 
 
@@ -53,12 +54,12 @@ def make_plan(model: ReIDViT, heads: float = 0.0, tokens: float = 0.0, head_poli
     head_scoring = policy(HEADS, head_policy) if heads > 0 else None
     token_scoring = policy(TOKENS, token_policy) if tokens > 0 else None
     if allocation not in HEAD_ALLOCATIONS:
-        raise ValueError(f"unknown head allocation {allocation!r}; choose one of {HEAD_ALLOCATIONS}")
+        raise InputError(f"unknown head allocation {allocation!r}; choose one of {HEAD_ALLOCATIONS}")
     work = copy.deepcopy(model)
     modules = patch_model(work)
     needs_data = needs_calibration(heads > 0, head_policy, tokens > 0, token_policy)
     if needs_data and data is None:
-        raise ValueError(f"this plan needs calibration data (head policy {head_policy!r}, token policy {token_policy!r})")
+        raise InputError(f"this plan needs calibration data (head policy {head_policy!r}, token policy {token_policy!r})")
     plan = PrunePlan.unpruned(work.config)
     # Start from what the model already is (iterative pruning calls this on pruned models).
     plan.kept_heads = [list(m.head_ids) for m in modules]

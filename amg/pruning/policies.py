@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from amg.errors import InputError
+
 HEADS, TOKENS = "heads", "tokens"
 HEAD_ALLOCATIONS = ("global", "per-block", "normalized")
 
@@ -57,7 +59,7 @@ def policy(axis: str, name: str) -> Policy:
     """The policy `name` for `axis` (heads or tokens); a ValueError lists the choices."""
     table = HEAD_POLICIES if axis == HEADS else TOKEN_POLICIES
     if name not in table:
-        raise ValueError(f"unknown {axis[:-1]} policy {name!r}; choose one of {', '.join(table)}")
+        raise InputError(f"unknown {axis[:-1]} policy {name!r}; choose one of {', '.join(table)}")
     return table[name]
 
 

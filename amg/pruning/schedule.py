@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from amg.errors import InputError
+
 SCHEDULES = ("one-shot", "finetune", "iterative")
 _LABEL = re.compile(r"^(?:one-shot|ft(?P<steps>\d+)|it(?P<rounds>\d+)x(?P<total>\d+))$")
 
@@ -25,11 +27,11 @@ class Schedule:
 
     def __post_init__(self) -> None:
         if self.kind not in SCHEDULES:
-            raise ValueError(f"unknown schedule {self.kind!r}; choose one of {SCHEDULES}")
+            raise InputError(f"unknown schedule {self.kind!r}; choose one of {SCHEDULES}")
         if (self.kind == "one-shot") != (self.steps == 0) or self.steps < 0:
-            raise ValueError("one-shot takes no fine-tuning steps; finetune and iterative need steps >= 1")
+            raise InputError("one-shot takes no fine-tuning steps; finetune and iterative need steps >= 1")
         if self.rounds < 1 or (self.kind != "iterative" and self.rounds != 1):
-            raise ValueError("rounds must be 1, or >= 1 for the iterative schedule")
+            raise InputError("rounds must be 1, or >= 1 for the iterative schedule")
 
     @property
     def label(self) -> str:

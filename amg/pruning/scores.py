@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from amg.data.transforms import normalize
+from amg.errors import InputError
 from amg.model.attention import capture_attention, patch_model
 from amg.pruning.policies import HEAD_ALLOCATIONS
 
@@ -47,7 +48,7 @@ def _loss(model, images: torch.Tensor, labels: torch.Tensor | None, camids: torc
     if teacher_features is not None:  # label-free: stay close to the unpruned model's features
         return (features - teacher_features).pow(2).sum(dim=1).mean()
     if model.classifier is None or labels is None:
-        raise ValueError("calibration with the ID loss needs labels and a model with a classifier; "
+        raise InputError("calibration with the ID loss needs labels and a model with a classifier; "
                          "use loss='distill' with a teacher model otherwise")
     return F.cross_entropy(model.classifier(model.neck(features)), labels)
 
@@ -63,11 +64,11 @@ def calibrate(model, images: torch.Tensor, labels: Sequence[int] | None = None,
     gradients=False skips the backward pass: enough for entropy, which needs only the maps.
     """
     if loss not in ("id", "distill"):
-        raise ValueError(f"unknown calibration loss {loss!r}; use 'id' or 'distill'")
+        raise InputError(f"unknown calibration loss {loss!r}; use 'id' or 'distill'")
     if loss == "distill" and teacher is None:
-        raise ValueError("loss='distill' needs a teacher model (e.g. the unpruned model)")
+        raise InputError("loss='distill' needs a teacher model (e.g. the unpruned model)")
     if len(images) == 0:
-        raise ValueError("calibration needs at least one image")
+        raise InputError("calibration needs at least one image")
     modules = patch_model(model)
     model.eval()
     device = next(model.parameters()).device
@@ -134,7 +135,7 @@ def amg_head_removal_scores(model, calibration: Calibration, allocation: str = "
     normalized: entropy divided by its maximum log2(N_kv), so blocks compare fairly.
     """
     if allocation not in HEAD_ALLOCATIONS:
-        raise ValueError(f"unknown head allocation {allocation!r}; choose one of {HEAD_ALLOCATIONS}")
+        raise InputError(f"unknown head allocation {allocation!r}; choose one of {HEAD_ALLOCATIONS}")
     scores = []
     for block, attention in enumerate(calibration.mean_attention):
         entropy = head_entropy(attention)
@@ -156,7 +157,7 @@ def gradient_removal_scores(model, calibration: Calibration, allocation: str = "
                             seed: int = 0) -> list[torch.Tensor]:
     """Michel et al. 2019: E|sum(head output · dL/d output)|, L2-normalised per block; low goes first."""
     if calibration.head_taylor is None:
-        raise ValueError("gradient head scores need a calibration with gradients")
+        raise InputError("gradient head scores need a calibration with gradients")
     return [-(t / t.norm().clamp_min(1e-12)) for t in calibration.head_taylor]
 
 
@@ -186,7 +187,7 @@ def amg_token_keep_scores(model, calibration: Calibration, allocation: str = "gl
                           seed: int = 0) -> list[torch.Tensor]:
     """AMG: |sum A·dL/dA| per key, L2-normalised per block, scaled by (1 - 0.03·l)."""
     if calibration.token_taylor is None:
-        raise ValueError("AMG token scores need a calibration with gradients")
+        raise InputError("AMG token scores need a calibration with gradients")
     scores = []
     for block, taylor in enumerate(calibration.token_taylor):
         s = taylor.abs()

@@ -7,10 +7,12 @@ from typing import Sequence
 
 import torch
 
+from amg.errors import InputError
+
 
 def check_ratio(name: str, ratio: float) -> float:
     if not 0.0 <= ratio < 1.0:
-        raise ValueError(f"{name} ratio must be in [0, 1), got {ratio}")
+        raise InputError(f"{name} ratio must be in [0, 1), got {ratio}")
     return float(ratio)
 
 

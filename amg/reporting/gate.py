@@ -30,6 +30,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from tabulate import tabulate
 
 from amg.benchmark.results import KEY_COLUMNS, ReportError, ResultsFile, read_csv
+from amg.errors import InputError
 
 EXIT_PASS = 0
 EXIT_FAIL = 1
@@ -68,9 +69,9 @@ class Tolerances:
         for name in ("accuracy_drop", "macs_change", "speedup_drop"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"tolerance {name} must be a finite number >= 0, got {value!r}")
+                raise InputError(f"tolerance {name} must be a finite number >= 0, got {value!r}")
         if self.speedup_drop >= 1:
-            raise ValueError(f"tolerance speedup_drop must be below 1, got {self.speedup_drop!r}")
+            raise InputError(f"tolerance speedup_drop must be below 1, got {self.speedup_drop!r}")
 
 
 @dataclass(frozen=True)
@@ -181,7 +182,7 @@ def _check(metric: str, base: float, cur: float, tol: Tolerances) -> tuple[str, 
         if cur < base * (1 - tol.speedup_drop) - _EPSILON:
             return REGRESSION, f"speed-up fell to {cur / base:.1%} of baseline, tolerance {tol.speedup_drop:g}"
         return OK, ""
-    raise ValueError(f"no rule for metric {metric!r}")
+    raise InputError(f"no rule for metric {metric!r}")
 
 
 def compare(

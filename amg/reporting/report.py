@@ -32,6 +32,7 @@ from amg.benchmark.results import (
     read_csv,
     write_atomic,
 )
+from amg.errors import InputError
 
 __all__ = [
     "ReportError",
@@ -261,7 +262,7 @@ def pareto_front(frame: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
     """
     missing = [c for c in (x, y) if c not in frame.columns]
     if missing:
-        raise ValueError(f"no column {missing} in the frame")
+        raise InputError(f"no column {missing} in the frame")
     valid = frame.dropna(subset=[x, y])
     xs, ys = valid[x].to_numpy(float), valid[y].to_numpy(float)
     # [i, j]: row i is at least as good as row j on both axes, and strictly better on one.

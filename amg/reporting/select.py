@@ -14,6 +14,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from amg.benchmark.profiles import PruneSpec
+from amg.errors import InputError
 from amg.pruning.schedule import fine_tuning_stages
 from amg.reporting.report import pareto_front, run_timestamps
 
@@ -24,7 +25,7 @@ ACCURACY_METRICS = tuple(f"{query}_{name}" for query in ("query", "occluded")
                          for name in ("rank1", "rank5", "mAP", "mINP"))
 
 
-class NoMeasurements(ValueError):
+class NoMeasurements(InputError):
     """Nothing measured for this device/backend/batch: the suite has to run there first."""
 
 
@@ -91,12 +92,12 @@ def select(frame: pd.DataFrame, target: Target, budget_ms: float, metric: str = 
            latency: str = "paired") -> Selection:
     """The best-`metric` configuration whose measured latency (`latency`: paired or median) fits `budget_ms`."""
     if latency not in LATENCIES:
-        raise ValueError(f"latency must be one of {', '.join(LATENCIES)}, got {latency!r}")
+        raise InputError(f"latency must be one of {', '.join(LATENCIES)}, got {latency!r}")
     column = LATENCIES[latency]
     if budget_ms <= 0:
-        raise ValueError(f"the latency budget must be > 0 ms, got {budget_ms}")
+        raise InputError(f"the latency budget must be > 0 ms, got {budget_ms}")
     if metric not in ACCURACY_METRICS:
-        raise ValueError(f"unknown accuracy metric {metric!r}; choose one of {', '.join(ACCURACY_METRICS)}")
+        raise InputError(f"unknown accuracy metric {metric!r}; choose one of {', '.join(ACCURACY_METRICS)}")
     rows = candidates(frame, target)
     measured = rows.dropna(subset=[metric, column])
     if measured.empty:
@@ -104,7 +105,7 @@ def select(frame: pd.DataFrame, target: Target, budget_ms: float, metric: str = 
                              "e.g. a preset with random weights): run the suite with a trained model")
     datasets = sorted(measured["dataset"].dropna().astype(str).unique())
     if len(datasets) > 1:
-        raise ValueError(f"accuracy measured on different data sets ({', '.join(datasets)}) is not comparable: "
+        raise InputError(f"accuracy measured on different data sets ({', '.join(datasets)}) is not comparable: "
                          "choose one model with --model")
     fits = measured[measured[column] <= budget_ms]
     chosen = None

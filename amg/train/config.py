@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from amg.errors import InputError
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -26,11 +28,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.steps < 1:
-            raise ValueError("steps must be >= 1")
+            raise InputError("steps must be >= 1")
         if self.lr <= 0:
-            raise ValueError("lr must be > 0")
+            raise InputError("lr must be > 0")
         if not 0.0 <= self.distill_alpha <= 1.0:
-            raise ValueError(f"distill_alpha must be in [0, 1], got {self.distill_alpha}")
+            raise InputError(f"distill_alpha must be in [0, 1], got {self.distill_alpha}")
 
     def to_dict(self) -> dict:
         return asdict(self)

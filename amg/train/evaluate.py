@@ -10,6 +10,7 @@ import torch
 from amg.data.layout import ReIDDataset, Sample
 from amg.data.preload import preload_images
 from amg.data.transforms import normalize
+from amg.errors import InputError
 from amg.model.vit import ReIDViT
 from amg.train.metrics import RankMetrics, evaluate_rank, pairwise_distance
 
@@ -46,7 +47,7 @@ class Evaluator:
 
     def evaluate(self, model: ReIDViT, metric: str = "euclidean") -> dict[str, RankMetrics]:
         if tuple(model.config.img_size) != self.img_size:
-            raise ValueError(f"model input {model.config.img_size} differs from evaluator's {self.img_size}")
+            raise InputError(f"model input {model.config.img_size} differs from evaluator's {self.img_size}")
         gallery_features = extract_features(model, self.gallery_images, _camids(self.gallery))
         results = {}
         for name, samples in self.dataset.query_sets.items():

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from amg.errors import InputError
+
 
 def batch_hard_triplet(features: torch.Tensor, labels: torch.Tensor, margin: float = 0.3) -> torch.Tensor:
     """Hermans et al. 2017: per anchor, hardest positive vs hardest negative (Euclidean)."""
@@ -14,7 +16,7 @@ def batch_hard_triplet(features: torch.Tensor, labels: torch.Tensor, margin: flo
     hardest_negative = distances.masked_fill(same, float("inf")).amin(dim=1)
     valid = torch.isfinite(hardest_negative) & torch.isfinite(hardest_positive)
     if not valid.any():
-        raise ValueError("batch-hard triplet needs at least two identities in the batch")
+        raise InputError("batch-hard triplet needs at least two identities in the batch")
     return F.relu(hardest_positive - hardest_negative + margin)[valid].mean()
 
 
@@ -25,6 +27,6 @@ def id_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float =
 def soft_distillation(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
     """Hinton's soft-target loss: tau^2 * KL(softmax(teacher / tau) || softmax(student / tau))."""
     if tau <= 0:
-        raise ValueError(f"distillation temperature must be > 0, got {tau}")
+        raise InputError(f"distillation temperature must be > 0, got {tau}")
     return F.kl_div(F.log_softmax(student_logits / tau, dim=1), F.log_softmax(teacher_logits / tau, dim=1),
                     reduction="batchmean", log_target=True) * tau * tau

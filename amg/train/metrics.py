@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from numpy.typing import ArrayLike
 
+from amg.errors import InputError
+
 __all__ = ["RankMetrics", "evaluate_rank", "pairwise_distance"]
 
 JUNK_PID = -1
@@ -38,7 +40,7 @@ class RankMetrics:
     def rank(self, k: int) -> float:
         """CMC at rank ``k`` (1-based)."""
         if not 1 <= k <= self.max_rank:
-            raise ValueError(f"rank k must be in [1, {self.max_rank}] (max_rank of this evaluation), got {k}")
+            raise InputError(f"rank k must be in [1, {self.max_rank}] (max_rank of this evaluation), got {k}")
         return float(self.cmc[k - 1])
 
     def as_dict(self) -> dict[str, float]:
@@ -70,7 +72,7 @@ def evaluate_rank(
     """
     dist = np.asarray(distmat)
     if dist.ndim != 2:
-        raise ValueError(f"distmat must be 2-D [num_query, num_gallery], got shape {dist.shape}")
+        raise InputError(f"distmat must be 2-D [num_query, num_gallery], got shape {dist.shape}")
     if not np.issubdtype(dist.dtype, np.floating):
         dist = dist.astype(np.float64)
     elif dist.dtype == np.float16:
@@ -79,9 +81,9 @@ def evaluate_rank(
     q_pids, q_camids = _as_ids(q_pids, "q_pids", num_q, "rows"), _as_ids(q_camids, "q_camids", num_q, "rows")
     g_pids, g_camids = _as_ids(g_pids, "g_pids", num_g, "columns"), _as_ids(g_camids, "g_camids", num_g, "columns")
     if max_rank < 1:
-        raise ValueError(f"max_rank must be >= 1, got {max_rank}")
+        raise InputError(f"max_rank must be >= 1, got {max_rank}")
     if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        raise InputError(f"chunk_size must be >= 1, got {chunk_size}")
 
     junk = g_pids == JUNK_PID
     first_hist = np.zeros(max_rank + 2, dtype=np.int64)  # index max_rank+1 collects "first positive beyond max_rank"
@@ -92,7 +94,7 @@ def evaluate_rank(
         d = dist[start : start + chunk_size]
         if np.isnan(d).any():
             bad = start + int(np.flatnonzero(np.isnan(d).any(axis=1))[0])
-            raise ValueError(f"distmat contains NaN (first in query row {bad})")
+            raise InputError(f"distmat contains NaN (first in query row {bad})")
         same_pid = q_pids[start : start + chunk_size, None] == g_pids[None, :]
         same_cam = q_camids[start : start + chunk_size, None] == g_camids[None, :]
         pos = same_pid & ~same_cam & ~junk  # junk check matters only for a query with pid -1
@@ -131,7 +133,7 @@ def evaluate_rank(
         num_valid += int(valid.sum())
 
     if num_valid == 0:
-        raise ValueError(
+        raise InputError(
             f"no query has a valid positive in the gallery (all {num_q} queries skipped): "
             "check that query pids appear in the gallery under a different camera"
         )
@@ -149,7 +151,7 @@ def evaluate_rank(
 def _as_ids(ids: ArrayLike, name: str, expected: int, axis: str) -> np.ndarray:
     arr = np.asarray(ids)
     if arr.ndim != 1 or len(arr) != expected:
-        raise ValueError(f"{name} must be 1-D with one entry per distmat {axis} ({expected}), got shape {arr.shape}")
+        raise InputError(f"{name} must be 1-D with one entry per distmat {axis} ({expected}), got shape {arr.shape}")
     return arr
 
 
@@ -162,12 +164,12 @@ def pairwise_distance(
     against round-off). ``cosine`` is ``1 - cosine similarity`` of L2-normalised features.
     """
     if query_features.ndim != 2 or gallery_features.ndim != 2:
-        raise ValueError(
+        raise InputError(
             f"features must be 2-D [N, D], got query {tuple(query_features.shape)} "
             f"and gallery {tuple(gallery_features.shape)}"
         )
     if query_features.shape[1] != gallery_features.shape[1]:
-        raise ValueError(
+        raise InputError(
             f"feature dims differ: query {query_features.shape[1]} vs gallery {gallery_features.shape[1]}"
         )
     dtype = torch.float64 if torch.float64 in (query_features.dtype, gallery_features.dtype) else torch.float32
@@ -181,5 +183,5 @@ def pairwise_distance(
         elif metric == "cosine":
             d = 1.0 - F.normalize(q, dim=1) @ F.normalize(g, dim=1).t()
         else:
-            raise ValueError(f"unknown metric {metric!r}; expected 'euclidean' or 'cosine'")
+            raise InputError(f"unknown metric {metric!r}; expected 'euclidean' or 'cosine'")
     return d.cpu().numpy()

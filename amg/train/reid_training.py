@@ -11,6 +11,7 @@ import torch
 
 from amg.data.sampler import PKSampler
 from amg.data.transforms import BatchAugment, normalize
+from amg.errors import InputError
 from amg.model.vit import ReIDViT
 from amg.train.config import TrainConfig
 from amg.train.losses import batch_hard_triplet, id_loss, soft_distillation
@@ -60,14 +61,14 @@ def train_reid(model: ReIDViT, images: torch.Tensor, labels: list[int], camids: 
     With a `teacher` (same identities), its logits are soft targets (`distill_alpha`, `distill_tau`).
     """
     if model.classifier is None or model.num_classes < max(labels) + 1:
-        raise ValueError(
+        raise InputError(
             f"model classifier has {model.num_classes} classes but labels go up to {max(labels)}"
         )
     if not len(images) == len(labels) == len(camids):
-        raise ValueError("images, labels and camids must have the same length")
+        raise InputError("images, labels and camids must have the same length")
     if teacher is not None:
         if teacher.classifier is None or teacher.num_classes != model.num_classes:
-            raise ValueError("the distillation teacher needs a classifier over the same identities as the model")
+            raise InputError("the distillation teacher needs a classifier over the same identities as the model")
         teacher.eval()
     generator = torch.Generator().manual_seed(config.seed)
     augment = BatchAugment(model.config.img_size, erase_p=config.erase_p)

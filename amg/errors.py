@@ -1,0 +1,8 @@
+"""The project's own error type for bad input: the `amg` command reports it as a message and
+exit status 2. Anything else (a bug, a failure inside torch, an export that disagrees with
+PyTorch) keeps its traceback: it is not the user's input to fix."""
+
+
+class InputError(ValueError):
+    """Input that cannot be used (a value out of range, a malformed file, an unknown name);
+    the message names the problem. A ValueError, so callers that expect one still work."""
