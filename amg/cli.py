@@ -137,7 +137,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     from amg.data.layout import relabel_pids
     from amg.model.pruned import current_plan, save_pruned
-    from amg.pruning.calibration import CalibrationData
+    from amg.pruning.calibration import CalibrationImages
     from amg.pruning.iterative import TrainingSet, run_schedule
     from amg.pruning.macs_target import plan_for_saving
     from amg.pruning.planner import make_plan
@@ -154,7 +154,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if model.classifier is not None and model.num_classes != max(labels) + 1:
         raise InputError(f"the model's classifier has {model.num_classes} identities but the calibration "
                          f"data's training split has {max(labels) + 1}: calibrate on the data it was trained on")
-    data = CalibrationData.from_dataset(dataset, model.config.img_size, args.calibration_images, args.seed, progress)
+    data = CalibrationImages.from_dataset(dataset, model.config.img_size, args.calibration_images, args.seed, progress)
     start = time.perf_counter()
     policies = {"head_policy": args.head_policy or args.policy, "token_policy": args.token_policy or args.policy,
                 "allocation": args.allocation}
@@ -399,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     select.add_argument("--profile", default="default", help="suite profile for --measure (default %(default)s)")
     select.set_defaults(func=cmd_select)
 
-    # listed for --help only: main() hands `amg gate ...` to amg.gate.main before parsing
+    # listed for --help only: main() hands `amg gate ...` to amg.reporting.gate.main before parsing
     sub.add_parser("gate", add_help=False,
                    help="compare a run's CSV with a baseline CSV; exit 0 pass, 1 regression, 2 input error "
                         "(`amg gate --help` for its options)")

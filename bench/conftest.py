@@ -1,6 +1,6 @@
 """Options, profiles and the CSV report of the benchmark suite (`pytest bench/`).
 
-A thin layer: cases come from `amg.profiles`; pruning, runners and rows from `amg.suite`;
+A thin layer: cases come from `amg.benchmark.profiles`; pruning, runners and rows from `amg.benchmark.suite`;
 the timing loop is pytest-benchmark's. At the end of the session the rows go to one CSV
 per run under `<results-dir>/<device-id>/`, written atomically.
 """

@@ -1,4 +1,4 @@
-"""One benchmark per (pruning configuration, backend, precision, batch): see amg.suite."""
+"""One benchmark per (pruning configuration, backend, precision, batch): see amg.benchmark.suite."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ from amg.data.layout import load_dataset, relabel_pids
 from amg.data.preload import preload_images
 from amg.data.synthetic import SynthConfig, generate
 from amg.model.pruned import load_pruned, save_pruned
-from amg.pruning.calibration import CalibrationData
+from amg.pruning.calibration import CalibrationImages
 from amg.pruning.iterative import IterativeConfig, TrainingSet, iterative_prune
 from amg.train.cache import train_on_dataset
 from amg.train.config import TrainConfig
@@ -38,7 +38,7 @@ def test_iterative_pruning_reaches_the_ratio_and_leaves_the_original(tmp_path):
     camids = [s.camid for s in dataset.train]
     before = {k: v.clone() for k, v in model.state_dict().items()}
     pruned, plan = iterative_prune(
-        model, heads=0.5, tokens=0.25, calibration=CalibrationData(images[:12], labels[:12], camids[:12]),
+        model, heads=0.5, tokens=0.25, calibration=CalibrationImages(images[:12], labels[:12], camids[:12]),
         training=TrainingSet(images, labels, camids), config=IterativeConfig(rounds=2, finetune_steps=2),
         base=BASE, progress=None)
     total = model.config.depth * model.config.num_heads

@@ -1,4 +1,4 @@
-"""Tests for amg.metrics: hand-worked cases, a loop-based reference, input errors, distances."""
+"""Tests for amg.train.metrics: hand-worked cases, a loop-based reference, input errors, distances."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from amg.model.config import ModelConfig
 from amg.model.plan import PrunePlan
 from amg.model.pruned import apply_plan, load_pruned, save_pruned
 from amg.model.vit import ReIDViT
-from amg.pruning.calibration import CalibrationData
+from amg.pruning.calibration import CalibrationImages
 from amg.pruning.planner import make_plan
 from amg.pruning.selection import select_heads, select_tokens
 
@@ -119,10 +119,10 @@ def test_capturing_path_matches_fused_path(name):
     assert all(m.recorder is None for m in patch_model(model))  # the model is left clean
 
 
-def calibration_data(config: ModelConfig, count: int = 8) -> CalibrationData:
+def calibration_data(config: ModelConfig, count: int = 8) -> CalibrationImages:
     generator = torch.Generator().manual_seed(5)
     images = torch.randint(0, 256, (count, 3, *config.img_size), dtype=torch.uint8, generator=generator)
-    return CalibrationData(images, labels=[i % 6 for i in range(count)], camids=[i % 3 for i in range(count)],
+    return CalibrationImages(images, labels=[i % 6 for i in range(count)], camids=[i % 3 for i in range(count)],
                            description={"images": count, "source": "test"})
 
 

@@ -1,5 +1,5 @@
-"""Tests for amg.report: loading, newest run per device, tables, Pareto fronts, the built report,
-bad input, and concurrent writers (via amg.results.write_csv)."""
+"""Tests for amg.reporting.report: loading, newest run per device, tables, Pareto fronts, the built report,
+bad input, and concurrent writers (via amg.benchmark.results.write_csv)."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from amg.model.pruned import apply_plan
-from amg.pruning.calibration import CalibrationData
+from amg.pruning.calibration import CalibrationImages
 from amg.pruning.iterative import TrainingSet, run_schedule
 from amg.pruning.planner import make_plan
 from amg.pruning.schedule import ONE_SHOT, Schedule
@@ -17,7 +17,7 @@ from amg.pruning.schedule import ONE_SHOT, Schedule
 @pytest.fixture(scope="module")
 def trained(tiny_trained):
     dataset, model = tiny_trained
-    calibration = CalibrationData.from_dataset(dataset, (64, 32), count=12)
+    calibration = CalibrationImages.from_dataset(dataset, (64, 32), count=12)
     return copy.deepcopy(model), calibration, TrainingSet.from_dataset(dataset, (64, 32))
 
 

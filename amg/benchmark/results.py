@@ -87,7 +87,7 @@ def safe_name(text: str) -> str:
     return cleaned[:80]
 
 
-def _cell(value: Any) -> str:
+def _csv_text(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, float):
@@ -115,7 +115,7 @@ def write_csv(rows: Iterable[Mapping[str, Any]], results_dir: str | Path, device
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({column: _cell(row.get(column)) for column in COLUMNS})
+        writer.writerow({column: _csv_text(row.get(column)) for column in COLUMNS})
     handle, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=folder)
     try:
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; reports are shared and committed

@@ -1,6 +1,6 @@
 """How `pytest bench/` measures a case: pruned models, runners, memory, accuracy, one CSV row.
 
-bench/ only turns `Case`s (amg.profiles) into pytest parameters and hands the timing loop
+bench/ only turns `Case`s (amg.benchmark.profiles) into pytest parameters and hands the timing loop
 to pytest-benchmark; everything else (pruning, runners, memory, accuracy, the row) is here.
 """
 
@@ -35,7 +35,7 @@ from amg.measure.memory import measure_peak_memory
 from amg.model.plan import PrunePlan
 from amg.model.pruned import apply_plan, current_plan, save_pruned
 from amg.model.vit import ReIDViT
-from amg.pruning.calibration import CalibrationData
+from amg.pruning.calibration import CalibrationImages
 from amg.pruning.iterative import TrainingSet, run_schedule
 from amg.pruning.macs_target import OutOfReach, plan_for_saving
 from amg.pruning.planner import make_plan
@@ -112,15 +112,15 @@ class Suite:
     _fingerprint: str | None = None
     _accuracy: dict[PruneSpec, dict[str, float]] = field(default_factory=dict)
     _references: dict[tuple[str, str, int], Runner] = field(default_factory=dict)
-    _calibration: CalibrationData | None = None
+    _calibration: CalibrationImages | None = None
     _evaluator: Evaluator | None = None
     _base_macs: int | None = None
 
-    def calibration(self) -> CalibrationData:
+    def calibration(self) -> CalibrationImages:
         if self._calibration is None:
             if self.dataset is None:
                 raise InputError("AMG and gradient policies need data with labels: pass --amg-data or use a trained model")
-            self._calibration = CalibrationData.from_dataset(self.dataset, self.model.config.img_size,
+            self._calibration = CalibrationImages.from_dataset(self.dataset, self.model.config.img_size,
                                                              progress=self.progress)
         return self._calibration
 

@@ -1,1 +1,2 @@
-"""Measurements that know nothing about pruning: FLOPs (fvcore), and later latency and memory."""
+"""The measure layer: MACs (fvcore), latency (paired speed-ups), isolated peak memory, the
+backends a model runs on and the device it runs on. Knows models, not how they were pruned."""

@@ -162,19 +162,19 @@ def load_model(path: str | Path,
     """Load a model written by `save_model` (its config travels with it), in eval mode.
 
     `prepare(model, payload)` runs before the weights are loaded, to reshape the model
-    (amg.prune uses it to apply a saved plan).
+    (amg.model.pruned uses it to apply a saved plan).
     """
     payload = read_checkpoint(path)
     if payload.get("format") != CHECKPOINT_FORMAT:
         raise InputError(
             f"{path} is not an AMG-Bench checkpoint (format {payload.get('format')!r}); "
-            "import foreign state dicts with `amg import` (amg.checkpoints.import_state_dict)"
+            "import foreign state dicts with `amg import` (amg.model.checkpoints.import_state_dict)"
         )
     model = ReIDViT(ModelConfig.from_dict(payload["config"]), num_classes=payload["num_classes"])
     if prepare is not None:
         prepare(model, payload)
     elif payload.get("plan") is not None:
-        raise InputError(f"{path} holds a pruned model: load it with amg.prune.load_pruned")
+        raise InputError(f"{path} holds a pruned model: load it with amg.model.pruned.load_pruned")
     load_exact(model, payload["state_dict"], source=str(path))
     return model.eval()
 

@@ -1,4 +1,4 @@
-"""The calibration images that heads and tokens are scored on (statistics: `scores.Calibration`)."""
+"""The calibration images that heads and tokens are scored on (statistics: `scores.CalibrationStats`)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ Progress = Callable[[str], None]
 
 
 @dataclass
-class CalibrationData:
+class CalibrationImages:
     """uint8 images (+ training labels and camera ids) used to score heads and tokens."""
 
     images: torch.Tensor
@@ -28,7 +28,7 @@ class CalibrationData:
 
     @classmethod
     def from_dataset(cls, dataset: ReIDDataset, img_size: tuple[int, int], count: int = 256, seed: int = 0,
-                     progress: Progress | None = None) -> CalibrationData:
+                     progress: Progress | None = None) -> CalibrationImages:
         """`count` random training images (by `seed`) with their contiguous training labels."""
         labels, _ = relabel_pids(dataset.train)
         count = min(count, len(dataset.train))
@@ -39,6 +39,6 @@ class CalibrationData:
         return cls(preload_images(samples, img_size), [labels[i] for i in chosen], [s.camid for s in samples],
                    {"dataset": str(dataset.root), "split": "train", "images": count, "seed": seed, "loss": "id"})
 
-    def run(self, model: ReIDViT, progress: Progress | None, gradients: bool = True) -> S.Calibration:
+    def run(self, model: ReIDViT, progress: Progress | None, gradients: bool = True) -> S.CalibrationStats:
         return S.calibrate(model, self.images, self.labels, self.camids, self.loss, self.teacher,
                            gradients=gradients, progress=progress)

@@ -21,7 +21,7 @@ from amg.errors import InputError
 from amg.model.plan import PrunePlan
 from amg.model.pruned import apply_plan
 from amg.model.vit import ReIDViT
-from amg.pruning.calibration import CalibrationData, Progress
+from amg.pruning.calibration import CalibrationImages, Progress
 from amg.pruning.planner import make_plan
 from amg.pruning.schedule import Schedule, fine_tuning_stages
 from amg.train.config import TrainConfig
@@ -68,7 +68,7 @@ def finetune_distilled(model: ReIDViT, teacher: ReIDViT, data: TrainingSet, step
     train_reid(model, data.images, data.labels, data.camids, recipe, progress, teacher=teacher)
 
 
-def iterative_prune(model: ReIDViT, heads: float, tokens: float, calibration: CalibrationData,
+def iterative_prune(model: ReIDViT, heads: float, tokens: float, calibration: CalibrationImages,
                     training: TrainingSet, config: IterativeConfig = IterativeConfig(),
                     head_policy: str = "amg", token_policy: str = "amg", allocation: str = "global",
                     base: TrainConfig = TrainConfig(), seed: int = 0,
@@ -101,7 +101,7 @@ def iterative_prune(model: ReIDViT, heads: float, tokens: float, calibration: Ca
     return student.eval(), plan
 
 
-def run_schedule(model: ReIDViT, plan: PrunePlan, schedule: Schedule, calibration: CalibrationData | None,
+def run_schedule(model: ReIDViT, plan: PrunePlan, schedule: Schedule, calibration: CalibrationImages | None,
                  training: TrainingSet | None, progress: Progress | None = None) -> ReIDViT:
     """A pruned copy of `model` (left untouched) by `schedule`, starting from the one-shot `plan`.
 

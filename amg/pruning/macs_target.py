@@ -13,7 +13,7 @@ from amg.model.config import ModelConfig
 from amg.model.dynamic import apply_dynamic
 from amg.model.plan import PrunePlan
 from amg.model.vit import ReIDViT
-from amg.pruning.calibration import CalibrationData, Progress
+from amg.pruning.calibration import CalibrationImages, Progress
 from amg.pruning.planner import head_removal_scores, make_plan, token_keep_scores
 from amg.pruning.policies import is_dynamic, needs_calibration, needs_gradients
 from amg.pruning.selection import select_heads, select_tokens
@@ -36,7 +36,7 @@ class OutOfReach(InputError):
 
 
 def plan_for_saving(model: ReIDViT, target: float, mode: str = "both", head_policy: str = "amg",
-                    token_policy: str = "amg", allocation: str = "global", data: CalibrationData | None = None,
+                    token_policy: str = "amg", allocation: str = "global", data: CalibrationImages | None = None,
                     seed: int = 0, progress: Progress | None = None) -> PrunePlan:
     """A plan removing about `target` of the model's fvcore MACs, by heads, tokens or both (equal ratios).
 

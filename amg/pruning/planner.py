@@ -14,12 +14,12 @@ from amg.model.plan import PrunePlan
 from amg.model.pruned import apply_plan
 from amg.model.vit import ReIDViT
 from amg.pruning import scores as S
-from amg.pruning.calibration import CalibrationData, Progress
+from amg.pruning.calibration import CalibrationImages, Progress
 from amg.pruning.policies import HEAD_ALLOCATIONS, HEADS, TOKENS, needs_calibration, policy
 from amg.pruning.selection import check_ratio, select_heads, select_tokens
 
 
-def policy_scores(axis: str, model: ReIDViT, name: str, allocation: str, calibration: S.Calibration | None,
+def policy_scores(axis: str, model: ReIDViT, name: str, allocation: str, calibration: S.CalibrationStats | None,
                   seed: int) -> list[torch.Tensor]:
     """The registered scorer of policy `name` on `axis` (heads: higher goes; tokens: higher stays)."""
     chosen = policy(axis, name)
@@ -30,19 +30,19 @@ def policy_scores(axis: str, model: ReIDViT, name: str, allocation: str, calibra
     return getattr(S, chosen.scorer)(model, calibration, allocation, seed)
 
 
-def head_removal_scores(model: ReIDViT, name: str, allocation: str, calibration: S.Calibration | None,
+def head_removal_scores(model: ReIDViT, name: str, allocation: str, calibration: S.CalibrationStats | None,
                         seed: int) -> list[torch.Tensor]:
     return policy_scores(HEADS, model, name, allocation, calibration, seed)
 
 
-def token_keep_scores(model: ReIDViT, name: str, calibration: S.Calibration | None, seed: int) -> list[torch.Tensor]:
+def token_keep_scores(model: ReIDViT, name: str, calibration: S.CalibrationStats | None, seed: int) -> list[torch.Tensor]:
     return policy_scores(TOKENS, model, name, "global", calibration, seed)
 
 
 def make_plan(model: ReIDViT, heads: float = 0.0, tokens: float = 0.0, head_policy: str = "amg",
-              token_policy: str = "amg", allocation: str = "global", data: CalibrationData | None = None,
+              token_policy: str = "amg", allocation: str = "global", data: CalibrationImages | None = None,
               seed: int = 0, progress: Progress | None = None,
-              calibration: S.Calibration | None = None) -> PrunePlan:
+              calibration: S.CalibrationStats | None = None) -> PrunePlan:
     """Score and select: heads first, then tokens scored on the head-pruned model (as the reference).
 
     `calibration`, if given, is a calibration of `model` as it is now (e.g. from a ratio

@@ -31,7 +31,7 @@ Progress = Callable[[str], None]
 
 
 @dataclass
-class Calibration:
+class CalibrationStats:
     """What the calibration pass measured, per block (indices follow the model's current heads)."""
 
     mean_attention: list[torch.Tensor]  # [heads, N_q, N_kv]: attention averaged over images
@@ -55,7 +55,7 @@ def _loss(model, images: torch.Tensor, labels: torch.Tensor | None, camids: torc
 
 def calibrate(model, images: torch.Tensor, labels: Sequence[int] | None = None,
               camids: Sequence[int] | None = None, loss: str = "id", teacher=None,
-              batch_size: int = 32, gradients: bool = True, progress: Progress | None = None) -> Calibration:
+              batch_size: int = 32, gradients: bool = True, progress: Progress | None = None) -> CalibrationStats:
     """Run uint8 `images` through `model` (eval mode) with attention capture (and backprop).
 
     loss="id": cross-entropy of the model's own classifier on `labels` (train-set labels).
@@ -108,7 +108,7 @@ def calibrate(model, images: torch.Tensor, labels: Sequence[int] | None = None,
         for parameter in trainable:
             parameter.requires_grad_(True)
     count = len(images)
-    return Calibration([s / count for s in attention_sums], token_taylor if gradients else None,
+    return CalibrationStats([s / count for s in attention_sums], token_taylor if gradients else None,
                        head_taylor if gradients else None, count, loss)
 
 
@@ -126,7 +126,7 @@ def head_entropy(mean_attention: torch.Tensor) -> torch.Tensor:
 # Scorers named in amg.pruning.policies share one signature: (model, calibration, allocation, seed).
 
 
-def amg_head_removal_scores(model, calibration: Calibration, allocation: str = "global",
+def amg_head_removal_scores(model, calibration: CalibrationStats, allocation: str = "global",
                             seed: int = 0) -> list[torch.Tensor]:
     """AMG: high entropy (diffuse attention) goes first.
 
@@ -147,13 +147,13 @@ def amg_head_removal_scores(model, calibration: Calibration, allocation: str = "
     return scores
 
 
-def lowest_entropy_removal_scores(model, calibration: Calibration, allocation: str = "global",
+def lowest_entropy_removal_scores(model, calibration: CalibrationStats, allocation: str = "global",
                                   seed: int = 0) -> list[torch.Tensor]:
     """The opposite rule (a baseline): focused heads go first."""
     return [-head_entropy(attention) for attention in calibration.mean_attention]
 
 
-def gradient_removal_scores(model, calibration: Calibration, allocation: str = "global",
+def gradient_removal_scores(model, calibration: CalibrationStats, allocation: str = "global",
                             seed: int = 0) -> list[torch.Tensor]:
     """Michel et al. 2019: E|sum(head output · dL/d output)|, L2-normalised per block; low goes first."""
     if calibration.head_taylor is None:
@@ -161,7 +161,7 @@ def gradient_removal_scores(model, calibration: Calibration, allocation: str = "
     return [-(t / t.norm().clamp_min(1e-12)) for t in calibration.head_taylor]
 
 
-def magnitude_removal_scores(model, calibration: Calibration | None = None, allocation: str = "global",
+def magnitude_removal_scores(model, calibration: CalibrationStats | None = None, allocation: str = "global",
                              seed: int = 0) -> list[torch.Tensor]:
     """Weight magnitude: L2 norm of a head's q, k, v rows and proj columns; small goes first."""
     scores = []
@@ -173,7 +173,7 @@ def magnitude_removal_scores(model, calibration: Calibration | None = None, allo
     return scores
 
 
-def random_removal_scores(model, calibration: Calibration | None = None, allocation: str = "global",
+def random_removal_scores(model, calibration: CalibrationStats | None = None, allocation: str = "global",
                           seed: int = 0) -> list[torch.Tensor]:
     return _uniform([module.num_heads for module in patch_model(model)], seed)
 
@@ -183,7 +183,7 @@ def random_removal_scores(model, calibration: Calibration | None = None, allocat
 # Position 0 (the class token) is never scored: callers always keep it.
 
 
-def amg_token_keep_scores(model, calibration: Calibration, allocation: str = "global",
+def amg_token_keep_scores(model, calibration: CalibrationStats, allocation: str = "global",
                           seed: int = 0) -> list[torch.Tensor]:
     """AMG: |sum A·dL/dA| per key, L2-normalised per block, scaled by (1 - 0.03·l)."""
     if calibration.token_taylor is None:
@@ -196,7 +196,7 @@ def amg_token_keep_scores(model, calibration: Calibration, allocation: str = "gl
     return scores
 
 
-def random_token_keep_scores(model, calibration: Calibration | None = None, allocation: str = "global",
+def random_token_keep_scores(model, calibration: CalibrationStats | None = None, allocation: str = "global",
                              seed: int = 0) -> list[torch.Tensor]:
     return _uniform([model.config.num_tokens] * model.config.depth, seed)
 

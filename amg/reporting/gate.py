@@ -1,6 +1,6 @@
 """`amg gate`: compare a benchmark run with a committed baseline, and fail on regressions.
 
-Rows are matched by `amg.results.KEY_COLUMNS` (batch as an integer). Checked, per baseline
+Rows are matched by `amg.benchmark.results.KEY_COLUMNS` (batch as an integer). Checked, per baseline
 configuration:
 
 - accuracy (query/occluded Rank-1, mAP, and Rank-5 / mINP when the baseline has them): a drop
@@ -240,7 +240,7 @@ def compare(
 
 
 def gate(baseline_path: str | Path, current_path: str | Path, tolerances: Tolerances = Tolerances()) -> GateResult:
-    """Read both files with `amg.results.read_csv` (which raises `ReportError` naming the file) and compare."""
+    """Read both files with `amg.benchmark.results.read_csv` (which raises `ReportError` naming the file) and compare."""
     return compare(read_csv(baseline_path), read_csv(current_path), tolerances)
 
 

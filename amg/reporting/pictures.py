@@ -98,7 +98,7 @@ def draw_kept_positions(record: AttentionRecord, sample: np.ndarray, path: Path)
             for position in range(1, rows * cols + 1):  # position 0 is the class token, always kept
                 if position not in kept_set:
                     row, col = divmod(position - 1, cols)
-                    ax.add_patch(_cell(row, col, record.stride))
+                    ax.add_patch(_patch_box(row, col, record.stride))
                     dropped += 1
         ax.set_title(f"block {block}\n{rows * cols - dropped}/{rows * cols} kept", fontsize=8)
         ax.set_xlim(-0.5, width - 0.5)
@@ -109,7 +109,7 @@ def draw_kept_positions(record: AttentionRecord, sample: np.ndarray, path: Path)
     return _save(figure, path)
 
 
-def _cell(row: int, col: int, stride: int):
+def _patch_box(row: int, col: int, stride: int):
     from matplotlib.patches import Rectangle
 
     return Rectangle((col * stride - 0.5, row * stride - 0.5), stride, stride, facecolor="black", alpha=0.65,

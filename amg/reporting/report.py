@@ -1,11 +1,11 @@
 """Benchmark CSV reports -> Markdown tables (pandas, tabulate) and Pareto plots (matplotlib).
 
-Input is the CSVs of `amg.results` (`results/<device-id>/<run-id>.csv`), read through
-`amg.results.read_csv`, so a missing, truncated or off-schema file fails here too, with its
+Input is the CSVs of `amg.benchmark.results` (`results/<device-id>/<run-id>.csv`), read through
+`amg.benchmark.results.read_csv`, so a missing, truncated or off-schema file fails here too, with its
 name. `build_report` is what `amg report` calls: each configuration's newest measurement on
 each device goes into one section of `README.md` per device, a cross-device speed-up table,
-two accuracy-vs-cost plots, the equal-MACs comparison (amg.equal_macs) and the attention
-pictures (amg.explain).
+two accuracy-vs-cost plots, the equal-MACs comparison (amg.reporting.equal_macs) and the attention
+pictures (amg.reporting.pictures).
 
 Plots use `matplotlib.figure.Figure` directly instead of pyplot: no display is needed, no
 global backend is switched for whoever imports this module, and no figure is left open.
@@ -23,6 +23,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from tabulate import tabulate
 
+from amg.benchmark.profiles import UNPRUNED
 from amg.benchmark.results import (
     COLUMNS,
     MEASURE_COLUMNS,
@@ -46,7 +47,6 @@ __all__ = [
 ]
 
 MISSING = "—"  # shown for a value that was not measured
-UNPRUNED = "unpruned"
 NUMERIC_COLUMNS = ["threads", "batch", "head_ratio", "token_ratio"] + [c for c in MEASURE_COLUMNS if c != "dataset"]
 # Stored as fractions (0..1); tables and plots show them in percent.
 PERCENT_COLUMNS = {"macs_saving", "latency_saving"} | {
@@ -178,14 +178,14 @@ def format_cell(value: object, decimals: int, scale: float = 1.0) -> str:
     return f"{float(value) * scale:.{decimals}f}"
 
 
-def _cell(text: object) -> str:
+def _markdown_text(text: object) -> str:
     # A "|" inside a cell would end it early in Markdown.
     return str(text).replace("|", "\\|")
 
 
 def _is_unpruned(frame: pd.DataFrame) -> pd.Series:
     # By name, or by ratios both 0 for configurations named otherwise (e.g. "heads=0,tokens=0").
-    named = frame["config_id"].astype(str).str.lower() == UNPRUNED
+    named = frame["config_id"].astype(str).str.lower() == UNPRUNED.config_id
     return named | ((frame["head_ratio"] == 0) & (frame["token_ratio"] == 0))
 
 
@@ -215,8 +215,8 @@ def device_table(frame: pd.DataFrame, device_id: str) -> str:
     labels = varying + ["config", "backend", "batch"]
     headers = labels + [header for header, *_ in DEVICE_COLUMNS]
     body = [
-        [_cell(row[c]) for c in varying]
-        + [_cell(row["config_id"]), _cell(row["backend"]), format_cell(row["batch"], 0)]
+        [_markdown_text(row[c]) for c in varying]
+        + [_markdown_text(row["config_id"]), _markdown_text(row["backend"]), format_cell(row["batch"], 0)]
         + [format_cell(row[column], decimals, scale) for _, column, decimals, scale in DEVICE_COLUMNS]
         for _, row in rows.iterrows()
     ]
@@ -243,11 +243,11 @@ def cross_device_table(frame: pd.DataFrame) -> str:
     table = _unpruned_first(facts.join(speedups).reset_index(), ["model"])
     targets = sorted(speedups.columns)
     body = [
-        [_cell(row["model"]), _cell(row["config_id"]), format_cell(row["batch"], 0), format_cell(row["macs_saving"], 1, 100.0)]
+        [_markdown_text(row["model"]), _markdown_text(row["config_id"]), format_cell(row["batch"], 0), format_cell(row["macs_saving"], 1, 100.0)]
         + [format_cell(row[t], 2) for t in targets]
         for _, row in table.iterrows()
     ]
-    headers = ["model", "config", "batch", "MACs saved %"] + [_cell(t) for t in targets]
+    headers = ["model", "config", "batch", "MACs saved %"] + [_markdown_text(t) for t in targets]
     return _markdown(body, headers, numeric_from=2)
 
 
@@ -390,7 +390,7 @@ def build_report(results_dir: str | Path, out_dir: str | Path) -> list[Path]:
     """Read every CSV under `results_dir`, write `out_dir`/README.md and PNG plots.
 
     Each configuration's newest measurement per device is reported, and the attention pictures
-    of every model the suite recorded (amg.explain). Every file is written atomically. Returns the
+    of every model the suite recorded (amg.reporting.pictures). Every file is written atomically. Returns the
     written paths (README first). No CSV found raises `ReportError` naming the folder.
     """
     root, out = Path(results_dir), Path(out_dir)
