@@ -162,7 +162,7 @@ def test_prune_with_fine_tuning_to_a_macs_saving(tiny_root, model_path, tmp_path
 
 
 def test_only_bad_input_exits_2_and_a_bug_keeps_its_traceback(monkeypatch, capsys):
-    import amg.cli as cli
+    import amg.cli.commands as commands
 
     def bad_input(args):
         raise InputError("--batch must be >= 1, got 0")
@@ -170,9 +170,9 @@ def test_only_bad_input_exits_2_and_a_bug_keeps_its_traceback(monkeypatch, capsy
     def bug(args):
         raise RuntimeError("onnxruntime output differs from PyTorch")
 
-    monkeypatch.setattr(cli, "cmd_flops", bad_input)
+    monkeypatch.setattr(commands, "cmd_flops", bad_input)
     assert main(["flops"]) == 2
     assert "amg flops: error: --batch must be >= 1, got 0" in capsys.readouterr().err
-    monkeypatch.setattr(cli, "cmd_flops", bug)
+    monkeypatch.setattr(commands, "cmd_flops", bug)
     with pytest.raises(RuntimeError, match="differs from PyTorch"):
         main(["flops"])

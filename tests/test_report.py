@@ -13,15 +13,10 @@ import pandas as pd
 import pytest
 
 from amg.benchmark.results import COLUMNS, ReportError, safe_name, write_csv
-from amg.reporting.report import (
-    build_report,
-    cross_device_table,
-    device_table,
-    load_reports,
-    newest_per_configuration,
-    pareto_front,
-    plot_pareto,
-)
+from amg.reporting.loading import load_reports, newest_per_configuration
+from amg.reporting.pareto import pareto_front, plot_pareto
+from amg.reporting.report import build_report
+from amg.reporting.tables import cross_device_table, device_table
 
 X86 = "x86_64-2c"
 JETSON = "Jetson Orin/Nano (8GB)"  # safe_name turns it into a folder name

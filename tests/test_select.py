@@ -6,7 +6,7 @@ import pytest
 
 from amg.benchmark.results import write_csv
 from amg.cli import main
-from amg.reporting.report import load_reports
+from amg.reporting.loading import load_reports
 from amg.reporting.select import PAIRED, NoMeasurements, Target, candidates, select
 
 DEVICE = "board-4c"

@@ -15,7 +15,7 @@ from tabulate import tabulate
 
 from amg.benchmark.profiles import PruneSpec
 from amg.pruning.schedule import SCHEDULES, Schedule
-from amg.reporting.report import MISSING, format_cell
+from amg.reporting.tables import MISSING, format_cell
 
 FAMILIES = ("heads", "tokens", "heads+tokens")
 

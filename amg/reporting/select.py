@@ -16,7 +16,8 @@ from tabulate import tabulate
 from amg.benchmark.profiles import PruneSpec
 from amg.errors import InputError
 from amg.pruning.schedule import fine_tuning_stages
-from amg.reporting.report import pareto_front, run_timestamps
+from amg.reporting.loading import run_timestamps
+from amg.reporting.pareto import pareto_front
 
 LATENCY = "latency_median_ms"
 PAIRED = "latency_paired_ms"

@@ -1,0 +1,28 @@
+"""The `amg` command: data, train, eval, prune, flops, report, select, gate, import."""
+
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+from amg.cli.parser import build_parser
+from amg.errors import InputError
+
+EXIT_USAGE = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["gate"]:  # the gate owns its options (argparse cannot hand "--help" through)
+        from amg.reporting.gate import main as gate_main
+
+        return gate_main(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (InputError, OSError) as error:
+        # Bad input (and missing or unwritable files) is the user's to fix: say what, without a
+        # traceback. Anything else is a bug or a failure inside a library: its traceback stays.
+        print(f"amg {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE

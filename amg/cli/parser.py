@@ -1,0 +1,165 @@
+"""The `amg` command line: subcommands, their options and help (choices come from the registries)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from amg.cli import commands
+from amg.data.synthetic import SynthConfig
+from amg.measure.backend_registry import BACKEND_NAMES, PRECISIONS
+from amg.pruning.policies import ALL_POLICY_NAMES, HEAD_ALLOCATIONS, HEAD_POLICIES, TOKEN_POLICIES, Policy
+from amg.train.config import TrainConfig
+
+WEIGHTS_DTYPES = ("fp32", "fp16")
+
+
+def _policy_help(policies: dict[str, Policy]) -> str:
+    return "; ".join(f"{name} ({p.summary})" for name, p in policies.items())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from amg.model.config import DEFAULT_PRESET, PRESETS
+
+    parser = argparse.ArgumentParser(
+        prog="amg",
+        description="AMG-Bench: Attention Map Guided pruning of ViT person Re-ID models, and its benchmarks.",
+        epilog="Without --data, commands use the embedded default: a synthetic Re-ID set and a small model "
+               "trained on it, both generated once and cached in $AMG_CACHE_DIR (default ~/.cache/amg-bench).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = sub.add_parser("data", help="generate or inspect Re-ID data sets")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    synth = data_sub.add_parser("synth", help="write the synthetic holistic + occluded set (Market-1501 layout)")
+    synth.add_argument("--out", required=True, type=Path, help="folder to create (must not exist or be empty)")
+    synth.add_argument("--ids", type=int, default=SynthConfig.train_ids, help="training identities (default %(default)s)")
+    synth.add_argument("--test-ids", type=int, default=None, help="test identities (default: same as --ids)")
+    synth.add_argument("--images-per-id", type=int, default=SynthConfig.images_per_id,
+                       help="images per identity (default %(default)s)")
+    synth.add_argument("--cameras", type=int, default=SynthConfig.num_cameras, help="cameras, 2..6 (default %(default)s)")
+    synth.add_argument("--seed", type=int, default=SynthConfig.seed, help="random seed (default %(default)s)")
+    synth.set_defaults(func=commands.cmd_data_synth)
+    info = data_sub.add_parser("info", help="read a data set and print its splits")
+    info.add_argument("root", type=Path, help="data set root (Market-1501, DukeMTMC-reID, Occluded-Duke, MSMT17)")
+    info.add_argument("--layout", default="auto", help="auto|market1501|dukemtmc|occluded_duke|msmt17")
+    info.set_defaults(func=commands.cmd_data_info)
+
+    def add_data_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--data", default=None, help="real data set root (default: the cached synthetic set)")
+        p.add_argument("--layout", default="auto", help="layout of --data (default: detect)")
+        p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+    train = sub.add_parser("train", help="train a Re-ID model (default: the cached embedded default)")
+    train.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS), help="model preset (default %(default)s)")
+    train.add_argument("--steps", type=int, default=TrainConfig.steps, help="optimizer steps (default %(default)s)")
+    train.add_argument("--lr", type=float, default=TrainConfig.lr, help="peak learning rate (default %(default)s)")
+    train.add_argument("--seed", type=int, default=TrainConfig.seed, help="random seed (default %(default)s)")
+    train.add_argument("--batch-ids", type=int, default=TrainConfig.num_identities, help="identities per PK batch (default %(default)s)")
+    train.add_argument("--batch-instances", type=int, default=TrainConfig.num_instances, help="images per identity in a batch (default %(default)s)")
+    train.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"), help="input size (default: the preset's)")
+    train.add_argument("--sie", action="store_true", help="add a camera embedding (SIE) sized to the data set")
+    train.add_argument("--out", default=None,
+                       help="where to save the model (required with --data; without it, a copy of the cached default)")
+    train.add_argument("--weights-dtype", default="fp32", choices=WEIGHTS_DTYPES,
+                       help="dtype the --out file stores weights in: fp16 halves it (e.g. a model committed for CI); "
+                            "loading always gives float32 (default %(default)s)")
+    add_data_options(train)
+    train.set_defaults(func=commands.cmd_train)
+
+    evaluate = sub.add_parser("eval", help="Rank-1/5/10, mAP and mINP on every query set")
+    evaluate.add_argument("model", nargs="?", default=None, help="model file (default: the cached default model)")
+    evaluate.add_argument("--metric", default="euclidean", choices=["euclidean", "cosine"])
+    evaluate.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_data_options(evaluate)
+    evaluate.set_defaults(func=commands.cmd_eval)
+
+    prune = sub.add_parser("prune", help="score heads / key-value tokens on calibration images and prune",
+                           description="Score on calibration images from the training split, remove heads "
+                                       "(then key/value tokens, scored on the head-pruned model), save the "
+                                       "smaller model with its plan.")
+    prune.add_argument("--model", default=None,
+                       help="model file, or a preset (the default preset uses its cached trained weights; "
+                            "other presets get random weights); default: the embedded default model")
+    prune.add_argument("--heads", type=float, default=0.0, help="fraction of all heads to remove, in [0, 1)")
+    prune.add_argument("--tokens", type=float, default=0.0, help="fraction of key/value positions to drop, in [0, 1)")
+    prune.add_argument("--policy", default="amg", choices=ALL_POLICY_NAMES,
+                       help="policy for both heads and tokens (default %(default)s)")
+    prune.add_argument("--head-policy", default=None, choices=sorted(HEAD_POLICIES), metavar="POLICY",
+                       help="head policy, overrides --policy: " + _policy_help(HEAD_POLICIES))
+    prune.add_argument("--token-policy", default=None, choices=sorted(TOKEN_POLICIES), metavar="POLICY",
+                       help="token policy, overrides --policy: " + _policy_help(TOKEN_POLICIES))
+    prune.add_argument("--allocation", default="global", choices=HEAD_ALLOCATIONS,
+                       help="how head removals spread over blocks (default %(default)s)")
+    prune.add_argument("--macs-saving", type=float, default=None,
+                       help="instead of --heads/--tokens: remove about this fraction of the blocks' MACs")
+    prune.add_argument("--saving-by", default="both", choices=["heads", "tokens", "both"],
+                       help="what --macs-saving removes (both: equal head and token ratios)")
+    prune.add_argument("--finetune", type=int, default=0, metavar="STEPS",
+                       help="fine-tune the pruned model this many steps, distilled from the unpruned one "
+                            "(default 0: one-shot; the equal-MACs study uses 300)")
+    prune.add_argument("--iterative-rounds", type=int, default=0,
+                       help="instead: prune heads over this many rounds, fine-tuning (distilled) after each "
+                            "and after the tokens; 0 = one-shot (default)")
+    prune.add_argument("--finetune-steps", type=int, default=60,
+                       help="fine-tuning steps per iterative round (default %(default)s)")
+    prune.add_argument("--calibration-images", type=int, default=256, help="calibration images (default %(default)s)")
+    prune.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and random policies")
+    prune.add_argument("--out", required=True, type=Path, help="pruned model file to write")
+    prune.add_argument("--plan-out", type=Path, default=None, help="also write the plan as JSON")
+    add_data_options(prune)
+    prune.set_defaults(func=commands.cmd_prune)
+
+    flops = sub.add_parser("flops", help="parameters and fvcore MACs (multiply-adds) against the unpruned model")
+    flops.add_argument("model", nargs="?", default=None, help="model file or preset (default: the default model)")
+    flops.add_argument("--batch", type=int, default=1, help="batch size to trace (default %(default)s)")
+    flops.set_defaults(func=commands.cmd_flops)
+
+    report = sub.add_parser("report", help="merge every results CSV into Markdown tables and Pareto plots")
+    report.add_argument("--results-dir", type=Path, default=Path("results"),
+                        help="folder holding <device-id>/<run-id>.csv reports (default %(default)s)")
+    report.add_argument("--out", type=Path, default=Path("results/report"),
+                        help="where README.md and the PNG plots go (default %(default)s)")
+    report.set_defaults(func=commands.cmd_report)
+
+    select = sub.add_parser(
+        "select", help="hardware-aware: the most accurate plan whose measured latency fits a budget",
+        description="Choose, from the suite's measurements on a device, the pruning configuration with the "
+                    "best accuracy whose measured median latency fits --budget-ms, and print the Pareto "
+                    "frontier (latency against accuracy). Exit 0 when one fits, 1 when none does.")
+    select.add_argument("--budget-ms", type=float, required=True, help="latency budget per batch, milliseconds")
+    select.add_argument("--backend", required=True, choices=BACKEND_NAMES, help="where the model will run")
+    select.add_argument("--batch", type=int, default=1, help="batch size (default %(default)s)")
+    select.add_argument("--precision", default="fp32", choices=PRECISIONS, help="(default %(default)s)")
+    select.add_argument("--metric", default="query_mAP",
+                        help="accuracy to maximise: query_|occluded_ + rank1|rank5|mAP|mINP (default %(default)s)")
+    select.add_argument("--latency", default="paired", choices=("paired", "median"),
+                        help="paired: the unpruned median of the same run / the interleaved speed-up (steady on "
+                             "a shared machine); median: each configuration's own median (default %(default)s)")
+    select.add_argument("--model", default=None, help="only this model preset (default: any measured)")
+    select.add_argument("--device-id", default=None,
+                        help="device whose measurements to use (default: this one, as the suite names it)")
+    select.add_argument("--results-dir", type=Path, default=Path("results"),
+                        help="folder of <device-id>/<run-id>.csv reports (default %(default)s)")
+    select.add_argument("--measure", action="store_true",
+                        help="with no measurements for this device/backend/batch, run the suite here first")
+    select.add_argument("--profile", default="default", help="suite profile for --measure (default %(default)s)")
+    select.set_defaults(func=commands.cmd_select)
+
+    # listed for --help only: main() hands `amg gate ...` to amg.reporting.gate.main before parsing
+    sub.add_parser("gate", add_help=False,
+                   help="compare a run's CSV with a baseline CSV; exit 0 pass, 1 regression, 2 input error "
+                        "(`amg gate --help` for its options)")
+
+    imp = sub.add_parser("import", help="convert a TransReID / timm / LA-Transformer .pth into an amg model file")
+    imp.add_argument("checkpoint", type=Path, help="the .pth state dict")
+    imp.add_argument("--preset", required=True, choices=sorted(PRESETS), help="architecture the weights belong to")
+    imp.add_argument("--out", required=True, type=Path, help="amg model file to write")
+    imp.add_argument("--format", default="auto", help="auto|transreid|timm|la_transformer")
+    imp.add_argument("--num-classes", type=int, default=0, help="training identities of its classifier (0: none)")
+    imp.add_argument("--num-cameras", type=int, default=None, help="SIE cameras (default: the preset's)")
+    imp.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"), help="input size (default: the preset's)")
+    imp.add_argument("--source-grid", type=int, nargs=2, metavar=("ROWS", "COLS"),
+                     help="the checkpoint's patch grid, when its position embedding is not square")
+    imp.set_defaults(func=commands.cmd_import)
+    return parser

@@ -1,0 +1,109 @@
+"""Markdown tables of benchmark rows: one per device, and speed-ups across devices."""
+
+from __future__ import annotations
+
+import pandas as pd
+from tabulate import tabulate
+
+from amg.benchmark.profiles import UNPRUNED
+from amg.benchmark.results import MEASURE_COLUMNS, ReportError
+from amg.reporting.loading import newest_per_configuration
+
+MISSING = "—"  # shown for a value that was not measured
+# Stored as fractions (0..1); tables and plots show them in percent.
+PERCENT_COLUMNS = {"macs_saving", "latency_saving"} | {
+    c for c in MEASURE_COLUMNS if c.startswith(("query_", "occluded_"))
+}
+# (header, column, decimals, scale) for one device's table.
+DEVICE_COLUMNS = (
+    ("params (M)", "params", 2, 1e-6),
+    ("GMACs", "gmacs", 2, 1.0),
+    ("MACs saved %", "macs_saving", 1, 100.0),
+    ("median ms", "latency_median_ms", 2, 1.0),
+    ("p90 ms", "latency_p90_ms", 2, 1.0),
+    ("speed-up", "speedup", 2, 1.0),
+    ("latency saved %", "latency_saving", 1, 100.0),
+    ("peak RSS MB", "peak_rss_mb", 0, 1.0),
+    ("holistic R1 %", "query_rank1", 1, 100.0),
+    ("holistic mAP %", "query_mAP", 1, 100.0),
+    ("occluded R1 %", "occluded_rank1", 1, 100.0),
+    ("occluded mAP %", "occluded_mAP", 1, 100.0),
+)
+
+def format_cell(value: object, decimals: int, scale: float = 1.0) -> str:
+    if value is None or pd.isna(value):
+        return MISSING
+    return f"{float(value) * scale:.{decimals}f}"
+
+
+def _markdown_text(text: object) -> str:
+    # A "|" inside a cell would end it early in Markdown.
+    return str(text).replace("|", "\\|")
+
+
+def _is_unpruned(frame: pd.DataFrame) -> pd.Series:
+    # By name, or by ratios both 0 for configurations named otherwise (e.g. "heads=0,tokens=0").
+    named = frame["config_id"].astype(str).str.lower() == UNPRUNED.config_id
+    return named | ((frame["head_ratio"] == 0) & (frame["token_ratio"] == 0))
+
+
+def _unpruned_first(frame: pd.DataFrame, groups: list[str]) -> pd.DataFrame:
+    """Sorted by `groups`, then the unpruned configuration, then the others by name."""
+    order = frame.assign(_pruned=~_is_unpruned(frame))
+    return order.sort_values(groups + ["_pruned", "config_id"], kind="stable").drop(columns="_pruned")
+
+
+def _markdown(rows: list[list[str]], headers: list[str], numeric_from: int) -> str:
+    # disable_numparse: tabulate would otherwise re-format "1.20" as "1.2".
+    align = ["left"] * numeric_from + ["right"] * (len(headers) - numeric_from)
+    return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True, colalign=align)
+
+
+def device_table(frame: pd.DataFrame, device_id: str) -> str:
+    """Markdown table of one device's newest measurements: one row per model/config/backend/precision/batch.
+
+    Within each backend and batch the unpruned configuration comes first (speed-ups are
+    relative to it). `model` and `precision` columns appear only when they vary.
+    """
+    rows = newest_per_configuration(frame[frame["device_id"] == device_id])
+    if rows.empty:
+        raise ReportError(f"no rows for device {device_id!r}")
+    varying = [c for c in ("model", "precision") if rows[c].nunique() > 1]
+    rows = _unpruned_first(rows, ["model", "backend", "precision", "batch"])
+    labels = varying + ["config", "backend", "batch"]
+    headers = labels + [header for header, *_ in DEVICE_COLUMNS]
+    body = [
+        [_markdown_text(row[c]) for c in varying]
+        + [_markdown_text(row["config_id"]), _markdown_text(row["backend"]), format_cell(row["batch"], 0)]
+        + [format_cell(row[column], decimals, scale) for _, column, decimals, scale in DEVICE_COLUMNS]
+        for _, row in rows.iterrows()
+    ]
+    return _markdown(body, headers, numeric_from=len(labels) - 1)
+
+
+def _target(frame: pd.DataFrame) -> pd.Series:
+    """"device/backend", plus "/precision" when not fp32: one speed-up column each."""
+    label = frame["device_id"].astype(str) + "/" + frame["backend"].astype(str)
+    other = frame["precision"] != "fp32"
+    return label.where(~other, label + "/" + frame["precision"].astype(str))
+
+
+def cross_device_table(frame: pd.DataFrame) -> str:
+    """Markdown: one row per (model, config, batch), one speed-up column per device/backend.
+
+    Uses each configuration's newest measurement on each device. The MACs saving (the same on every device) sits next
+    to the speed-ups, so it shows where a MACs saving turns into a latency saving.
+    """
+    latest = newest_per_configuration(frame).assign(_target=_target)
+    keys = ["model", "config_id", "batch"]
+    speedups = latest.groupby(keys + ["_target"])["speedup"].median().unstack("_target")
+    facts = latest.groupby(keys)[["macs_saving", "head_ratio", "token_ratio"]].median()
+    table = _unpruned_first(facts.join(speedups).reset_index(), ["model"])
+    targets = sorted(speedups.columns)
+    body = [
+        [_markdown_text(row["model"]), _markdown_text(row["config_id"]), format_cell(row["batch"], 0), format_cell(row["macs_saving"], 1, 100.0)]
+        + [format_cell(row[t], 2) for t in targets]
+        for _, row in table.iterrows()
+    ]
+    headers = ["model", "config", "batch", "MACs saved %"] + [_markdown_text(t) for t in targets]
+    return _markdown(body, headers, numeric_from=2)
