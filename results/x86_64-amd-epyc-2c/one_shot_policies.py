@@ -3,18 +3,18 @@ synthetic holistic and occluded query sets. Provenance of one_shot_policies.md:
 
     python results/x86_64-amd-epyc-2c/one_shot_policies.py > results/x86_64-amd-epyc-2c/one_shot_policies.md
 
-The suite that supersedes this script (CSV reports at equal MACs) is issue 4/5's work.
+`pytest bench/ --amg-profile equal-macs` supersedes this script (CSV reports at equal MACs).
 """
 import copy
 
 import torch
 
 torch.set_num_threads(2)
-from amg.data import load_dataset, relabel_pids
+from amg.data.layout import load_dataset, relabel_pids
 from amg.data.preload import preload_images
 from amg.measure.flops import count_macs
 from amg.model.pruned import apply_plan
-from amg.pruning.calibration import CalibrationData
+from amg.pruning.calibration import CalibrationImages
 from amg.pruning.planner import make_plan
 from amg.train.cache import default_model, synthetic_root
 from amg.train.evaluate import Evaluator
@@ -24,7 +24,7 @@ ds = load_dataset(synthetic_root())
 labels, _ = relabel_pids(ds.train)
 g = torch.Generator().manual_seed(0)
 idx = torch.randperm(len(ds.train), generator=g)[:256].tolist()
-data = CalibrationData(preload_images([ds.train[i] for i in idx], (128, 64)), [labels[i] for i in idx], [ds.train[i].camid for i in idx])
+data = CalibrationImages(preload_images([ds.train[i] for i in idx], (128, 64)), [labels[i] for i in idx], [ds.train[i].camid for i in idx])
 ev = Evaluator(ds, (128, 64))
 base = count_macs(model).total
 print("| configuration | MACs saved | holistic R1 | holistic mAP | occluded R1 | occluded mAP |")
