@@ -9,6 +9,7 @@ and queries left with no positive are skipped and counted.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -70,13 +71,7 @@ def evaluate_rank(
 
     Memory is O(chunk_size * Ng): queries are processed ``chunk_size`` rows at a time.
     """
-    dist = np.asarray(distmat)
-    if dist.ndim != 2:
-        raise InputError(f"distmat must be 2-D [num_query, num_gallery], got shape {dist.shape}")
-    if not np.issubdtype(dist.dtype, np.floating):
-        dist = dist.astype(np.float64)
-    elif dist.dtype == np.float16:
-        dist = dist.astype(np.float32)  # numpy has no fast float16 sort
+    dist = _as_distances(distmat)
     num_q, num_g = dist.shape
     q_pids, q_camids = _as_ids(q_pids, "q_pids", num_q, "rows"), _as_ids(q_camids, "q_camids", num_q, "rows")
     g_pids, g_camids = _as_ids(g_pids, "g_pids", num_g, "columns"), _as_ids(g_camids, "g_camids", num_g, "columns")
@@ -86,66 +81,121 @@ def evaluate_rank(
         raise InputError(f"chunk_size must be >= 1, got {chunk_size}")
 
     junk = g_pids == JUNK_PID
-    first_hist = np.zeros(max_rank + 2, dtype=np.int64)  # index max_rank+1 collects "first positive beyond max_rank"
-    ap_sum = inp_sum = 0.0
-    num_valid = 0
-
+    totals = _RankTotals(max_rank)
     for start in range(0, num_q, chunk_size):
-        d = dist[start : start + chunk_size]
-        if np.isnan(d).any():
-            bad = start + int(np.flatnonzero(np.isnan(d).any(axis=1))[0])
-            raise InputError(f"distmat contains NaN (first in query row {bad})")
-        same_pid = q_pids[start : start + chunk_size, None] == g_pids[None, :]
-        same_cam = q_camids[start : start + chunk_size, None] == g_camids[None, :]
-        pos = same_pid & ~same_cam & ~junk  # junk check matters only for a query with pid -1
-        neg = ~same_pid & ~junk
-        n_pos = pos.sum(axis=1)
-        n_neg = neg.sum(axis=1)
+        chunk = slice(start, start + chunk_size)
+        _reject_nan(dist[chunk], first_row=start)
+        totals.add(_rank_positives(dist[chunk], q_pids[chunk], q_camids[chunk], g_pids, g_camids, junk))
+    return totals.metrics(num_q)
 
-        # Only negatives can push a positive down; sorting just them (others -> +inf) lets a
-        # binary search count "negatives at or before this positive" without an argsort.
-        neg_sorted = np.sort(np.where(neg, d, np.inf), axis=1)
 
-        rows, cols = np.nonzero(pos)  # row-major: grouped by row
-        pos_d = d[rows, cols]
-        order = np.lexsort((pos_d, rows))  # within each row, positives by increasing distance
-        rows, pos_d = rows[order], pos_d[order]
-        row_start = np.concatenate(([0], np.cumsum(n_pos)))
-        nth = np.arange(len(rows)) - row_start[rows] + 1  # 1-based index of the positive within its row
+def _as_distances(distmat: ArrayLike) -> np.ndarray:
+    dist = np.asarray(distmat)
+    if dist.ndim != 2:
+        raise InputError(f"distmat must be 2-D [num_query, num_gallery], got shape {dist.shape}")
+    if not np.issubdtype(dist.dtype, np.floating):
+        return dist.astype(np.float64)
+    if dist.dtype == np.float16:
+        return dist.astype(np.float32)  # numpy has no fast float16 sort
+    return dist
 
-        negs_before = np.empty(len(rows), dtype=np.int64)
-        for r in np.flatnonzero(n_pos):
-            s, e = row_start[r], row_start[r + 1]
-            # side="right": a negative tied with the positive ranks first (pessimistic).
-            negs_before[s:e] = np.searchsorted(neg_sorted[r], pos_d[s:e], side="right")
-        # +inf padding would be counted for a positive at distance +inf; cap at the real negatives.
-        negs_before = np.minimum(negs_before, n_neg[rows])
-        ranks = nth + negs_before
 
-        valid = n_pos > 0
+def _reject_nan(dist: np.ndarray, first_row: int) -> None:
+    # A NaN compares false with everything, so it would silently corrupt the ranks.
+    if np.isnan(dist).any():
+        bad = first_row + int(np.flatnonzero(np.isnan(dist).any(axis=1))[0])
+        raise InputError(f"distmat contains NaN (first in query row {bad})")
+
+
+class _ChunkRanks(NamedTuple):
+    """The valid positives of a chunk of queries, grouped by query row and sorted by rank within it."""
+
+    rows: np.ndarray  # query row (within the chunk) of each positive
+    nth: np.ndarray  # 1-based index of the positive among its row's positives
+    ranks: np.ndarray  # 1-based rank among the row's valid gallery entries
+    n_pos: np.ndarray  # [chunk rows] number of positives per row
+    row_start: np.ndarray  # [chunk rows + 1] offset of each row's first positive; the last is the total
+
+
+def _rank_positives(
+    dist: np.ndarray,
+    q_pids: np.ndarray,
+    q_camids: np.ndarray,
+    g_pids: np.ndarray,
+    g_camids: np.ndarray,
+    junk: np.ndarray,
+) -> _ChunkRanks:
+    """Rank every valid positive of the queries in ``dist`` (a chunk of distmat rows)."""
+    same_pid = q_pids[:, None] == g_pids[None, :]
+    same_cam = q_camids[:, None] == g_camids[None, :]
+    pos = same_pid & ~same_cam & ~junk  # junk check matters only for a query with pid -1
+    neg = ~same_pid & ~junk
+    n_pos = pos.sum(axis=1)
+
+    rows, cols = np.nonzero(pos)  # row-major: grouped by row
+    pos_d = dist[rows, cols]
+    order = np.lexsort((pos_d, rows))  # within each row, positives by increasing distance
+    rows, pos_d = rows[order], pos_d[order]
+    row_start = np.concatenate(([0], np.cumsum(n_pos)))
+    nth = np.arange(len(rows)) - row_start[rows] + 1
+
+    negs_before = _negatives_before(dist, neg, rows, pos_d, row_start)
+    return _ChunkRanks(rows=rows, nth=nth, ranks=nth + negs_before, n_pos=n_pos, row_start=row_start)
+
+
+def _negatives_before(
+    dist: np.ndarray, neg: np.ndarray, rows: np.ndarray, pos_d: np.ndarray, row_start: np.ndarray
+) -> np.ndarray:
+    """Per positive (grouped by row as ``row_start`` says), the number of negatives ranked at or before it."""
+    # Only negatives can push a positive down; sorting just them (others -> +inf) lets a
+    # binary search count "negatives at or before this positive" without an argsort.
+    neg_sorted = np.sort(np.where(neg, dist, np.inf), axis=1)
+    counts = np.empty(len(rows), dtype=np.int64)
+    for r in np.flatnonzero(np.diff(row_start)):
+        s, e = row_start[r], row_start[r + 1]
+        # side="right": a negative tied with the positive ranks first (pessimistic).
+        counts[s:e] = np.searchsorted(neg_sorted[r], pos_d[s:e], side="right")
+    # +inf padding would be counted for a positive at distance +inf; cap at the real negatives.
+    return np.minimum(counts, neg.sum(axis=1)[rows])
+
+
+class _RankTotals:
+    """Running sums over the chunks; the metrics are averaged once at the end."""
+
+    def __init__(self, max_rank: int) -> None:
+        self.max_rank = max_rank
+        # index max_rank+1 collects "first positive beyond max_rank"
+        self.first_hist = np.zeros(max_rank + 2, dtype=np.int64)
+        self.ap_sum = self.inp_sum = 0.0
+        self.num_valid = 0
+
+    def add(self, chunk: _ChunkRanks) -> None:
+        valid = chunk.n_pos > 0
+        n_pos = chunk.n_pos[valid]
         # AP = mean over positives of precision at that positive (i-th positive at rank_i: i / rank_i).
-        precision_sum = np.bincount(rows, weights=nth / ranks, minlength=len(n_pos))
-        ap_sum += float((precision_sum[valid] / n_pos[valid]).sum())
-        first_rank = ranks[row_start[:-1][valid]]
-        last_rank = ranks[row_start[1:][valid] - 1]
-        inp_sum += float((n_pos[valid] / last_rank).sum())
-        first_hist += np.bincount(np.minimum(first_rank, max_rank + 1), minlength=max_rank + 2)
-        num_valid += int(valid.sum())
+        precision_sum = np.bincount(chunk.rows, weights=chunk.nth / chunk.ranks, minlength=len(chunk.n_pos))
+        self.ap_sum += float((precision_sum[valid] / n_pos).sum())
+        first_rank = chunk.ranks[chunk.row_start[:-1][valid]]
+        last_rank = chunk.ranks[chunk.row_start[1:][valid] - 1]
+        self.inp_sum += float((n_pos / last_rank).sum())
+        self.first_hist += np.bincount(np.minimum(first_rank, self.max_rank + 1), minlength=self.max_rank + 2)
+        self.num_valid += int(valid.sum())
 
-    if num_valid == 0:
-        raise InputError(
-            f"no query has a valid positive in the gallery (all {num_q} queries skipped): "
-            "check that query pids appear in the gallery under a different camera"
+    def metrics(self, num_queries: int) -> RankMetrics:
+        if self.num_valid == 0:
+            raise InputError(
+                f"no query has a valid positive in the gallery (all {num_queries} queries skipped): "
+                "check that query pids appear in the gallery under a different camera"
+            )
+        cmc = np.cumsum(self.first_hist[1 : self.max_rank + 1]) / self.num_valid
+        cmc.setflags(write=False)  # RankMetrics is frozen; keep its array immutable too
+        return RankMetrics(
+            cmc=cmc,
+            mAP=self.ap_sum / self.num_valid,
+            mINP=self.inp_sum / self.num_valid,
+            num_queries=self.num_valid,
+            num_skipped=num_queries - self.num_valid,
         )
-    cmc = np.cumsum(first_hist[1 : max_rank + 1]) / num_valid
-    cmc.setflags(write=False)  # RankMetrics is frozen; keep its array immutable too
-    return RankMetrics(
-        cmc=cmc,
-        mAP=ap_sum / num_valid,
-        mINP=inp_sum / num_valid,
-        num_queries=num_valid,
-        num_skipped=num_q - num_valid,
-    )
 
 
 def _as_ids(ids: ArrayLike, name: str, expected: int, axis: str) -> np.ndarray:

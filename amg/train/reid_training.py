@@ -60,70 +60,110 @@ def train_reid(model: ReIDViT, images: torch.Tensor, labels: list[int], camids: 
 
     With a `teacher` (same identities), its logits are soft targets (`distill_alpha`, `distill_tau`).
     """
+    _check_training_inputs(model, images, labels, camids, teacher)
+    if teacher is not None:
+        teacher.eval()
+    optimizer = _adamw(model, config)
+    batches = _training_batches(model, images, labels, camids, config)
+    log, window = TrainLog(), _LogWindow()
+    start = time.perf_counter()
+    model.train()
+    for step in range(config.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, config)
+        batch, batch_labels, batch_camids = next(batches)
+        loss, logits = _reid_loss(model, batch, batch_labels, batch_camids, config, teacher)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        window.add(loss.item(), logits, batch_labels)
+        if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+            window.record(log)
+            window = _LogWindow()
+            if progress:
+                _report_progress(progress, log, step, config, elapsed=time.perf_counter() - start)
+    log.steps = config.steps
+    log.seconds = time.perf_counter() - start
+    model.eval()
+    return log
+
+
+def _check_training_inputs(model: ReIDViT, images: torch.Tensor, labels: list[int], camids: list[int],
+                           teacher: ReIDViT | None) -> None:
     if model.classifier is None or model.num_classes < max(labels) + 1:
         raise InputError(
             f"model classifier has {model.num_classes} classes but labels go up to {max(labels)}"
         )
     if not len(images) == len(labels) == len(camids):
         raise InputError("images, labels and camids must have the same length")
-    if teacher is not None:
-        if teacher.classifier is None or teacher.num_classes != model.num_classes:
-            raise InputError("the distillation teacher needs a classifier over the same identities as the model")
-        teacher.eval()
-    generator = torch.Generator().manual_seed(config.seed)
-    augment = BatchAugment(model.config.img_size, erase_p=config.erase_p)
+    if teacher is not None and (teacher.classifier is None or teacher.num_classes != model.num_classes):
+        raise InputError("the distillation teacher needs a classifier over the same identities as the model")
+
+
+def _adamw(model: ReIDViT, config: TrainConfig) -> torch.optim.AdamW:
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
             # no weight decay on norms, biases and embeddings (timm's no_weight_decay rule)
             (no_decay if parameter.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "sie_embed"))
              else decay).append(parameter)
-    optimizer = torch.optim.AdamW(
+    return torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=config.lr,
     )
+
+
+def _training_batches(model: ReIDViT, images: torch.Tensor, labels: list[int], camids: list[int],
+                      config: TrainConfig):
+    """Endless (augmented images, labels, camids or None) PK batches."""
+    # A private generator: the augmentation draws must not depend on (or disturb) the global RNG.
+    generator = torch.Generator().manual_seed(config.seed)
+    augment = BatchAugment(model.config.img_size, erase_p=config.erase_p)
     label_tensor = torch.tensor(labels)
     camid_tensor = torch.tensor(camids)
     needs_camids = model.sie_embed is not None
-    log = TrainLog()
-    start = time.perf_counter()
-    window_loss, window_correct, window_count = 0.0, 0, 0
-    model.train()
-    batches = _pk_batches(labels, config)
-    for step in range(config.steps):
-        index = next(batches)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, config)
+    for index in _pk_batches(labels, config):
         batch = augment(normalize(images[index]), generator)
-        batch_labels = label_tensor[index]
-        logits, features = model(batch, camid_tensor[index] if needs_camids else None)
-        loss = id_loss(logits, batch_labels, config.label_smoothing) + batch_hard_triplet(
-            features, batch_labels, config.triplet_margin
-        )
-        if teacher is not None:
-            with torch.no_grad():
-                teacher_logits = teacher_classify(teacher, batch, camid_tensor[index] if needs_camids else None)
-            loss = (1 - config.distill_alpha) * loss + config.distill_alpha * soft_distillation(
-                logits, teacher_logits, config.distill_tau)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        window_loss += loss.item() * len(index)
-        window_correct += int((logits.argmax(1) == batch_labels).sum())
-        window_count += len(index)
-        if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
-            elapsed = time.perf_counter() - start
-            log.losses.append(window_loss / window_count)
-            log.final_accuracy = window_correct / window_count
-            if progress:
-                eta = elapsed / (step + 1) * (config.steps - step - 1)
-                progress(
-                    f"step {step + 1}/{config.steps}  loss {log.losses[-1]:.3f}  "
-                    f"id-acc {log.final_accuracy:.2f}  lr {learning_rate(step, config):.2e}  "
-                    f"{elapsed:.0f}s elapsed, ~{eta:.0f}s left"
-                )
-            window_loss, window_correct, window_count = 0.0, 0, 0
-    log.steps = config.steps
-    log.seconds = time.perf_counter() - start
-    model.eval()
-    return log
+        yield batch, label_tensor[index], camid_tensor[index] if needs_camids else None
+
+
+def _reid_loss(model: ReIDViT, batch: torch.Tensor, batch_labels: torch.Tensor, batch_camids: torch.Tensor | None,
+               config: TrainConfig, teacher: ReIDViT | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, logits): ID + triplet loss, blended with the teacher's soft targets when there is one."""
+    logits, features = model(batch, batch_camids)
+    loss = id_loss(logits, batch_labels, config.label_smoothing) + batch_hard_triplet(
+        features, batch_labels, config.triplet_margin
+    )
+    if teacher is not None:
+        with torch.no_grad():
+            teacher_logits = teacher_classify(teacher, batch, batch_camids)
+        loss = (1 - config.distill_alpha) * loss + config.distill_alpha * soft_distillation(
+            logits, teacher_logits, config.distill_tau)
+    return loss, logits
+
+
+@dataclass
+class _LogWindow:
+    """Loss and ID accuracy summed over the steps since the last log line."""
+
+    loss_sum: float = 0.0  # weighted by batch size
+    correct: int = 0
+    count: int = 0
+
+    def add(self, loss: float, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.loss_sum += loss * len(labels)
+        self.correct += int((logits.argmax(1) == labels).sum())
+        self.count += len(labels)
+
+    def record(self, log: TrainLog) -> None:
+        log.losses.append(self.loss_sum / self.count)
+        log.final_accuracy = self.correct / self.count
+
+
+def _report_progress(progress: Progress, log: TrainLog, step: int, config: TrainConfig, elapsed: float) -> None:
+    eta = elapsed / (step + 1) * (config.steps - step - 1)
+    progress(
+        f"step {step + 1}/{config.steps}  loss {log.losses[-1]:.3f}  "
+        f"id-acc {log.final_accuracy:.2f}  lr {learning_rate(step, config):.2e}  "
+        f"{elapsed:.0f}s elapsed, ~{eta:.0f}s left"
+    )
