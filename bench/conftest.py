@@ -16,7 +16,7 @@ import torch
 
 from amg.benchmark.profiles import PROFILES, build_cases
 from amg.measure.backend_registry import BACKEND_NAMES, PRECISIONS
-from amg.model.config import DEFAULT_PRESET, PRESETS
+from amg.model.config import DEFAULT_PRESET, NECK_FEATS, PRESETS
 from amg.pruning.policies import ALL_POLICY_NAMES
 
 _SUITE_KEY = pytest.StashKey()
@@ -33,6 +33,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
              "timed with random weights (no accuracy) unless --amg-checkpoint is given")
     add("--amg-checkpoint", default=None, help="an amg model file to benchmark instead of the preset")
     add("--amg-data", default=None, help="real data set root for calibration and accuracy (default: synthetic)")
+    add("--amg-neck-feat", default=None, choices=NECK_FEATS,
+        help="retrieval feature for accuracy: the class token after the BN neck or before it (TransReID's "
+             "TEST.NECK_FEAT); default: what the model file says (imports: their source's), else after")
     add("--amg-ratios", default=None, help="comma-separated pruning ratios, e.g. 0.25,0.5 (default: the profile's)")
     add("--amg-policies", default=None, help="comma-separated policies, e.g. amg,random,tome (default: the profile's)")
     add("--amg-backends", default=None,
@@ -109,7 +112,7 @@ def suite(request: pytest.FixtureRequest):
     from amg.benchmark.suite import Suite
     from amg.data.layout import load_dataset
     from amg.model.pruned import load_pruned
-    from amg.model.vit import build_model
+    from amg.model.vit import build_model, set_neck_feat
     from amg.train.cache import default_model, synthetic_root
 
     config = request.config
@@ -126,6 +129,8 @@ def suite(request: pytest.FixtureRequest):
     else:
         torch.manual_seed(0)
         model, source = build_model(preset).eval(), f"{preset} (random weights)"
+    if config.getoption("--amg-neck-feat"):
+        set_neck_feat(model, config.getoption("--amg-neck-feat"))
     trained = bool(checkpoint) or preset == DEFAULT_PRESET
     dataset = None
     if trained or data_root:

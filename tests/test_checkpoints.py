@@ -8,8 +8,11 @@ import pytest
 import timm
 import torch
 
+from amg.errors import InputError
 from amg.model.checkpoints import detect_format, import_state_dict
 from amg.model.config import ModelConfig
+from amg.model.plan import PrunePlan
+from amg.model.pruned import apply_plan
 from amg.model.vit import ReIDViT, build_model
 
 CONFIG = ModelConfig("ckpt-test", img_size=(64, 32), patch_size=16, patch_stride=12,
@@ -21,21 +24,42 @@ def fresh(seed: int, **overrides) -> ReIDViT:
     return ReIDViT(dataclasses.replace(CONFIG, **overrides), num_classes=4).eval()
 
 
-def as_transreid(model: ReIDViT, jpm: bool = True) -> dict[str, torch.Tensor]:
-    """The model's weights under TransReID's names, as its DataParallel training saves them."""
-    out = {}
-    for key, value in model.state_dict().items():
-        key = ("base." + key[len("backbone."):] if key.startswith("backbone.")
-               else "base.sie_embed" if key == "sie_embed"
-               else "bottleneck." + key[len("neck."):] if key.startswith("neck.")
-               else key)
-        out["module." + key] = value.clone()
-    if jpm:  # JPM's local branches and their necks/classifiers, unused by ReIDViT
-        out["module.b1.0.norm1.weight"] = torch.ones(48)
-        out["module.b2.1.weight"] = torch.ones(48)
-        out["module.bottleneck_1.weight"] = torch.ones(48)
-        out["module.classifier_3.weight"] = torch.zeros(4, 48)
-    return out
+def _transreid_name(key: str) -> str:
+    return ("base." + key[len("backbone."):] if key.startswith("backbone.")
+            else "base.sie_embed" if key == "sie_embed"
+            else "bottleneck." + key[len("neck."):] if key.startswith("neck.")
+            else key)
+
+
+def as_transreid(model: ReIDViT, jpm: ReIDViT | None = None) -> dict[str, torch.Tensor]:
+    """The model's weights under TransReID's names, as its DataParallel training saves them.
+
+    With `jpm` (another model), the layout of `build_transformer_local`: `model`'s last block and
+    norm become `b1` (the global branch), the base keeps `jpm`'s last block and norm (which a
+    JPM forward never runs), `b2` and the four local necks and classifiers are added."""
+    state = {_transreid_name(k): v.clone() for k, v in model.state_dict().items()}
+    if jpm is not None:
+        last = f"backbone.blocks.{model.config.depth - 1}."
+        other = jpm.state_dict()
+        for key, value in model.state_dict().items():
+            if key.startswith(last):
+                state["b1.0." + key[len(last):]] = value.clone()
+                state["b2.0." + key[len(last):]] = other[key].clone()
+                state[_transreid_name(key)] = other[key].clone()
+            elif key.startswith("backbone.norm."):
+                state["b1.1." + key[len("backbone.norm."):]] = value.clone()
+                state["b2.1." + key[len("backbone.norm."):]] = other[key].clone()
+                state[_transreid_name(key)] = other[key].clone()
+        for part in range(1, 5):
+            for name, value in model.neck.state_dict().items():
+                state[f"bottleneck_{part}.{name}"] = value.clone()
+            state[f"classifier_{part}.weight"] = torch.zeros(4, model.config.embed_dim)
+    return {"module." + k: v for k, v in state.items()}
+
+
+def _images(config=CONFIG, batch: int = 2):
+    torch.manual_seed(7)
+    return torch.randn(batch, 3, *config.img_size), torch.arange(batch) % max(config.num_cameras, 1)
 
 
 def test_transreid_round_trip_gives_identical_features(tmp_path):
@@ -44,11 +68,36 @@ def test_transreid_round_trip_gives_identical_features(tmp_path):
     torch.save({"state_dict": as_transreid(source)}, path)
     target = fresh(seed=2)
     report = import_state_dict(target, path)
-    assert report.format == "transreid"
-    assert "b1.0.norm1.weight" in report.dropped and "bottleneck_1.weight" in report.dropped
-    images, cams = torch.randn(2, 3, 64, 32), torch.tensor([0, 2])
+    assert report.format == "transreid" and report.neck_feat == "before" == target.neck_feat
+    images, cams = _images()
     with torch.no_grad():
+        assert torch.equal(source.forward_tokens(images, cams)[:, 0], target(images, cams))
+        source.neck_feat = target.neck_feat = "after"
         assert torch.equal(source(images, cams), target(images, cams))
+
+
+def test_transreid_jpm_takes_the_global_feature_from_b1():
+    source, base_leftovers = fresh(seed=1), fresh(seed=3)  # b1 differs from the base's last block
+    target = fresh(seed=2)
+    report = import_state_dict(target, as_transreid(source, jpm=base_leftovers))
+    assert any(note.startswith("JPM: b1 is the last block") for note in report.notes)
+    assert f"base.blocks.{CONFIG.depth - 1}.attn.qkv.weight" in report.dropped and "base.norm.weight" in report.dropped
+    assert {"b2.0.attn.qkv.weight", "bottleneck_4.weight", "classifier_1.weight"} <= set(report.dropped)
+    images, cams = _images()
+    with torch.no_grad():
+        expected = source.forward_tokens(images, cams)[:, 0]  # blocks[:-1], then b1's block and norm
+        assert torch.allclose(target(images, cams), expected, atol=1e-4)
+    last = CONFIG.depth - 1  # the base's own last block, which a JPM forward never runs, was not loaded
+    assert torch.equal(target.backbone.blocks[last].attn.qkv.weight, source.backbone.blocks[last].attn.qkv.weight)
+    assert not torch.equal(target.backbone.blocks[last].attn.qkv.weight,
+                           base_leftovers.backbone.blocks[last].attn.qkv.weight)
+
+
+def test_a_jpm_branch_with_more_than_a_block_and_a_norm_is_refused():
+    state = as_transreid(fresh(seed=1), jpm=fresh(seed=3))
+    state["module.b1.2.weight"] = torch.zeros(1)
+    with pytest.raises(InputError, match="b1 holds a block"):
+        import_state_dict(fresh(seed=2), state)
 
 
 def test_timm_imagenet_layout_resizes_position_embedding():
@@ -64,43 +113,121 @@ def test_timm_imagenet_layout_resizes_position_embedding():
     assert torch.equal(model.backbone.pos_embed[:, 0], state["pos_embed"][:, 0])  # class token kept
 
 
-def test_la_transformer_layout_drops_part_classifiers():
-    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0)
-    state = {"model." + k: v for k, v in vit.state_dict().items()}
-    state["classifier0.add_block.0.weight"] = torch.zeros(3)
-    state["classifier13.classifier.0.weight"] = torch.zeros(3)
-    model = build_model("vit_tiny")
-    report = import_state_dict(model, state)
-    assert report.format == "la_transformer" and len(report.dropped) == 2
+LA_CONFIG = dataclasses.replace(CONFIG, num_cameras=0, depth=3)
+
+
+def as_la_transformer(model: ReIDViT, masks: dict[int, list[int]] | None = None) -> dict:
+    """What LA-Transformer (the AMG reference code's base) saves: the timm backbone as `model.*`
+    (plus its unused ImageNet head), `cls_token` / `pos_embed` aliased at the top level, a
+    `token_index` mask in every attention block (False: a K/V position the reference pruned),
+    part classifiers `classifierN.*`, wrapped as {'state_dict', 'channels', 'heads'}."""
+    backbone = {k[len("backbone."):]: v.clone() for k, v in model.state_dict().items() if k.startswith("backbone.")}
+    state = {"model." + k: v for k, v in backbone.items()}
+    state["model.head.weight"] = torch.zeros(10, model.config.embed_dim)
+    state["cls_token"], state["pos_embed"] = backbone["cls_token"].clone(), backbone["pos_embed"].clone()
+    for block in range(model.config.depth):
+        mask = torch.ones(model.config.num_tokens, dtype=torch.bool)
+        if masks and block in masks:
+            mask[:] = False
+            mask[masks[block]] = True
+        state[f"model.blocks.{block}.attn.token_index"] = mask
+    for part in range(3):
+        state[f"classifier{part}.add_block.0.weight"] = torch.zeros(8, model.config.embed_dim)
+        state[f"classifier{part}.classifier.0.weight"] = torch.zeros(4, 8)
+    return {"state_dict": state, "channels": model.config.embed_dim, "heads": model.config.num_heads}
+
+
+def key_masked_forward(model: ReIDViT, masks: dict[int, list[int]], images) -> torch.Tensor:
+    """The class token before the neck, with each block's dropped keys masked out of timm's own
+    softmax: what the reference's token mask means, computed without amg's pruning code."""
+    vit, n = model.backbone, model.config.num_tokens
+    with torch.no_grad():
+        x = vit._pos_embed(vit.patch_embed(images))
+        for index, block in enumerate(vit.blocks):
+            mask = torch.ones(n, n, dtype=torch.bool)
+            if index in masks:
+                mask[:, [p for p in range(n) if p not in masks[index]]] = False
+            x = block(x, attn_mask=mask)
+        return vit.norm(x)[:, 0]
+
+
+def test_la_transformer_layout_imports_with_its_aliases_and_unpruned_masks():
+    source = fresh(seed=1, num_cameras=0, depth=3)
+    target = fresh(seed=2, num_cameras=0, depth=3)
+    report = import_state_dict(target, as_la_transformer(source))
+    assert report.format == "la_transformer" and report.plan is None and report.neck_feat == "before"
+    assert {"cls_token", "pos_embed", "model.head.weight", "classifier2.add_block.0.weight",
+            "model.blocks.0.attn.token_index"} <= set(report.dropped)
+    images, _ = _images(LA_CONFIG)
+    with torch.no_grad():
+        assert torch.equal(target(images), source.forward_tokens(images)[:, 0])
+
+
+def test_a_pruned_reference_token_mask_becomes_a_plan():
+    source, target = fresh(seed=1, num_cameras=0, depth=3), fresh(seed=2, num_cameras=0, depth=3)
+    n = LA_CONFIG.num_tokens
+    masks = {0: [0, 1, 3, 4, 7, 8], 2: [0] + list(range(2, n, 2))}
+    report = import_state_dict(target, as_la_transformer(source, masks))
+    assert report.plan.kept_tokens == [masks[0], None, masks[2]]
+    assert report.plan.kept_heads == [list(range(LA_CONFIG.num_heads))] * 3
+    assert target.plan is report.plan and report.plan.policy["tokens"] == "reference"
+    images, _ = _images(LA_CONFIG)
+    with torch.no_grad():
+        assert torch.allclose(target(images), key_masked_forward(source, masks, images), atol=1e-5)
+
+
+def test_heads_the_reference_removed_physically_are_kept_pruned():
+    source = fresh(seed=1, num_cameras=0, depth=3)
+    plan = PrunePlan.unpruned(source.config)
+    plan.kept_heads = [[0, 2], [1], [0, 1, 2]]
+    apply_plan(source, plan)
+    target = fresh(seed=2, num_cameras=0, depth=3)
+    report = import_state_dict(target, as_la_transformer(source))
+    assert report.plan.kept_heads == [[0, 1], [0], [0, 1, 2]]  # counts survive slicing, numbers do not
+    images, _ = _images(LA_CONFIG)
+    with torch.no_grad():
+        assert torch.allclose(target(images), source.forward_tokens(images)[:, 0], atol=1e-5)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda state: state["state_dict"].update(cls_token=torch.ones(1, 1, 48)), "should alias 'model.cls_token'"),
+    (lambda state: state["state_dict"]["model.blocks.1.attn.token_index"].__setitem__(0, False),
+     "drops the class token"),
+])
+def test_la_transformer_damage_is_named(damage, message):
+    state = as_la_transformer(fresh(seed=1, num_cameras=0, depth=3), {1: [0, 1, 2]})
+    damage(state)
+    with pytest.raises(InputError, match=message):
+        import_state_dict(fresh(seed=2, num_cameras=0, depth=3), state)
 
 
 def test_unknown_keys_are_listed():
-    state = as_transreid(fresh(seed=1), jpm=False)
+    state = as_transreid(fresh(seed=1))
     state["module.weird.thing"] = torch.zeros(1)
     with pytest.raises(ValueError, match="weird.thing"):
         import_state_dict(fresh(seed=2), state)
 
 
 def test_unknown_key_inside_a_known_prefix_is_listed():
-    state = as_transreid(fresh(seed=1), jpm=False)
+    state = as_transreid(fresh(seed=1))
     state["module.base.blocks.9.attn.qkv.weight"] = torch.zeros(1)
     with pytest.raises(ValueError, match="backbone.blocks.9.attn.qkv.weight"):
         import_state_dict(fresh(seed=2), state)
 
 
 def test_missing_and_misshaped_weights_are_named():
-    state = as_transreid(fresh(seed=1), jpm=False)
+    state = as_transreid(fresh(seed=1))
     del state["module.base.blocks.1.mlp.fc1.weight"]
     with pytest.raises(ValueError, match="missing keys.*backbone.blocks.1.mlp.fc1.weight"):
         import_state_dict(fresh(seed=2), state)
-    wider = as_transreid(fresh(seed=1, embed_dim=60), jpm=False)
+    wider = as_transreid(fresh(seed=1, embed_dim=60))
     with pytest.raises(ValueError, match="shape mismatches"):
         import_state_dict(fresh(seed=2), wider)
 
 
 def test_non_square_grid_needs_source_grid():
     source = fresh(seed=1)  # 5x2 grid
-    state = as_transreid(source, jpm=False)
+    state = as_transreid(source)
     target = fresh(seed=2, img_size=(80, 40))  # 6x3 grid
     with pytest.raises(ValueError, match="source_grid"):
         import_state_dict(target, state)

@@ -84,8 +84,12 @@ def test_import_transreid_checkpoint(tmp_path, capsys):
     torch.save(state, pth)
     out = tmp_path / "imported.pt"
     assert main(["import", str(pth), "--preset", "small", "--img-size", "64", "32", "--out", str(out)]) == 0
-    assert "imported" in capsys.readouterr().err
+    assert "retrieval feature: before the neck" in capsys.readouterr().err  # TransReID's TEST.NECK_FEAT
     images = torch.randn(1, 3, 64, 32)
+    with torch.no_grad():
+        assert torch.equal(load_model(out).eval()(images), source.forward_tokens(images)[:, 0])
+    assert main(["import", str(pth), "--preset", "small", "--img-size", "64", "32", "--out", str(out),
+                 "--neck-feat", "after"]) == 0
     with torch.no_grad():
         assert torch.equal(load_model(out).eval()(images), source(images))
 
@@ -176,3 +180,11 @@ def test_only_bad_input_exits_2_and_a_bug_keeps_its_traceback(monkeypatch, capsy
     monkeypatch.setattr(commands, "cmd_flops", bug)
     with pytest.raises(RuntimeError, match="differs from PyTorch"):
         main(["flops"])
+
+
+def test_eval_can_use_the_feature_before_the_neck(tiny_root, model_path, capsys):
+    assert main(["eval", str(model_path), "--data", str(tiny_root), "--json", "--neck-feat", "before"]) == 0
+    captured = capsys.readouterr()
+    assert "the class token before the BN neck" in captured.err and json.loads(captured.out)["query"]["queries"] > 0
+    with pytest.raises(SystemExit):
+        main(["eval", str(model_path), "--neck-feat", "middle"])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from amg.model.config import PRESETS, ModelConfig, get_config
-from amg.model.vit import ReIDViT, build_model, load_model, save_model
+from amg.model.vit import ReIDViT, build_model, load_model, save_model, set_neck_feat
 
 
 def tiny(num_classes: int = 5, **overrides) -> ReIDViT:
@@ -130,3 +130,19 @@ def test_load_names_mismatched_keys(tmp_path):
 def test_config_rejects_unknown_fields():
     with pytest.raises(ValueError, match="unknown model config fields"):
         ModelConfig.from_dict({"name": "x", "bogus": 1})
+
+
+def test_the_feature_before_the_neck_is_the_class_token_and_travels_with_the_file(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("small").eval()
+    model.neck.running_mean.normal_()  # a trained neck: before and after differ
+    images = torch.randn(2, 3, *model.config.img_size)
+    with torch.no_grad():
+        after = model(images)
+        set_neck_feat(model, "before")
+        before = model(images)
+        assert torch.equal(before, model.forward_tokens(images)[:, 0]) and not torch.allclose(before, after)
+    loaded = load_model(save_model(model, tmp_path / "m.pt"))
+    assert loaded.neck_feat == "before"
+    with pytest.raises(ValueError, match="unknown neck feature 'middle'"):
+        set_neck_feat(model, "middle")

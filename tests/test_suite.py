@@ -52,6 +52,7 @@ def test_measured_rows_fill_the_schema_and_survive_the_csv(tiny_suite, tmp_path)
     assert pruned["peak_rss_mb"] > pruned["forward_rss_mb"] > 0
     assert 0 <= pruned["occluded_mAP"] <= 1 and pruned["dataset"] == "synthetic"
     assert unpruned["latency_median_ms"] == pytest.approx(3.0)
+    assert unpruned["feature"] == pruned["feature"] == "after"
     assert set(unpruned) <= set(COLUMNS)
     path = write_csv(rows, tmp_path, unpruned["device_id"], unpruned["run_id"])
     written = read_csv(path).rows
@@ -151,3 +152,16 @@ def test_config_ids_read_back_as_their_configurations():
     for unknown in ("heads=0.25,tokens=0", "save0.2:heads:amg@ft0", "heads0.25:amg@warm", "save:heads:amg",
                     "heads0.250:amg", "save0.2:unpruned"):
         assert PruneSpec.from_config_id(unknown) is None, unknown
+
+
+def test_reports_written_before_the_feature_column_still_read(tmp_path):
+    """`feature` came after reports were committed: an older file without it reads as empty."""
+    row = {"run_id": "r", "timestamp": "t", "device_id": "d", "backend": "cpu", "precision": "fp32",
+           "batch": 1, "config_id": "unpruned", "feature": "before"}
+    path = write_csv([row], tmp_path, "d", "r")
+    lines = path.read_text().splitlines()
+    column = lines[0].split(",").index("feature")
+    older = tmp_path / "older.csv"
+    older.write_text("\n".join(",".join(v for i, v in enumerate(line.split(",")) if i != column)
+                               for line in lines) + "\n")
+    assert read_csv(path).rows[0]["feature"] == "before" and read_csv(older).rows[0]["feature"] == ""

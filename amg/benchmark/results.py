@@ -35,6 +35,7 @@ IDENTITY_COLUMNS = [
     "model",  # preset name
     "checkpoint",  # model file, or "default" for the cached embedded default
     "input_size",  # HxW
+    "feature",  # retrieval feature of the accuracy columns: the class token after | before the BN neck
     "config_id",  # stable name of the pruning configuration (gate key with backend and batch)
     "head_policy",
     "token_policy",
@@ -71,6 +72,8 @@ MEASURE_COLUMNS = [
 VERSION_COLUMNS = ["amg_version", "torch_version", "timm_version", "python_version", "os", "git_revision"]
 COLUMNS = IDENTITY_COLUMNS + MEASURE_COLUMNS + VERSION_COLUMNS
 KEY_COLUMNS = ("config_id", "backend", "precision", "batch")
+# Added after reports were already committed: older files lack them and read as empty.
+OPTIONAL_COLUMNS = ("feature",)
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -155,14 +158,14 @@ def read_csv(path: str | Path) -> ResultsFile:
     except csv.Error as error:  # e.g. an unclosed quote swallowing the rest of the file
         raise ReportError(f"{path} is not a valid CSV: {error}") from error
     header = records[0]
-    missing = [c for c in COLUMNS if c not in header]
+    missing = [c for c in COLUMNS if c not in header and c not in OPTIONAL_COLUMNS]
     if missing:
         raise ReportError(f"{path} lacks columns {missing}")
     rows = []
     for line_number, values in enumerate(records[1:], start=2):
         if len(values) != len(header):
             raise ReportError(f"{path} line {line_number}: {len(values)} fields, header has {len(header)}")
-        row = dict(zip(header, values))
+        row = {**dict.fromkeys(OPTIONAL_COLUMNS, ""), **dict(zip(header, values))}
         empty_keys = [c for c in KEY_COLUMNS + ("device_id", "run_id") if not row[c]]
         if empty_keys:
             raise ReportError(f"{path} line {line_number}: empty {empty_keys}")

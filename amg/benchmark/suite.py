@@ -163,6 +163,8 @@ class Suite:
                 self._pruned[spec] = apply_plan(copy.deepcopy(self.model), copy.deepcopy(self.plan(spec)))
             else:
                 self._pruned[spec] = self._trained(spec)
+            # a cached fine-tune keeps the feature it was saved with; this run's choice wins
+            self._pruned[spec].neck_feat = self.model.neck_feat
         return self._pruned[spec]
 
     def _trained(self, spec: PruneSpec) -> ReIDViT:
@@ -232,7 +234,8 @@ class Suite:
         row: dict[str, Any] = {
             **self.metadata, "backend": case.backend, "precision": case.precision, "threads": self.threads,
             "batch": case.batch, "model": self.model.config.name, "checkpoint": self.checkpoint,
-            "input_size": "x".join(map(str, self.model.config.img_size)), "config_id": case.spec.config_id,
+            "input_size": "x".join(map(str, self.model.config.img_size)), "feature": model.neck_feat,
+            "config_id": case.spec.config_id,
             "head_policy": case.spec.head_policy if case.spec.uses_heads else "none",
             "token_policy": case.spec.token_policy if case.spec.uses_tokens else "none",
             "allocation": case.spec.allocation, "schedule": case.spec.schedule.description,

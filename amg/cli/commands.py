@@ -111,7 +111,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     _set_threads(args.threads)
     model = _model_for_eval(args)
+    if args.neck_feat:
+        from amg.model.vit import set_neck_feat
+
+        set_neck_feat(model, args.neck_feat)
     dataset = _load_dataset(args.data, args.layout)
+    progress(f"retrieval feature: the class token {model.neck_feat} the BN neck")
     progress(f"evaluating on {dataset.name} at {dataset.root}")
     results = Evaluator(dataset, model.config.img_size, progress).evaluate(model, args.metric)
     rows = [[name, r.num_queries, *(f"{100 * v:.2f}" for v in r.as_dict().values())] for name, r in results.items()]
@@ -248,7 +253,8 @@ def run_suite(args: argparse.Namespace) -> None:
 
 def cmd_import(args: argparse.Namespace) -> int:
     from amg.model.checkpoints import import_state_dict
-    from amg.model.vit import build_model, save_model
+    from amg.model.pruned import save_pruned
+    from amg.model.vit import build_model, save_model, set_neck_feat
 
     overrides = {}
     if args.num_cameras is not None:
@@ -258,6 +264,11 @@ def cmd_import(args: argparse.Namespace) -> int:
     model = build_model(args.preset, num_classes=args.num_classes, **overrides)
     grid = tuple(args.source_grid) if args.source_grid else None
     report = import_state_dict(model, args.checkpoint, args.format, grid)
+    if args.neck_feat:
+        set_neck_feat(model, args.neck_feat)
     progress(report.summary())
-    print(save_model(model, args.out, imported_from=str(args.checkpoint), import_format=report.format))
+    meta = {"imported_from": str(args.checkpoint), "import_format": report.format}
+    # A source that was pruned (reference token masks) keeps its plan in the file.
+    save = save_pruned if report.plan is not None else save_model
+    print(save(model, args.out, **meta))
     return 0

@@ -19,7 +19,8 @@ def _policy_help(policies: dict[str, Policy]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from amg.model.config import DEFAULT_PRESET, PRESETS
+    from amg.model.checkpoint_formats import FORMATS
+    from amg.model.config import DEFAULT_PRESET, NECK_FEATS, PRESETS
 
     parser = argparse.ArgumentParser(
         prog="amg",
@@ -71,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("model", nargs="?", default=None, help="model file (default: the cached default model)")
     evaluate.add_argument("--metric", default="euclidean", choices=["euclidean", "cosine"])
     evaluate.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    evaluate.add_argument("--neck-feat", default=None, choices=NECK_FEATS,
+                          help="retrieval feature: the class token after the BN neck or before it (TransReID's "
+                               "TEST.NECK_FEAT); default: what the model file says (imports: their source's)")
     add_data_options(evaluate)
     evaluate.set_defaults(func=commands.cmd_eval)
 
@@ -155,7 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("checkpoint", type=Path, help="the .pth state dict")
     imp.add_argument("--preset", required=True, choices=sorted(PRESETS), help="architecture the weights belong to")
     imp.add_argument("--out", required=True, type=Path, help="amg model file to write")
-    imp.add_argument("--format", default="auto", help="auto|transreid|timm|la_transformer")
+    imp.add_argument("--format", default="auto", choices=["auto", *sorted(FORMATS)], help="(default: detect)")
+    imp.add_argument("--neck-feat", default=None, choices=NECK_FEATS,
+                     help="retrieval feature the file records (default: the source's: before the neck for "
+                          "TransReID's configs and for timm / LA-Transformer backbones, whose neck is untrained)")
     imp.add_argument("--num-classes", type=int, default=0, help="training identities of its classifier (0: none)")
     imp.add_argument("--num-cameras", type=int, default=None, help="SIE cameras (default: the preset's)")
     imp.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"), help="input size (default: the preset's)")

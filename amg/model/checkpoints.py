@@ -2,15 +2,24 @@
 
 Each format is a table of key-renaming rules. A rule maps a checkpoint key to a ReIDViT key,
 or to None for a key the format is known to carry and ReIDViT has no use for (TransReID's JPM
-branches, LA-Transformer's part classifiers). Every key must match a rule; what is left over
-is reported by name, never silently dropped.
+local branch, LA-Transformer's part classifiers). Every key must match a rule; what is left
+over is reported by name, never silently dropped. Two formats need more than renaming:
+
+- TransReID with JPM (`build_transformer_local`): the backbone runs `blocks[:-1]`, and the
+  global feature comes from `b1`, a separately trained copy of the last block and the final
+  norm. `b1` becomes the last block and norm; the base's own last block and norm (never used
+  by a JPM forward) are dropped.
+- LA-Transformer (the AMG reference code): `cls_token` / `pos_embed` are saved twice (aliases
+  of the backbone's), and each attention block carries `token_index`, the reference's key/value
+  token mask. An all-True mask is dropped; a pruned one becomes a `PrunePlan` keeping those
+  K/V positions, as do heads the reference removed physically (smaller qkv weights).
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,36 +27,10 @@ import torch
 from timm.layers import resample_abs_pos_embed
 
 from amg.errors import InputError
-from amg.model.vit import ReIDViT, load_exact, read_checkpoint
-
-Rule = tuple[str, str | None]  # (regex on the checkpoint key, replacement or None to drop)
-
-FORMATS: dict[str, list[Rule]] = {
-    # TransReID `build_transformer` / `build_transformer_local` (JPM) state dicts.
-    "transreid": [
-        (r"^base\.sie_embed$", "sie_embed"),
-        (r"^base\.(fc|head)\.", None),  # ImageNet head, unused in Re-ID
-        (r"^base\.(.*)$", r"backbone.\1"),
-        (r"^bottleneck\.(.*)$", r"neck.\1"),
-        (r"^classifier\.(.*)$", r"classifier.\1"),
-        (r"^(b1|b2)\.", None),  # JPM branches: a copy of the last block + norm, for local features
-        (r"^(bottleneck|classifier)_\d+\.", None),  # JPM local necks and classifiers
-    ],
-    # A timm VisionTransformer state dict (e.g. ImageNet weights saved locally).
-    "timm": [
-        (r"^(head|fc_norm|head_drop)\.", None),
-        (r"^(.*)$", r"backbone.\1"),
-    ],
-    # LA-Transformer (the AMG reference code's base): timm ViT as `model`, part classifiers.
-    "la_transformer": [
-        (r"^model\.(head|fc_norm)\.", None),
-        (r"^model\.(.*)$", r"backbone.\1"),
-        (r"^classifier\d+\.", None),
-    ],
-}
-# Formats without a Re-ID neck leave it (and the training classifier) at their fresh init.
-FRESH_OK = {"timm": ("neck.", "classifier."), "la_transformer": ("neck.", "classifier."),
-            "transreid": ("classifier.",)}
+from amg.model.checkpoint_formats import FORMATS, FRESH_OK, SOURCE_NECK_FEAT
+from amg.model.plan import PrunePlan
+from amg.model.pruned import apply_plan
+from amg.model.vit import ReIDViT, load_exact, read_checkpoint, set_neck_feat
 
 
 @dataclass
@@ -57,10 +40,15 @@ class ImportReport:
     dropped: list[str]  # keys the format carries that ReIDViT does not use
     fresh: list[str]  # model keys left at initialisation
     resized: list[str]  # position embeddings resampled to the model's grid
+    neck_feat: str = "after"  # the retrieval feature the source evaluates with (set on the model)
+    notes: list[str] = field(default_factory=list)  # what was mapped beyond renaming
+    plan: PrunePlan | None = None  # what the source had pruned (LA-Transformer token masks, heads)
 
     def summary(self) -> str:
-        return (f"imported {len(self.loaded)} tensors ({self.format}); dropped {len(self.dropped)} unused; "
-                f"{len(self.fresh)} left fresh; resized: {', '.join(self.resized) or 'none'}")
+        text = (f"imported {len(self.loaded)} tensors ({self.format}); dropped {len(self.dropped)} unused; "
+                f"{len(self.fresh)} left fresh; resized: {', '.join(self.resized) or 'none'}; "
+                f"retrieval feature: {self.neck_feat} the neck")
+        return "; ".join([text, *self.notes])
 
 
 def detect_format(state_dict: dict[str, Any]) -> str:
@@ -124,14 +112,102 @@ def _source_grid(num_patches: int, target: tuple[int, int], source_grid: tuple[i
     )
 
 
+def _jpm_global_branch(state_dict: dict[str, torch.Tensor], depth: int) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """TransReID JPM: `b1` (last block + norm, trained for the global feature) replaces the base's
+    last block and norm, which a JPM forward never runs. Returns (state dict, dropped keys)."""
+    if not any(key.startswith("b1.") for key in state_dict):
+        return state_dict, []
+    last = f"base.blocks.{depth - 1}."
+    unused = [key for key in state_dict if key.startswith((last, "base.norm."))]
+    mapped = {key: value for key, value in state_dict.items() if key not in unused}
+    for key in [key for key in mapped if key.startswith("b1.")]:
+        part, _, rest = key[len("b1."):].partition(".")
+        if part not in ("0", "1"):
+            raise InputError(f"JPM branch key {key!r}: b1 holds a block (b1.0) and a norm (b1.1) only")
+        mapped[(last if part == "0" else "base.norm.") + rest] = mapped.pop(key)
+    return mapped, unused
+
+
+def _token_mask(key: str, mask: torch.Tensor, num_tokens: int) -> list[int] | None:
+    """The K/V positions a reference `token_index` mask keeps; None when it keeps all of them."""
+    flat = mask.reshape(-1).bool()
+    if bool(flat.all()):
+        return None  # unpruned: whatever the source's grid was, nothing to carry over
+    if flat.numel() != num_tokens:
+        raise InputError(f"{key}: a pruned token mask of {flat.numel()} entries, the model has {num_tokens} "
+                         "tokens: import at the input size the reference model was pruned at (--img-size)")
+    kept = torch.nonzero(flat).reshape(-1).tolist()
+    if 0 not in kept:
+        raise InputError(f"{key}: the mask drops the class token (position 0)")
+    return kept
+
+
+def _reference_plan(state_dict: dict[str, torch.Tensor], model: ReIDViT) -> PrunePlan | None:
+    """What the AMG reference code pruned, read from its masks and qkv shapes (None: nothing)."""
+    config = model.config
+    plan = PrunePlan.unpruned(config)
+    head_rows = 3 * (config.embed_dim // config.num_heads)
+    for block in range(config.depth):
+        qkv = state_dict.get(f"model.blocks.{block}.attn.qkv.weight")
+        if qkv is not None and qkv.shape[0] % head_rows == 0 and 0 < qkv.shape[0] // head_rows < config.num_heads:
+            # Only the count survives physical slicing, not the original head numbers.
+            plan.kept_heads[block] = list(range(qkv.shape[0] // head_rows))
+        key = f"model.blocks.{block}.attn.token_index"
+        if key in state_dict:
+            plan.kept_tokens[block] = _token_mask(key, state_dict[key], config.num_tokens)
+    heads_pruned = plan.heads_kept < config.depth * config.num_heads
+    tokens_pruned = any(tokens is not None for tokens in plan.kept_tokens)
+    if not (heads_pruned or tokens_pruned):
+        return None
+    patches = (config.num_tokens - 1) * config.depth
+    dropped = sum(config.num_tokens - len(t) for t in plan.kept_tokens if t is not None)
+    plan.policy = {"heads": "reference" if heads_pruned else "none", "tokens": "reference" if tokens_pruned else "none",
+                   "allocation": "global"}
+    plan.ratios = {"heads": round(1 - plan.heads_kept / (config.depth * config.num_heads), 4),
+                   "tokens": round(dropped / patches, 4)}
+    plan.calibration = {"source": "LA-Transformer checkpoint (token_index masks, qkv shapes); "
+                                  "kept heads are renumbered 0..k-1: the original numbers are not saved"}
+    return plan
+
+
+def _la_transformer_extras(state_dict: dict[str, torch.Tensor], model: ReIDViT
+                           ) -> tuple[dict[str, torch.Tensor], list[str], PrunePlan | None]:
+    """Drop the reference's aliases (checked equal) and token masks, and read its pruning plan."""
+    dropped = []
+    for alias in ("cls_token", "pos_embed"):
+        if alias in state_dict:
+            original = state_dict.get(f"model.{alias}")
+            if original is None or not torch.equal(state_dict[alias], original):
+                raise InputError(f"checkpoint key {alias!r} should alias 'model.{alias}' (LA-Transformer saves "
+                                 "the backbone's tensor twice) but differs from it: not an LA-Transformer checkpoint?")
+            dropped.append(alias)
+    plan = _reference_plan(state_dict, model)
+    masks = [key for key in state_dict if re.fullmatch(r"model\.blocks\.\d+\.attn\.token_index", key)]
+    kept = {key: value for key, value in state_dict.items() if key not in dropped and key not in masks}
+    return kept, dropped + masks, plan
+
+
 def import_state_dict(model: ReIDViT, source: str | Path | dict[str, Any], fmt: str = "auto",
                       source_grid: tuple[int, int] | None = None) -> ImportReport:
-    """Load a foreign checkpoint into `model` in place, resizing the position embedding if needed."""
+    """Load a foreign checkpoint into `model` in place, resizing the position embedding if needed,
+    pruning it as the source was pruned (LA-Transformer masks), and choosing the retrieval
+    feature the source evaluates with."""
     name = str(source) if not isinstance(source, dict) else "<state dict>"
     payload = read_checkpoint(source) if not isinstance(source, dict) else source
     state_dict = _unwrap(payload)
     fmt = detect_format(state_dict) if fmt == "auto" else fmt
+    notes, extra_dropped, plan = [], [], None
+    if fmt == "transreid":
+        state_dict, extra_dropped = _jpm_global_branch(state_dict, model.config.depth)
+        if extra_dropped:
+            notes.append(f"JPM: b1 is the last block and final norm ({len(extra_dropped)} unused base tensors dropped)")
+    elif fmt == "la_transformer":
+        state_dict, extra_dropped, plan = _la_transformer_extras(state_dict, model)
+        if plan is not None:
+            apply_plan(model, plan)  # shapes first: pruned heads have smaller qkv/proj weights
+            notes.append(f"pruned as the source: {plan.heads_kept} heads kept, token ratio {plan.ratios['tokens']:g}")
     renamed, dropped = rename_keys(state_dict, fmt)
+    dropped += extra_dropped
     expected = model.state_dict()
     resized = []
     pos_key = "backbone.pos_embed"
@@ -149,4 +225,6 @@ def import_state_dict(model: ReIDViT, source: str | Path | dict[str, Any], fmt: 
     fresh = [k for k in expected if k not in renamed and k.startswith(FRESH_OK.get(fmt, ()))]
     merged = {**{k: expected[k] for k in fresh}, **renamed}
     load_exact(model, merged, source=f"{name} (as {fmt})")
-    return ImportReport(fmt, sorted(renamed), sorted(dropped), sorted(fresh), resized)
+    set_neck_feat(model, SOURCE_NECK_FEAT[fmt])
+    return ImportReport(fmt, sorted(renamed), sorted(dropped), sorted(fresh), resized, SOURCE_NECK_FEAT[fmt],
+                        notes, plan)

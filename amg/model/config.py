@@ -62,6 +62,10 @@ PRESETS: dict[str, ModelConfig] = {
     ),
 }
 DEFAULT_PRESET = "small"
+# The retrieval feature in eval mode: the class token "after" the BN neck (BNNeck's default)
+# or "before" it (TransReID's TEST.NECK_FEAT 'before'; the only sensible one when the neck
+# was never trained, as for an imported backbone).
+NECK_FEATS = ("after", "before")
 
 
 def get_config(preset: str, **overrides: Any) -> ModelConfig:

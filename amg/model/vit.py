@@ -17,7 +17,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from amg.errors import InputError
-from amg.model.config import DEFAULT_PRESET, ModelConfig, get_config
+from amg.model.config import DEFAULT_PRESET, NECK_FEATS, ModelConfig, get_config
 
 CHECKPOINT_FORMAT = "amg-reid-v1"
 
@@ -66,7 +66,8 @@ class ReIDViT(nn.Module):
 
     In training mode `forward` returns `(logits, features)`: logits from the classifier after
     the neck (ID loss), features before the neck (triplet loss), as in BNNeck / TransReID.
-    In eval mode it returns the neck output, the retrieval feature.
+    In eval mode it returns the retrieval feature: the neck output, or the class token before
+    the neck when `neck_feat` is "before" (saved with the model).
     """
 
     def __init__(self, config: ModelConfig, num_classes: int = 0) -> None:
@@ -83,6 +84,7 @@ class ReIDViT(nn.Module):
         self.neck = nn.BatchNorm1d(dim)
         self.neck.bias.requires_grad_(False)  # BNNeck: a bias would shift the retrieval space
         self.classifier = nn.Linear(dim, num_classes, bias=False) if num_classes > 0 else None
+        self.neck_feat = "after"
         if self.classifier is not None:
             nn.init.normal_(self.classifier.weight, std=0.001)
 
@@ -104,6 +106,8 @@ class ReIDViT(nn.Module):
 
     def forward(self, images: torch.Tensor, camids: torch.Tensor | None = None) -> Any:
         features = self.forward_tokens(images, camids)[:, 0]
+        if not self.training and self.neck_feat == "before":
+            return features
         neck_features = self.neck(features)
         if not self.training:
             return neck_features
@@ -135,6 +139,7 @@ def save_model(model: ReIDViT, path: str | Path, extra: dict[str, Any] | None = 
         "config": model.config.to_dict(),
         "num_classes": model.num_classes,
         "state_dict": state_dict,
+        "neck_feat": model.neck_feat,
         "meta": meta,
         **(extra or {}),
     }
@@ -176,7 +181,16 @@ def load_model(path: str | Path,
     elif payload.get("plan") is not None:
         raise InputError(f"{path} holds a pruned model: load it with amg.model.pruned.load_pruned")
     load_exact(model, payload["state_dict"], source=str(path))
+    set_neck_feat(model, payload.get("neck_feat", "after"))
     return model.eval()
+
+
+def set_neck_feat(model: ReIDViT, neck_feat: str) -> ReIDViT:
+    """Choose the eval-mode retrieval feature: "after" the BN neck or "before" it."""
+    if neck_feat not in NECK_FEATS:
+        raise InputError(f"unknown neck feature {neck_feat!r}; choose one of {', '.join(NECK_FEATS)}")
+    model.neck_feat = neck_feat
+    return model
 
 
 def load_exact(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
