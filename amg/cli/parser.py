@@ -8,7 +8,14 @@ from pathlib import Path
 from amg.cli import commands
 from amg.data.synthetic import SynthConfig
 from amg.measure.backend_registry import BACKEND_NAMES, PRECISIONS
-from amg.pruning.policies import ALL_POLICY_NAMES, HEAD_ALLOCATIONS, HEAD_POLICIES, TOKEN_POLICIES, Policy
+from amg.pruning.policies import (
+    ALL_POLICY_NAMES,
+    CALIBRATION_BATCH,
+    HEAD_ALLOCATIONS,
+    HEAD_POLICIES,
+    TOKEN_POLICIES,
+    Policy,
+)
 from amg.train.config import TrainConfig
 
 WEIGHTS_DTYPES = ("fp32", "fp16")
@@ -108,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--finetune-steps", type=int, default=60,
                        help="fine-tuning steps per iterative round (default %(default)s)")
     prune.add_argument("--calibration-images", type=int, default=256, help="calibration images (default %(default)s)")
+    prune.add_argument("--calibration-batch", type=int, default=CALIBRATION_BATCH,
+                       help="calibration batch size: AMG's token score adds |mean A x dL/dA| per batch, and a "
+                            "smaller last batch is left out, as the reference does (default %(default)s)")
     prune.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and random policies")
     prune.add_argument("--out", required=True, type=Path, help="pruned model file to write")
     prune.add_argument("--plan-out", type=Path, default=None, help="also write the plan as JSON")

@@ -9,8 +9,10 @@ import torch
 
 from amg.data.layout import ReIDDataset, relabel_pids
 from amg.data.preload import preload_images
+from amg.errors import InputError
 from amg.model.vit import ReIDViT
 from amg.pruning import scores as S
+from amg.pruning.policies import CALIBRATION_BATCH
 
 Progress = Callable[[str], None]
 
@@ -25,11 +27,14 @@ class CalibrationImages:
     description: dict[str, Any] = field(default_factory=dict)
     loss: str = "id"
     teacher: ReIDViT | None = None
+    batch_size: int = CALIBRATION_BATCH  # token scores are summed over batches of this size
 
     @classmethod
     def from_dataset(cls, dataset: ReIDDataset, img_size: tuple[int, int], count: int = 256, seed: int = 0,
-                     progress: Progress | None = None) -> CalibrationImages:
+                     progress: Progress | None = None, batch_size: int = CALIBRATION_BATCH) -> CalibrationImages:
         """`count` random training images (by `seed`) with their contiguous training labels."""
+        if count < 1:
+            raise InputError(f"calibration needs at least one image, got {count}")
         labels, _ = relabel_pids(dataset.train)
         count = min(count, len(dataset.train))
         chosen = torch.randperm(len(dataset.train), generator=torch.Generator().manual_seed(seed))[:count].tolist()
@@ -37,8 +42,9 @@ class CalibrationImages:
         if progress:
             progress(f"loading {count} calibration images from {dataset.root}")
         return cls(preload_images(samples, img_size), [labels[i] for i in chosen], [s.camid for s in samples],
-                   {"dataset": str(dataset.root), "split": "train", "images": count, "seed": seed, "loss": "id"})
+                   {"dataset": str(dataset.root), "split": "train", "images": count, "seed": seed, "loss": "id",
+                    "batch": batch_size}, batch_size=batch_size)
 
     def run(self, model: ReIDViT, progress: Progress | None, gradients: bool = True) -> S.CalibrationStats:
         return S.calibrate(model, self.images, self.labels, self.camids, self.loss, self.teacher,
-                           gradients=gradients, progress=progress)
+                           batch_size=self.batch_size, gradients=gradients, progress=progress)

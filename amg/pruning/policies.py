@@ -17,6 +17,9 @@ from amg.errors import InputError
 
 HEADS, TOKENS = "heads", "tokens"
 HEAD_ALLOCATIONS = ("global", "per-block", "normalized")
+# Calibration images per batch: the reference's 32. AMG's token score adds |mean A x dL/dA| per
+# batch, so the batch size is part of the method, not only of the speed.
+CALIBRATION_BATCH = 32
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from amg.data.transforms import normalize
 from amg.errors import InputError
 from amg.model.attention import capture_attention, patch_model
-from amg.pruning.policies import HEAD_ALLOCATIONS
+from amg.pruning.policies import CALIBRATION_BATCH, HEAD_ALLOCATIONS
 
 # The reference scales block l's head entropy by (1 + HEAD_LAYER_SCALE * l) before the
 # global ranking, so deeper heads look slightly more diffuse (more removable).
@@ -36,7 +36,9 @@ class CalibrationStats:
 
     mean_attention: list[torch.Tensor]  # [heads, N_q, N_kv]: attention averaged over images
     # None when calibrated without gradients:
-    token_taylor: list[torch.Tensor] | None  # [N_kv]: signed sum over images, heads, queries of A * dL/dA
+    # [N_kv]: over calibration batches, the sum of |mean over the batch's images, heads and
+    # queries of A * dL/dA| (the reference's `seq_ranks += torch.abs(values)`)
+    token_taylor: list[torch.Tensor] | None
     head_taylor: list[torch.Tensor] | None  # [heads]: sum over images of |sum(head output * dL/d output)|
     images: int
     loss: str
@@ -55,8 +57,13 @@ def _loss(model, images: torch.Tensor, labels: torch.Tensor | None, camids: torc
 
 def calibrate(model, images: torch.Tensor, labels: Sequence[int] | None = None,
               camids: Sequence[int] | None = None, loss: str = "id", teacher=None,
-              batch_size: int = 32, gradients: bool = True, progress: Progress | None = None) -> CalibrationStats:
+              batch_size: int = CALIBRATION_BATCH, gradients: bool = True,
+              progress: Progress | None = None) -> CalibrationStats:
     """Run uint8 `images` through `model` (eval mode) with attention capture (and backprop).
+
+    In batches of `batch_size`, as the reference: token scores take the absolute value per
+    batch (so the batch size matters), and a smaller last batch is left out when there is at
+    least one full batch (the reference's loader drops it), from the maps too.
 
     loss="id": cross-entropy of the model's own classifier on `labels` (train-set labels).
     loss="distill": squared distance of the class-token features to `teacher`'s (label-free;
@@ -69,6 +76,9 @@ def calibrate(model, images: torch.Tensor, labels: Sequence[int] | None = None,
         raise InputError("loss='distill' needs a teacher model (e.g. the unpruned model)")
     if len(images) == 0:
         raise InputError("calibration needs at least one image")
+    if batch_size < 1:
+        raise InputError(f"the calibration batch size must be >= 1, got {batch_size}")
+    used = len(images) - len(images) % batch_size if len(images) >= batch_size else len(images)
     modules = patch_model(model)
     model.eval()
     device = next(model.parameters()).device
@@ -81,7 +91,7 @@ def calibrate(model, images: torch.Tensor, labels: Sequence[int] | None = None,
     for parameter in trainable:
         parameter.requires_grad_(False)
     try:
-        for start in range(0, len(images), batch_size):
+        for start in range(0, used, batch_size):
             batch = normalize(images[start:start + batch_size].to(device)).requires_grad_(gradients)
             cams = torch.as_tensor(camids[start:start + batch_size], device=device) if needs_camids else None
             batch_labels = None if labels is None else torch.as_tensor(labels[start:start + batch_size], device=device)
@@ -99,15 +109,16 @@ def calibrate(model, images: torch.Tensor, labels: Sequence[int] | None = None,
                 attention_sums[block] = attention_sums[block] + attn.detach().sum(dim=0)
                 if gradients:
                     (output,) = capture.head_outputs(block)
-                    token_taylor[block] = token_taylor[block] + (attn.detach() * attn.grad).sum(dim=(0, 1, 2))
+                    batch_mean = (attn.detach() * attn.grad).mean(dim=(0, 1, 2))
+                    token_taylor[block] = token_taylor[block] + batch_mean.abs()
                     per_image = (output.detach() * output.grad).sum(dim=(2, 3)).abs()  # [B, heads]
                     head_taylor[block] = head_taylor[block] + per_image.sum(dim=0)
             if progress:
-                progress(f"calibration {min(start + batch_size, len(images))}/{len(images)} images")
+                progress(f"calibration {min(start + batch_size, used)}/{used} images")
     finally:
         for parameter in trainable:
             parameter.requires_grad_(True)
-    count = len(images)
+    count = used
     return CalibrationStats([s / count for s in attention_sums], token_taylor if gradients else None,
                        head_taylor if gradients else None, count, loss)
 
