@@ -8,6 +8,7 @@ per run under `<results-dir>/<device-id>/`, written atomically.
 from __future__ import annotations
 
 import contextlib
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -80,13 +81,32 @@ def _cases(config: pytest.Config):
     for ratio in ratios or ():
         if not 0 < ratio < 1:
             raise pytest.UsageError(f"--amg-ratios: {ratio} is outside (0, 1)")
+    batches = _split(config.getoption("--amg-batches"), int)
+    if any(batch < 1 for batch in batches or ()):
+        raise pytest.UsageError(f"--amg-batches: every batch size must be >= 1, got {batches}")
     try:
         return build_cases(PROFILES[config.getoption("--amg-profile")], ratios,
-                           policies, backends,
-                           _split(config.getoption("--amg-batches"), int),
+                           policies, backends, batches,
                            precisions)
     except ValueError as error:
         raise pytest.UsageError(f"--amg-profile {config.getoption('--amg-profile')}: {error}") from error
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Refuse what would only fail after everything was measured: a results folder that cannot
+    take the CSV, a thread count below one."""
+    threads = config.getoption("--amg-threads", None)
+    if threads is not None and threads < 1:
+        raise pytest.UsageError(f"--amg-threads must be >= 1, got {threads}")
+    if config.getoption("--amg-no-report", True):
+        return
+    folder = Path(config.getoption("--amg-results-dir"))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise pytest.UsageError(f"--amg-results-dir {folder} cannot hold the report: {error}") from error
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -119,11 +119,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     progress(f"retrieval feature: the class token {model.neck_feat} the BN neck")
     progress(f"evaluating on {dataset.name} at {dataset.root}")
     results = Evaluator(dataset, model.config.img_size, progress).evaluate(model, args.metric)
-    rows = [[name, r.num_queries, *(f"{100 * v:.2f}" for v in r.as_dict().values())] for name, r in results.items()]
-    headers = ["query set", "queries", *(k if k.startswith("m") else k.replace("rank", "Rank-") for k in
-                                         next(iter(results.values())).as_dict())]
+    rows = [[name, r.num_queries, r.num_skipped, *(f"{100 * v:.2f}" for v in r.as_dict().values())]
+            for name, r in results.items()]
+    headers = ["query set", "queries", "without a match", *(k if k.startswith("m") else k.replace("rank", "Rank-")
+                                                            for k in next(iter(results.values())).as_dict())]
+    for name, r in results.items():
+        if r.num_skipped:  # the protocol leaves them out of every metric: say how many
+            progress(f"{name}: {r.num_skipped} queries have no match in the gallery and are not scored")
     if args.json:
-        print(json.dumps({name: r.as_dict() | {"queries": r.num_queries} for name, r in results.items()}, indent=2))
+        print(json.dumps({name: r.as_dict() | {"queries": r.num_queries, "without_match": r.num_skipped}
+                          for name, r in results.items()}, indent=2))
     else:
         print(tabulate(rows, headers=headers, tablefmt="github"))
     return 0

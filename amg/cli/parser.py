@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from amg.cli import commands
@@ -19,6 +20,25 @@ from amg.pruning.policies import (
 from amg.train.config import TrainConfig
 
 WEIGHTS_DTYPES = ("fp32", "fp16")
+
+
+def _checked(cast, accept, what: str):
+    """An argparse type: a bad value is a usage error (exit 2) that names what was expected."""
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+    parse.__name__ = what  # argparse names the type in its message
+    return parse
+
+
+positive_int = _checked(int, lambda v: v >= 1, "a whole number >= 1")
+non_negative_int = _checked(int, lambda v: v >= 0, "a whole number >= 0")
+positive_float = _checked(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
 
 
 def _policy_help(policies: dict[str, Policy]) -> str:
@@ -41,11 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     synth = data_sub.add_parser("synth", help="write the synthetic holistic + occluded set (Market-1501 layout)")
     synth.add_argument("--out", required=True, type=Path, help="folder to create (must not exist or be empty)")
-    synth.add_argument("--ids", type=int, default=SynthConfig.train_ids, help="training identities (default %(default)s)")
-    synth.add_argument("--test-ids", type=int, default=None, help="test identities (default: same as --ids)")
-    synth.add_argument("--images-per-id", type=int, default=SynthConfig.images_per_id,
+    synth.add_argument("--ids", type=positive_int, default=SynthConfig.train_ids, help="training identities (default %(default)s)")
+    synth.add_argument("--test-ids", type=non_negative_int, default=None, help="test identities (default: same as --ids)")
+    synth.add_argument("--images-per-id", type=positive_int, default=SynthConfig.images_per_id,
                        help="images per identity (default %(default)s)")
-    synth.add_argument("--cameras", type=int, default=SynthConfig.num_cameras, help="cameras, 2..6 (default %(default)s)")
+    synth.add_argument("--cameras", type=positive_int, default=SynthConfig.num_cameras, help="cameras, 2..6 (default %(default)s)")
     synth.add_argument("--seed", type=int, default=SynthConfig.seed, help="random seed (default %(default)s)")
     synth.set_defaults(func=commands.cmd_data_synth)
     info = data_sub.add_parser("info", help="read a data set and print its splits")
@@ -56,16 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
     def add_data_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--data", default=None, help="real data set root (default: the cached synthetic set)")
         p.add_argument("--layout", default="auto", help="layout of --data (default: detect)")
-        p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+        p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
 
     train = sub.add_parser("train", help="train a Re-ID model (default: the cached embedded default)")
     train.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS), help="model preset (default %(default)s)")
-    train.add_argument("--steps", type=int, default=TrainConfig.steps, help="optimizer steps (default %(default)s)")
-    train.add_argument("--lr", type=float, default=TrainConfig.lr, help="peak learning rate (default %(default)s)")
+    train.add_argument("--steps", type=positive_int, default=TrainConfig.steps, help="optimizer steps (default %(default)s)")
+    train.add_argument("--lr", type=positive_float, default=TrainConfig.lr, help="peak learning rate (default %(default)s)")
     train.add_argument("--seed", type=int, default=TrainConfig.seed, help="random seed (default %(default)s)")
-    train.add_argument("--batch-ids", type=int, default=TrainConfig.num_identities, help="identities per PK batch (default %(default)s)")
-    train.add_argument("--batch-instances", type=int, default=TrainConfig.num_instances, help="images per identity in a batch (default %(default)s)")
-    train.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"), help="input size (default: the preset's)")
+    train.add_argument("--batch-ids", type=positive_int, default=TrainConfig.num_identities, help="identities per PK batch (default %(default)s)")
+    train.add_argument("--batch-instances", type=positive_int, default=TrainConfig.num_instances, help="images per identity in a batch (default %(default)s)")
+    train.add_argument("--img-size", type=positive_int, nargs=2, metavar=("H", "W"), help="input size (default: the preset's)")
     train.add_argument("--sie", action="store_true", help="add a camera embedding (SIE) sized to the data set")
     train.add_argument("--out", default=None,
                        help="where to save the model (required with --data; without it, a copy of the cached default)")
@@ -106,16 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="instead of --heads/--tokens: remove about this fraction of the blocks' MACs")
     prune.add_argument("--saving-by", default="both", choices=["heads", "tokens", "both"],
                        help="what --macs-saving removes (both: equal head and token ratios)")
-    prune.add_argument("--finetune", type=int, default=0, metavar="STEPS",
+    prune.add_argument("--finetune", type=non_negative_int, default=0, metavar="STEPS",
                        help="fine-tune the pruned model this many steps, distilled from the unpruned one "
                             "(default 0: one-shot; the equal-MACs study uses 300)")
-    prune.add_argument("--iterative-rounds", type=int, default=0,
+    prune.add_argument("--iterative-rounds", type=non_negative_int, default=0,
                        help="instead: prune heads over this many rounds, fine-tuning (distilled) after each "
                             "and after the tokens; 0 = one-shot (default)")
-    prune.add_argument("--finetune-steps", type=int, default=60,
+    prune.add_argument("--finetune-steps", type=non_negative_int, default=60,
                        help="fine-tuning steps per iterative round (default %(default)s)")
-    prune.add_argument("--calibration-images", type=int, default=256, help="calibration images (default %(default)s)")
-    prune.add_argument("--calibration-batch", type=int, default=CALIBRATION_BATCH,
+    prune.add_argument("--calibration-images", type=positive_int, default=256, help="calibration images (default %(default)s)")
+    prune.add_argument("--calibration-batch", type=positive_int, default=CALIBRATION_BATCH,
                        help="calibration batch size: AMG's token score adds |mean A x dL/dA| per batch, and a "
                             "smaller last batch is left out, as the reference does (default %(default)s)")
     prune.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and random policies")
@@ -126,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     flops = sub.add_parser("flops", help="parameters and fvcore MACs (multiply-adds) against the unpruned model")
     flops.add_argument("model", nargs="?", default=None, help="model file or preset (default: the default model)")
-    flops.add_argument("--batch", type=int, default=1, help="batch size to trace (default %(default)s)")
+    flops.add_argument("--batch", type=positive_int, default=1, help="batch size to trace (default %(default)s)")
     flops.set_defaults(func=commands.cmd_flops)
 
     report = sub.add_parser("report", help="merge every results CSV into Markdown tables and Pareto plots")
@@ -141,9 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Choose, from the suite's measurements on a device, the pruning configuration with the "
                     "best accuracy whose measured median latency fits --budget-ms, and print the Pareto "
                     "frontier (latency against accuracy). Exit 0 when one fits, 1 when none does.")
-    select.add_argument("--budget-ms", type=float, required=True, help="latency budget per batch, milliseconds")
+    select.add_argument("--budget-ms", type=positive_float, required=True, help="latency budget per batch, milliseconds")
     select.add_argument("--backend", required=True, choices=BACKEND_NAMES, help="where the model will run")
-    select.add_argument("--batch", type=int, default=1, help="batch size (default %(default)s)")
+    select.add_argument("--batch", type=positive_int, default=1, help="batch size (default %(default)s)")
     select.add_argument("--precision", default="fp32", choices=PRECISIONS, help="(default %(default)s)")
     select.add_argument("--metric", default="query_mAP",
                         help="accuracy to maximise: query_|occluded_ + rank1|rank5|mAP|mINP (default %(default)s)")
@@ -173,10 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--neck-feat", default=None, choices=NECK_FEATS,
                      help="retrieval feature the file records (default: the source's: before the neck for "
                           "TransReID's configs and for timm / LA-Transformer backbones, whose neck is untrained)")
-    imp.add_argument("--num-classes", type=int, default=0, help="training identities of its classifier (0: none)")
-    imp.add_argument("--num-cameras", type=int, default=None, help="SIE cameras (default: the preset's)")
-    imp.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"), help="input size (default: the preset's)")
-    imp.add_argument("--source-grid", type=int, nargs=2, metavar=("ROWS", "COLS"),
+    imp.add_argument("--num-classes", type=non_negative_int, default=0, help="training identities of its classifier (0: none)")
+    imp.add_argument("--num-cameras", type=non_negative_int, default=None, help="SIE cameras (default: the preset's)")
+    imp.add_argument("--img-size", type=positive_int, nargs=2, metavar=("H", "W"), help="input size (default: the preset's)")
+    imp.add_argument("--source-grid", type=positive_int, nargs=2, metavar=("ROWS", "COLS"),
                      help="the checkpoint's patch grid, when its position embedding is not square")
     imp.set_defaults(func=commands.cmd_import)
     return parser

@@ -264,6 +264,8 @@ def _read_msmt_list(list_path: Path, image_dir: Path, spec: _Layout) -> list[Sam
         if match is None:
             raise DatasetError(f"malformed file name {parts[0]!r} at {where}: expected {_MSMT_NAME_DOC}")
         path = image_dir / parts[0]
+        if not path.resolve().is_relative_to(image_dir.resolve()):
+            raise DatasetError(f"{where}: {parts[0]!r} lies outside the image folder {image_dir}")
         if not path.is_file():
             raise DatasetError(f"{where} refers to missing file {path}")
         # The list's label is authoritative (as in torchreid); the camera comes from the name.

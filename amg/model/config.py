@@ -26,6 +26,29 @@ class ModelConfig:
     num_cameras: int = 0  # > 0 enables the side-information (camera) embedding, SIE
     sie_scale: float = 3.0  # TransReID's `sie_xishu`
 
+    def __post_init__(self) -> None:
+        # A config also comes from a model file: refuse shapes that cannot build, by name.
+        problems = []
+        if self.depth < 1 or self.num_heads < 1 or self.embed_dim < 1 or self.patch_size < 1:
+            problems.append("depth, num_heads, embed_dim and patch_size must be >= 1")
+        elif self.embed_dim % self.num_heads:
+            problems.append(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if self.patch_stride is not None and self.patch_stride < 1:
+            problems.append(f"patch_stride must be >= 1, got {self.patch_stride}")
+        if len(self.img_size) != 2 or min(self.img_size) < max(self.patch_size, 1):
+            problems.append(f"img_size {self.img_size} must be two sides of at least one patch ({self.patch_size})")
+        if not self.mlp_ratio > 0 or self.num_cameras < 0:
+            problems.append("mlp_ratio must be > 0 and num_cameras >= 0")
+        if problems:
+            raise InputError(f"model config {self.name!r}: " + "; ".join(problems))
+
+    @property
+    def estimated_parameters(self) -> int:
+        """About how many parameters the model has (blocks, patch embedding, position embedding)."""
+        dim, hidden = self.embed_dim, int(self.embed_dim * self.mlp_ratio)
+        block = 4 * dim * dim + 2 * dim * hidden
+        return self.depth * block + 3 * self.patch_size ** 2 * dim + self.num_tokens * dim
+
     @property
     def grid_size(self) -> tuple[int, int]:
         stride = self.patch_stride or self.patch_size

@@ -53,6 +53,8 @@ class PrunePlan:
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
+        if path.is_dir():
+            raise InputError(f"{path} is a folder: give the plan file's name")
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
         tmp.replace(path)

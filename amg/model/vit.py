@@ -129,6 +129,8 @@ def save_model(model: ReIDViT, path: str | Path, extra: dict[str, Any] | None = 
     Atomic (temp file + rename): an interrupted save never leaves a truncated model file.
     """
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path} is a folder: give the model file's name")
     path.parent.mkdir(parents=True, exist_ok=True)
     state_dict = model.state_dict()
     if weights_dtype is not None:
@@ -175,7 +177,9 @@ def load_model(path: str | Path,
             f"{path} is not an AMG-Bench checkpoint (format {payload.get('format')!r}); "
             "import foreign state dicts with `amg import` (amg.model.checkpoints.import_state_dict)"
         )
-    model = ReIDViT(ModelConfig.from_dict(payload["config"]), num_classes=payload["num_classes"])
+    config = ModelConfig.from_dict(payload["config"])
+    _refuse_models_beyond_memory(config, path)
+    model = ReIDViT(config, num_classes=payload["num_classes"])
     if prepare is not None:
         prepare(model, payload)
     elif payload.get("plan") is not None:
@@ -183,6 +187,17 @@ def load_model(path: str | Path,
     load_exact(model, payload["state_dict"], source=str(path))
     set_neck_feat(model, payload.get("neck_feat", "after"))
     return model.eval()
+
+
+def _refuse_models_beyond_memory(config: ModelConfig, source: str | Path) -> None:
+    """A model file is small, but its config says how much to allocate: check before allocating."""
+    import psutil
+
+    needed = config.estimated_parameters * 4 * 2  # float32 weights, and the state dict read beside them
+    available = psutil.virtual_memory().available
+    if needed > available:
+        raise InputError(f"{source}: its config ({config.embed_dim} wide, {config.depth} blocks) needs about "
+                         f"{needed / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB available")
 
 
 def set_neck_feat(model: ReIDViT, neck_feat: str) -> ReIDViT:

@@ -15,7 +15,7 @@ from tabulate import tabulate
 
 from amg.benchmark.profiles import PruneSpec
 from amg.pruning.schedule import SCHEDULES, Schedule
-from amg.reporting.tables import MISSING, format_cell
+from amg.reporting.tables import MISSING, format_cell, markdown_text
 
 FAMILIES = ("heads", "tokens", "heads+tokens")
 
@@ -103,7 +103,7 @@ def comparison_tables(frame: pd.DataFrame) -> list[tuple[str, str]]:
             for (_, row), top in zip(group.iterrows(), best):
                 body.append(_line(row, unpruned, row["method"], row["schedule_label"],
                                   bold=pd.notna(top) and row["occluded_mAP"] == top))
-            title = f"{device} / {backend}{'' if precision == 'fp32' else ' ' + precision}: {target:.0%} of MACs saved"
+            title = f"{markdown_text(device)} / {markdown_text(backend)}{'' if precision == 'fp32' else ' ' + precision}: {target:.0%} of MACs saved"
             markdown = tabulate(body, headers=headers, tablefmt="github", disable_numparse=True,
                                 colalign=["left", "left"] + ["right"] * (len(headers) - 2))
             tables.append((title, markdown))

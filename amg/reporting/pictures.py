@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from amg.benchmark.attention_record import SAMPLE_FILE, AttentionRecord, find_records, load_record
-from amg.benchmark.results import write_atomic
+from amg.benchmark.results import ReportError, write_atomic
 from amg.model.plan import PrunePlan
 
 MAX_HEAD_PANELS = 3
@@ -23,9 +23,19 @@ TOKEN_BLOCKS = 4  # blocks shown with their kept K/V positions
 # ------------------------------------------------------------------------------- drawing
 
 
+def _plan_of(record: AttentionRecord, name: str, values: dict) -> PrunePlan:
+    """A recorded plan, refused when it was made for another model than the record's."""
+    plan = PrunePlan.from_dict(values)
+    blocks, heads = len(record.entropy), len(record.entropy[0]) if record.entropy else 0
+    if len(plan.kept_heads) != blocks or plan.num_heads != heads:
+        raise ReportError(f"attention record of {record.key}: plan {name!r} is for {len(plan.kept_heads)} blocks x "
+                          f"{plan.num_heads} heads, the record's model has {blocks} x {heads}")
+    return plan
+
+
 def _plans_by(record: AttentionRecord, part: str) -> list[tuple[str, PrunePlan]]:
     """AMG one-shot plans that prune `part`: heads fewest removed first; tokens see below."""
-    plans = [(name, PrunePlan.from_dict(values)) for name, values in record.plans.items()
+    plans = [(name, _plan_of(record, name, values)) for name, values in record.plans.items()
              if values.get("policy", {}).get(part) == "amg" and "@" not in name]
     if part == "heads":
         return sorted(plans, key=lambda item: (-item[1].heads_kept, item[0]))

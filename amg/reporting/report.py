@@ -18,7 +18,7 @@ from amg.reporting.equal_macs import section as equal_macs_section
 from amg.reporting.loading import csvs_under, load_reports, newest_per_configuration
 from amg.reporting.pareto import AXIS_LABELS, LATENCY_PLOT, MACS_PLOT, plot_pareto
 from amg.reporting.pictures import draw_records
-from amg.reporting.tables import cross_device_table, device_table
+from amg.reporting.tables import cross_device_table, device_table, markdown_text
 
 
 def _accuracy_metric(frame: pd.DataFrame) -> str:
@@ -53,7 +53,8 @@ def _device_section(latest: pd.DataFrame, device: str) -> list[str]:
     facts = [first["device_name"], f"{first['threads']:.0f} threads" if pd.notna(first["threads"]) else ""]
     facts += [f"torch {first['torch_version']}" if first["torch_version"] else "", first["os"]]
     facts += [f"git {first['git_revision']}" if first["git_revision"] else ""]
-    return [f"## {device}", "", " · ".join(str(f) for f in facts if f), "", device_table(latest, device), ""]
+    return [f"## {markdown_text(device)}", "", " · ".join(markdown_text(f) for f in facts if f), "",
+            device_table(latest, device), ""]
 
 
 def _readme(frame: pd.DataFrame, latest: pd.DataFrame, root: Path, accuracy: str) -> str:
@@ -110,6 +111,6 @@ def _pictures_section(pictures: list, out: Path) -> str:
              "(AMG removes high-entropy heads; × marks removed ones), and the key/value positions the AMG "
              "token plan keeps in a few blocks over a sample query image (static: the same for every image).", ""]
     for record, paths in pictures:
-        lines += [f"### {record.model} ({Path(record.checkpoint).name})", ""]
+        lines += [f"### {markdown_text(record.model)} ({markdown_text(Path(record.checkpoint).name)})", ""]
         lines += [f"![{path.stem}]({path.relative_to(out)})" for path in paths] + [""]
     return "\n".join(lines)

@@ -8,6 +8,7 @@ trades. `amg select` is the command; with `--measure` it runs the suite first.
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 
 import pandas as pd
@@ -150,7 +151,7 @@ def prune_command(config_id: str, checkpoint: str = "default") -> str | None:
         stages = fine_tuning_stages(schedule.rounds, spec.uses_heads, spec.uses_tokens)
         args += ["--iterative-rounds", str(schedule.rounds), "--finetune-steps", str(schedule.steps // stages)]
     model = [] if checkpoint == "default" else ["--model", checkpoint]
-    return " ".join(["amg", "prune", *model, *args, "--out", "pruned.pt"])
+    return shlex.join(["amg", "prune", *model, *args, "--out", "pruned.pt"])  # copy-paste safe
 
 
 def summary(selection: Selection) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pandas as pd
 from tabulate import tabulate
 
@@ -36,9 +38,14 @@ def format_cell(value: object, decimals: int, scale: float = 1.0) -> str:
     return f"{float(value) * scale:.{decimals}f}"
 
 
-def _markdown_text(text: object) -> str:
-    # A "|" inside a cell would end it early in Markdown.
-    return str(text).replace("|", "\\|")
+_MARKDOWN_SPECIAL = re.compile(r"([\\\[\]<>|!])")
+
+
+def markdown_text(text: object) -> str:
+    """`text` from a CSV, safe in a Markdown cell or heading: one line, and no character that
+    could end a cell, start a link or image, or open an HTML tag (backslash-escaped, so it
+    still reads as itself)."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", " ".join(str(text).split()))
 
 
 def _is_unpruned(frame: pd.DataFrame) -> pd.Series:
@@ -73,8 +80,8 @@ def device_table(frame: pd.DataFrame, device_id: str) -> str:
     labels = varying + ["config", "backend", "batch"]
     headers = labels + [header for header, *_ in DEVICE_COLUMNS]
     body = [
-        [_markdown_text(row[c]) for c in varying]
-        + [_markdown_text(row["config_id"]), _markdown_text(row["backend"]), format_cell(row["batch"], 0)]
+        [markdown_text(row[c]) for c in varying]
+        + [markdown_text(row["config_id"]), markdown_text(row["backend"]), format_cell(row["batch"], 0)]
         + [format_cell(row[column], decimals, scale) for _, column, decimals, scale in DEVICE_COLUMNS]
         for _, row in rows.iterrows()
     ]
@@ -101,9 +108,9 @@ def cross_device_table(frame: pd.DataFrame) -> str:
     table = _unpruned_first(facts.join(speedups).reset_index(), ["model"])
     targets = sorted(speedups.columns)
     body = [
-        [_markdown_text(row["model"]), _markdown_text(row["config_id"]), format_cell(row["batch"], 0), format_cell(row["macs_saving"], 1, 100.0)]
+        [markdown_text(row["model"]), markdown_text(row["config_id"]), format_cell(row["batch"], 0), format_cell(row["macs_saving"], 1, 100.0)]
         + [format_cell(row[t], 2) for t in targets]
         for _, row in table.iterrows()
     ]
-    headers = ["model", "config", "batch", "MACs saved %"] + [_markdown_text(t) for t in targets]
+    headers = ["model", "config", "batch", "MACs saved %"] + [markdown_text(t) for t in targets]
     return _markdown(body, headers, numeric_from=2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from amg.errors import InputError
@@ -29,8 +30,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise InputError("steps must be >= 1")
-        if self.lr <= 0:
-            raise InputError("lr must be > 0")
+        if not math.isfinite(self.lr) or self.lr <= 0:
+            raise InputError(f"lr must be a finite number > 0, got {self.lr}")
         if not 0.0 <= self.distill_alpha <= 1.0:
             raise InputError(f"distill_alpha must be in [0, 1], got {self.distill_alpha}")
 
