@@ -65,9 +65,9 @@ def test_a_small_file_asking_for_more_memory_than_there_is_is_refused_before_all
 
 def test_an_output_that_is_a_folder_is_named(tmp_path, capsys):
     model = build_model("small")
-    with pytest.raises(InputError, match="is a folder: give the model file's name"):
+    with pytest.raises(InputError, match="is a folder: give a file name"):
         save_model(model, tmp_path)
-    with pytest.raises(InputError, match="is a folder: give the plan file's name"):
+    with pytest.raises(InputError, match="is a folder: give a file name"):
         PrunePlan.unpruned(model.config).save(tmp_path)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 
 import numpy as np
 import pytest
@@ -83,3 +84,18 @@ def test_refuses_to_overwrite(small_set):
 def test_bad_config_is_named(bad, message):
     with pytest.raises(ValueError, match=message):
         SynthConfig(**{**SMALL.__dict__, **bad})
+
+
+def test_a_killed_generators_partial_folder_is_removed_at_the_next_start(tmp_path):
+    import subprocess
+    import sys
+
+    from amg.data.synthetic import generate
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f"synth.partial-{int(finished.stdout)}"  # its process is gone: abandoned
+    running = tmp_path / f"synth.partial-{os.getppid()}"  # a live process's: still being written
+    for folder in (dead, running):
+        (folder / "query").mkdir(parents=True)
+    generate(tmp_path / "synth", SMALL)
+    assert not dead.exists() and running.exists() and (tmp_path / "synth" / "synthetic.json").is_file()

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from amg.benchmark.results import ReportError, safe_name, write_atomic
+from amg.benchmark.results import ReportError, safe_name
+from amg.files import write_atomic
 
 RECORDS_DIR = "models"
 RECORD_FILE = "attention.json"

@@ -17,8 +17,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from amg.benchmark.results import safe_name, write_atomic
+from amg.benchmark.results import safe_name
 from amg.errors import InputError
+from amg.files import write_atomic
 from amg.model.config import ModelConfig
 from amg.model.plan import PrunePlan
 

@@ -13,14 +13,13 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 from amg.errors import InputError
+from amg.files import write_atomic
 
 # The schema, in file order. Units are in the names; empty means "not measured".
 IDENTITY_COLUMNS = [
@@ -111,26 +110,16 @@ def write_csv(rows: Iterable[Mapping[str, Any]], results_dir: str | Path, device
         unknown = sorted(set(row) - set(COLUMNS))
         if unknown:
             raise ReportError(f"row has columns outside the schema: {unknown}")
-    folder = Path(results_dir) / safe_name(device)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{safe_name(run_id)}.csv"
+    path = Path(results_dir) / safe_name(device) / f"{safe_name(run_id)}.csv"
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({column: _csv_text(row.get(column)) for column in COLUMNS})
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=folder)
     try:
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; reports are shared and committed
-        with os.fdopen(handle, "w", newline="", encoding="utf-8") as stream:
-            stream.write(buffer.getvalue())
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.link(tmp, path)  # fails if another writer took the name: never overwrite a report
+        write_atomic(path, lambda stream: stream.write(buffer.getvalue().encode("utf-8")), replace=False)
     except FileExistsError as error:
         raise ReportError(f"{path} exists: each run writes its own file") from error
-    finally:
-        os.unlink(tmp)
     return path
 
 
@@ -184,23 +173,3 @@ def find_csvs(results_dir: str | Path) -> list[Path]:
     if not root.is_dir():
         raise ReportError(f"results folder not found: {root}")
     return sorted(p for p in root.glob("*/*.csv") if not p.name.startswith(".") and p.parent.name != BASELINES_DIR)
-
-
-def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> Path:
-    """Write via a temporary file in the same folder and rename: readers never see half a file.
-
-    For derived files (tables, plots) that a rerun may replace; run CSVs use `write_csv`.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            write(stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a report is meant to be read
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

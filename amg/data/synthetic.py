@@ -184,6 +184,25 @@ def _refuse_existing(out: Path) -> None:
         raise FileExistsError(f"{out} exists and is not empty")
 
 
+def _remove_abandoned_partials(out: Path) -> None:
+    """Delete `<out>.partial-<pid>` folders of generators that were killed (their process is gone);
+    a running generator's folder is left alone."""
+    for partial in out.parent.glob(f"{out.name}.partial-*"):
+        pid = partial.name.rpartition("-")[2]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
 def _publish(tmp: Path, out: Path) -> bool:
     """Rename the finished `tmp` to `out`; False (and `tmp` removed) if another process got there first."""
     if (out / MANIFEST).is_file():  # another process finished the same data set first
@@ -205,6 +224,7 @@ def generate(out: str | Path, config: SynthConfig = SynthConfig(),
     out = Path(out)
     _refuse_existing(out)
     # A private temporary folder per process: two runs racing for the same cache both finish.
+    _remove_abandoned_partials(out)
     tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     writer = _Writer(tmp)

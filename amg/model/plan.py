@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from amg.errors import InputError
+from amg.files import write_atomic
 from amg.model.config import ModelConfig
 
 PLAN_VERSION = 1
@@ -53,12 +54,8 @@ class PrunePlan:
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        if path.is_dir():
-            raise InputError(f"{path} is a folder: give the plan file's name")
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-        tmp.replace(path)
-        return path
+        text = json.dumps(self.to_dict(), indent=1) + "\n"
+        return write_atomic(path, lambda stream: stream.write(text.encode("utf-8")))
 
     @classmethod
     def load(cls, path: str | Path) -> PrunePlan:

@@ -17,6 +17,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from amg.errors import InputError
+from amg.files import write_atomic
 from amg.model.config import DEFAULT_PRESET, NECK_FEATS, ModelConfig, get_config
 
 CHECKPOINT_FORMAT = "amg-reid-v1"
@@ -129,9 +130,6 @@ def save_model(model: ReIDViT, path: str | Path, extra: dict[str, Any] | None = 
     Atomic (temp file + rename): an interrupted save never leaves a truncated model file.
     """
     path = Path(path)
-    if path.is_dir():
-        raise InputError(f"{path} is a folder: give the model file's name")
-    path.parent.mkdir(parents=True, exist_ok=True)
     state_dict = model.state_dict()
     if weights_dtype is not None:
         state_dict = {k: v.to(weights_dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
@@ -145,10 +143,7 @@ def save_model(model: ReIDViT, path: str | Path, extra: dict[str, Any] | None = 
         "meta": meta,
         **(extra or {}),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
-    return path
+    return write_atomic(path, lambda stream: torch.save(payload, stream))
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

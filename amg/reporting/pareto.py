@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from amg.benchmark.results import write_atomic
 from amg.errors import InputError
+from amg.files import write_atomic
 from amg.reporting.tables import PERCENT_COLUMNS, format_cell
 
 AXIS_LABELS = {

@@ -13,7 +13,8 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from amg.benchmark.attention_record import SAMPLE_FILE, AttentionRecord, find_records, load_record
-from amg.benchmark.results import ReportError, write_atomic
+from amg.benchmark.results import ReportError
+from amg.files import write_atomic
 from amg.model.plan import PrunePlan
 
 MAX_HEAD_PANELS = 3

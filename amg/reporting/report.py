@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from amg.benchmark.results import write_atomic
+from amg.files import write_atomic
 from amg.reporting.equal_macs import section as equal_macs_section
 from amg.reporting.loading import csvs_under, load_reports, newest_per_configuration
 from amg.reporting.pareto import AXIS_LABELS, LATENCY_PLOT, MACS_PLOT, plot_pareto
