@@ -8,7 +8,9 @@ per run under `<results-dir>/<device-id>/`, written atomically.
 from __future__ import annotations
 
 import contextlib
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -107,6 +109,17 @@ def pytest_configure(config: pytest.Config) -> None:
             pass
     except OSError as error:
         raise pytest.UsageError(f"--amg-results-dir {folder} cannot hold the report: {error}") from error
+    from amg.benchmark.results import recover_journals
+
+    for path in recover_journals(folder):  # rows of runs that were killed before writing their CSV
+        print(f"[amg] a killed run's measured rows recovered as an interrupted report: {path}")
+    # SIGTERM (a scheduler's stop, `kill`) ends the run like Ctrl-C: what was measured is written.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -129,6 +142,7 @@ def progress_printer(config: pytest.Config) -> Callable[[str], None]:
 @pytest.fixture(scope="session")
 def suite(request: pytest.FixtureRequest):
     from amg.benchmark.plan_store import PlanStore, PlanStoreError
+    from amg.benchmark.results import journal_path
     from amg.benchmark.suite import Suite
     from amg.data.layout import load_dataset
     from amg.model.pruned import load_pruned
@@ -169,21 +183,28 @@ def suite(request: pytest.FixtureRequest):
         raise pytest.UsageError(f"--amg-plans: {error}") from error
     state = Suite(model, source, PROFILES[config.getoption("--amg-profile")], dataset,
                   torch.get_num_threads(), progress, slowdown=slowdown, plan_store=plan_store)
+    if not config.getoption("--amg-no-report"):
+        state.journal = journal_path(config.getoption("--amg-results-dir"), state.metadata["device_id"],
+                                     state.metadata["run_id"])
     config.stash[_SUITE_KEY] = state
     return state
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    from amg.benchmark.results import write_csv
+    from amg.benchmark.results import COMPLETE, INTERRUPTED, write_csv
 
     state = session.config.stash.get(_SUITE_KEY, None)
     if state is None or not state.rows or session.config.getoption("--amg-no-report"):
         return
     results_dir = Path(session.config.getoption("--amg-results-dir"))
-    path = write_csv(state.rows, results_dir, state.metadata["device_id"], state.metadata["run_id"])
+    status = INTERRUPTED if exitstatus == pytest.ExitCode.INTERRUPTED else COMPLETE
+    rows = [{**row, "run_status": status} for row in state.rows]
+    path = write_csv(rows, results_dir, state.metadata["device_id"], state.metadata["run_id"])
+    if state.journal is not None:
+        state.journal.unlink(missing_ok=True)  # the report holds every row now
     reporter = session.config.pluginmanager.getplugin("terminalreporter")
     record = state.save_attention_record(results_dir)
     if reporter:
-        reporter.write_line(f"[amg] wrote {len(state.rows)} rows to {path}")
+        reporter.write_line(f"[amg] wrote {len(rows)} rows to {path}" + (" (interrupted run)" if status == INTERRUPTED else ""))
         if record:
             reporter.write_line(f"[amg] wrote head entropies and plans for `amg report`'s pictures to {record}")

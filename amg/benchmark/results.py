@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,7 @@ from amg.files import write_atomic
 # The schema, in file order. Units are in the names; empty means "not measured".
 IDENTITY_COLUMNS = [
     "run_id",  # one per pytest session, e.g. 20261125T140229Z-1a2b3c
+    "run_status",  # complete | interrupted (SIGINT/SIGTERM, or recovered from a killed run's journal)
     "timestamp",  # ISO 8601 UTC
     "device_id",  # stable, file-system safe (amg.measure.device.device_id)
     "device_name",  # CPU model or GPU name, as the OS reports it
@@ -72,7 +75,9 @@ VERSION_COLUMNS = ["amg_version", "torch_version", "timm_version", "python_versi
 COLUMNS = IDENTITY_COLUMNS + MEASURE_COLUMNS + VERSION_COLUMNS
 KEY_COLUMNS = ("config_id", "backend", "precision", "batch")
 # Added after reports were already committed: older files lack them and read as empty.
-OPTIONAL_COLUMNS = ("feature",)
+OPTIONAL_COLUMNS = ("feature", "run_status")
+COMPLETE, INTERRUPTED = "complete", "interrupted"
+JOURNAL_SUFFIX = ".journal"  # rows of a run in progress, one JSON line each: `.<run-id>.journal`
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -173,3 +178,37 @@ def find_csvs(results_dir: str | Path) -> list[Path]:
     if not root.is_dir():
         raise ReportError(f"results folder not found: {root}")
     return sorted(p for p in root.glob("*/*.csv") if not p.name.startswith(".") and p.parent.name != BASELINES_DIR)
+
+
+def journal_path(results_dir: str | Path, device: str, run_id: str) -> Path:
+    """Where a run appends its rows as it measures them (hidden: not a report until it ends)."""
+    return Path(results_dir) / safe_name(device) / f".{safe_name(run_id)}{JOURNAL_SUFFIX}"
+
+
+def append_journal(path: Path, row: Mapping[str, Any]) -> None:
+    """Add one measured row to the run's journal, on disk before the next case starts."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps({k: v for k, v in row.items() if not (isinstance(v, float) and not math.isfinite(v))})
+    with open(path, "a", encoding="utf-8") as stream:
+        stream.write(line + "\n")
+        stream.flush()
+        os.fsync(stream.fileno())
+
+
+def recover_journals(results_dir: str | Path) -> list[Path]:
+    """Turn the journals of runs that were killed (no CSV written) into interrupted reports;
+    returns the reports written. A journal whose report exists is only removed."""
+    written = []
+    for journal in sorted(Path(results_dir).glob(f"*/.*{JOURNAL_SUFFIX}")):
+        run_id = journal.name[1:-len(JOURNAL_SUFFIX)]
+        if not (journal.parent / f"{run_id}.csv").exists():
+            rows = []
+            for line in journal.read_text(encoding="utf-8").splitlines():
+                try:
+                    rows.append({**json.loads(line), "run_status": INTERRUPTED})
+                except json.JSONDecodeError:
+                    break  # the line being written when the run was killed
+            if rows:
+                written.append(write_csv(rows, results_dir, journal.parent.name, run_id))
+        journal.unlink()
+    return written

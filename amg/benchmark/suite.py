@@ -23,6 +23,7 @@ import torch
 import amg
 from amg.benchmark.plan_store import PlanStore
 from amg.benchmark.profiles import UNPRUNED, Case, Profile, PruneSpec
+from amg.benchmark.results import append_journal
 from amg.data.layout import ReIDDataset
 from amg.data.synthetic import MANIFEST
 from amg.errors import InputError
@@ -106,6 +107,8 @@ class Suite:
     slowdown: dict[str, float] = field(default_factory=dict)
     # Where one-shot plans are reused from and new ones kept (None: plan every run anew).
     plan_store: PlanStore | None = None
+    # Each measured row is appended here at once, so a killed run keeps what it measured.
+    journal: Path | None = None
     _pruned: dict[PruneSpec, ReIDViT] = field(default_factory=dict)
     _plans: dict[PruneSpec, PrunePlan | OutOfReach] = field(default_factory=dict)
     _training: TrainingSet | None = None
@@ -255,6 +258,8 @@ class Suite:
             row.update(self._memory(case, model))
         row.update(self.accuracy(case.spec))
         self.rows.append(row)
+        if self.journal is not None:
+            append_journal(self.journal, row)
         return row
 
     def _memory(self, case: Case, model: ReIDViT) -> dict[str, float]:

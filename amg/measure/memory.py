@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Sequence
 
 from amg.errors import InputError
+from amg.measure.parent_death import die_with_parent
 
 FORWARD_PASSES = 3
 
@@ -83,10 +84,13 @@ def _pool() -> ProcessPoolExecutor:
     if _executor is None:
         if "forkserver" in multiprocessing.get_all_start_methods():
             context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload(["torch", "timm", "amg.model.pruned", "amg.measure.backends"])
+            # the guard first: the forkserver dies with the benchmark even if it is killed
+            context.set_forkserver_preload(["amg.measure.forkserver_guard", "torch", "timm", "amg.model.pruned",
+                                            "amg.measure.backends"])
         else:
             context = multiprocessing.get_context("spawn")
-        _executor = ProcessPoolExecutor(max_workers=1, mp_context=context, max_tasks_per_child=1)
+        _executor = ProcessPoolExecutor(max_workers=1, mp_context=context, max_tasks_per_child=1,
+                                        initializer=die_with_parent)
         atexit.register(_executor.shutdown)
     return _executor
 

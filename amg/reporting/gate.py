@@ -29,7 +29,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from tabulate import tabulate
 
-from amg.benchmark.results import KEY_COLUMNS, ReportError, ResultsFile, read_csv
+from amg.benchmark.results import INTERRUPTED, KEY_COLUMNS, ReportError, ResultsFile, read_csv
 from amg.errors import InputError
 
 EXIT_PASS = 0
@@ -200,6 +200,8 @@ def compare(
     if not baseline_list:
         findings.append(Finding((), BASELINE, None, None, MISSING, f"{baseline_name} has no rows: nothing to compare"))
         return GateResult(findings)
+    if any(row.get("run_status") == INTERRUPTED for row in baseline_list):
+        raise ReportError(f"{baseline_name} is an interrupted run: it cannot be a baseline (measure it again)")
     baseline, baseline_counts = _index(baseline_list, baseline_name)
     current, current_counts = _index(current_list, current_name)
 
@@ -235,6 +237,9 @@ def compare(
     for key in current:
         if key not in baseline:
             findings.append(Finding(key, CONFIGURATION, None, None, OK, "new: not in the baseline, not checked"))
+    if any(row.get("run_status") == INTERRUPTED for row in current_list):
+        findings.append(Finding((), CONFIGURATION, None, None, OK,
+                                f"{current_name} is an interrupted run: configurations it did not reach are missing"))
     return GateResult(findings, configurations=sum(1 for key in baseline if key in current),
                       baseline_machine=machine(baseline_list), current_machine=machine(current_list))
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from amg.benchmark.results import INTERRUPTED
 from amg.files import write_atomic
 from amg.reporting.equal_macs import section as equal_macs_section
 from amg.reporting.loading import csvs_under, load_reports, newest_per_configuration
@@ -42,9 +43,13 @@ def _sources(frame: pd.DataFrame, latest: pd.DataFrame, root: Path) -> list[str]
         f"each configuration's newest measurement on each device is shown ({shown} file(s)):",
         "",
     ]
-    runs = latest.groupby(["device_id", "run_id", "source"], sort=True)["timestamp"].max()
-    for (device, run, source), stamp in runs.items():
-        lines.append(f"- `{_relative(source, root)}`: run `{run}` of {device}, {stamp or 'no timestamp'}")
+    runs = latest.groupby(["device_id", "run_id", "source"], sort=True)
+    for (device, run, source), rows in runs:
+        stamp = rows["timestamp"].max()
+        interrupted = " **(interrupted run: not every configuration was measured)**" \
+            if (rows["run_status"] == INTERRUPTED).any() else ""
+        lines.append(f"- `{_relative(source, root)}`: run `{markdown_text(run)}` of {markdown_text(device)}, "
+                     f"{stamp or 'no timestamp'}{interrupted}")
     return lines
 
 

@@ -1,0 +1,100 @@
+"""A benchmark run stopped for real keeps what it measured and leaves no process behind.
+
+A short `pytest bench/` (a tiny model on a tiny synthetic set, three configurations) is
+stopped once its first row is in the journal: SIGINT and SIGTERM write an interrupted CSV
+of the rows so far; SIGKILL leaves the journal, which the next run turns into that report.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import TINY_DATA
+
+from amg.benchmark.results import INTERRUPTED, find_csvs, read_csv, recover_journals
+from amg.data.synthetic import generate
+from amg.model.pruned import save_pruned
+from amg.model.vit import build_model
+from amg.reporting.gate import main as gate_main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_inputs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("faults")
+    generate(folder / "synth", TINY_DATA)
+    model = build_model("small", img_size=(TINY_DATA.height, TINY_DATA.width), num_classes=6).eval()
+    return save_pruned(model, folder / "tiny.pt"), folder / "synth"
+
+
+def _start_bench(tiny_inputs, results: Path) -> subprocess.Popen:
+    model, data = tiny_inputs
+    command = [sys.executable, "-m", "pytest", "bench/test_suite.py", "-q", "-p", "no:cacheprovider",
+               "--amg-profile", "quick", "--amg-checkpoint", str(model), "--amg-data", str(data),
+               "--amg-policies", "random", "--amg-threads", "1", f"--amg-results-dir={results}"]
+    env = {**os.environ, "AMG_DEVICE_ID": "fault-test"}
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_a_row(process: subprocess.Popen, results: Path) -> None:
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        journals = list(results.glob("*/.*.journal"))
+        if journals and journals[0].read_text().strip():
+            return
+        assert process.poll() is None, process.stdout.read()
+        time.sleep(0.2)
+    raise AssertionError("the run measured nothing in time")
+
+
+def _descendants(process: subprocess.Popen) -> list[psutil.Process]:
+    return psutil.Process(process.pid).children(recursive=True)
+
+
+def _assert_gone(processes: list[psutil.Process]) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        alive = [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        if not alive:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"left behind: {[(p.pid, p.cmdline()[:3]) for p in alive]}")
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_run_writes_what_it_measured_marked_interrupted(tiny_inputs, tmp_path, stop):
+    results = tmp_path / "results"
+    process = _start_bench(tiny_inputs, results)
+    _wait_for_a_row(process, results)
+    children = _descendants(process)
+    process.send_signal(stop)
+    output, _ = process.communicate(timeout=120)
+    [report] = find_csvs(results)
+    rows = read_csv(report).rows
+    assert rows and all(row["run_status"] == INTERRUPTED for row in rows), output
+    assert not list(results.glob("*/.*.journal"))  # the report holds them now
+    assert gate_main(["--baseline", str(report), "--current", str(report)]) == 2  # never a baseline
+    _assert_gone(children)
+
+
+def test_a_killed_runs_rows_come_back_as_an_interrupted_report(tiny_inputs, tmp_path):
+    results = tmp_path / "results"
+    process = _start_bench(tiny_inputs, results)
+    _wait_for_a_row(process, results)
+    children = _descendants(process)
+    process.kill()
+    process.communicate(timeout=60)
+    _assert_gone(children)
+    assert not find_csvs(results)  # nothing was written at exit...
+    [report] = recover_journals(results)  # ...but every measured row is in the journal
+    rows = read_csv(report).rows
+    assert rows and {row["run_status"] for row in rows} == {INTERRUPTED}
+    assert not list(results.glob("*/.*.journal"))
