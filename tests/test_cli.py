@@ -188,3 +188,14 @@ def test_eval_can_use_the_feature_before_the_neck(tiny_root, model_path, capsys)
     assert "the class token before the BN neck" in captured.err and json.loads(captured.out)["query"]["queries"] > 0
     with pytest.raises(SystemExit):
         main(["eval", str(model_path), "--neck-feat", "middle"])
+
+
+def test_train_refuses_to_overwrite_an_unfinished_runs_checkpoint_without_resume(tiny_root, tmp_path, capsys):
+    out = tmp_path / "m.pt"
+    (tmp_path / "m.pt.resume").write_bytes(b"a checkpoint")
+    assert main(["train", "--data", str(tiny_root), "--out", str(out), "--steps", "2", "--batch-ids", "3",
+                 "--batch-instances", "2", "--img-size", "64", "32"]) == 2
+    assert "pass --resume to continue it" in capsys.readouterr().err
+    assert main(["train", "--data", str(tiny_root), "--out", str(out), "--steps", "2", "--batch-ids", "3",
+                 "--batch-instances", "2", "--img-size", "64", "32", "--resume"]) == 2
+    assert "cannot be read" in capsys.readouterr().err and not out.exists()

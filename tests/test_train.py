@@ -73,3 +73,53 @@ def test_default_model_is_trained_once_then_loaded(tiny_root, tmp_path, monkeypa
     # a different training config is a different cache entry
     assert model_cache.default_model_path("small", TINY_DATA, TrainConfig(steps=25)) != path
     assert load_model(path).config.img_size == (64, 32)
+
+
+def test_an_interrupted_training_resumes_to_the_same_weights(tiny_trained, tmp_path):
+    """Stopped after step 4 of 6 (checkpoints every 2 steps), then run again: the final weights
+    equal an uninterrupted run's exactly, and the checkpoint is gone once training ends."""
+    import copy
+
+    from amg.data.layout import relabel_pids
+    from amg.data.preload import preload_images
+    from amg.model.vit import build_model
+    from amg.train.reid_training import train_reid
+
+    dataset, _ = tiny_trained
+    labels, _ = relabel_pids(dataset.train)
+    camids = [s.camid for s in dataset.train]
+    images = preload_images(dataset.train, (64, 32))
+    config = TrainConfig(steps=6, num_identities=3, num_instances=2, warmup_steps=2, log_every=1)
+    torch.manual_seed(0)
+    start = build_model("small", num_classes=max(labels) + 1, img_size=(64, 32))
+
+    straight = copy.deepcopy(start)
+    train_reid(straight, images, labels, camids, config)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_step_4(message: str) -> None:
+        if message.startswith("step 4/6"):
+            raise Stop
+
+    checkpoint = tmp_path / "model.pt.resume"
+    resumed = copy.deepcopy(start)
+    with pytest.raises(Stop):
+        train_reid(resumed, images, labels, camids, config, stop_after_step_4, checkpoint=checkpoint,
+                   checkpoint_every=2)
+    assert checkpoint.is_file()
+    messages = []
+    resumed = copy.deepcopy(start)  # a new process would start from fresh weights too
+    log = train_reid(resumed, images, labels, camids, config, messages.append, checkpoint=checkpoint,
+                     checkpoint_every=2)
+    assert messages[0] == f"resuming from {checkpoint} at step 4/6" and len(log.losses) == 6
+    for name, tensor in straight.state_dict().items():
+        assert torch.equal(tensor, resumed.state_dict()[name]), name
+    assert not checkpoint.exists()
+    other = TrainConfig(steps=7, num_identities=3, num_instances=2, warmup_steps=2, log_every=1)
+    with pytest.raises(Stop):
+        train_reid(copy.deepcopy(start), images, labels, camids, config, stop_after_step_4, checkpoint=checkpoint,
+                   checkpoint_every=2)
+    with pytest.raises(ValueError, match="was made with other settings"):
+        train_reid(copy.deepcopy(start), images, labels, camids, other, checkpoint=checkpoint)

@@ -61,7 +61,7 @@ def _training_config(args: argparse.Namespace) -> TrainConfig:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from amg.model.vit import read_checkpoint, save_model
-    from amg.train.cache import default_model, train_on_dataset
+    from amg.train.cache import default_model, resume_path, train_on_dataset
 
     _set_threads(args.threads)
     training = _training_config(args)
@@ -78,7 +78,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     dataset = _load_dataset(args.data, args.layout)
     overrides = {"num_cameras": dataset.num_cameras} if args.sie else {}
     img_size = tuple(args.img_size) if args.img_size else None
-    model, summary = train_on_dataset(args.preset, dataset, training, img_size, progress, **overrides)
+    checkpoint = resume_path(Path(args.out))
+    if checkpoint.exists() and not args.resume:
+        raise InputError(f"{checkpoint} holds an unfinished run's checkpoint: pass --resume to continue it, "
+                         "or delete it to start over")
+    model, summary = train_on_dataset(args.preset, dataset, training, img_size, progress, checkpoint=checkpoint,
+                                      **overrides)
     print(save_model(model, args.out, weights_dtype=weights_dtype, **summary))
     return 0
 

@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--sie", action="store_true", help="add a camera embedding (SIE) sized to the data set")
     train.add_argument("--out", default=None,
                        help="where to save the model (required with --data; without it, a copy of the cached default)")
+    train.add_argument("--resume", action="store_true",
+                       help="with --data: continue an interrupted run from its checkpoint (<out>.resume, written "
+                            "every 100 steps); the cached default model always continues")
     train.add_argument("--weights-dtype", default="fp32", choices=WEIGHTS_DTYPES,
                        help="dtype the --out file stores weights in: fp16 halves it (e.g. a model committed for CI); "
                             "loading always gives float32 (default %(default)s)")

@@ -57,8 +57,9 @@ def default_model_path(preset: str, synth: SynthConfig, training: TrainConfig) -
 
 def train_on_dataset(preset: str, dataset: ReIDDataset, training: TrainConfig,
                      img_size: tuple[int, int] | None = None, progress: Progress | None = None,
-                     **overrides: Any) -> tuple[ReIDViT, dict[str, Any]]:
-    """Train a fresh `preset` model on `dataset`'s training split; returns (model, summary)."""
+                     checkpoint: Path | None = None, **overrides: Any) -> tuple[ReIDViT, dict[str, Any]]:
+    """Train a fresh `preset` model on `dataset`'s training split; returns (model, summary).
+    With `checkpoint`, training saves its state there as it goes and continues from it."""
     labels, _ = relabel_pids(dataset.train)
     camids = [sample.camid for sample in dataset.train]
     if img_size is not None:
@@ -68,7 +69,7 @@ def train_on_dataset(preset: str, dataset: ReIDDataset, training: TrainConfig,
     if progress:
         progress(f"loading {len(dataset.train)} training images")
     images = preload_images(dataset.train, model.config.img_size, progress)
-    log = train_reid(model, images, labels, camids, training, progress)
+    log = train_reid(model, images, labels, camids, training, progress, checkpoint=checkpoint)
     summary = {"train_seconds": round(log.seconds, 1), "steps": log.steps,
                "first_loss": log.losses[0], "final_loss": log.losses[-1], "final_id_accuracy": log.final_accuracy,
                "dataset": str(dataset.root), "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -85,9 +86,16 @@ def default_model(preset: str = DEFAULT_PRESET, synth: SynthConfig = SynthConfig
     dataset = load_dataset(synthetic_root(synth, progress))
     if progress:
         progress(f"training the {preset!r} model on the synthetic set (cached as {path} afterwards)")
-    model, summary = train_on_dataset(preset, dataset, training, (synth.height, synth.width), progress)
+    # A killed first run continues where it stopped (the checkpoint sits beside the cached model).
+    model, summary = train_on_dataset(preset, dataset, training, (synth.height, synth.width), progress,
+                                      checkpoint=resume_path(path))
     save_model(model, path, **summary)
     return model, path
+
+
+def resume_path(model_path: Path) -> Path:
+    """Where training towards `model_path` keeps its checkpoint."""
+    return model_path.with_name(model_path.name + ".resume")
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:

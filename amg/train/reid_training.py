@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -12,11 +13,13 @@ import torch
 from amg.data.sampler import PKSampler
 from amg.data.transforms import BatchAugment, normalize
 from amg.errors import InputError
+from amg.files import write_atomic
 from amg.model.vit import ReIDViT
 from amg.train.config import TrainConfig
 from amg.train.losses import batch_hard_triplet, id_loss, soft_distillation
 
 Progress = Callable[[str], None]
+CHECKPOINT_EVERY = 100  # steps between training checkpoints (when a checkpoint path is given)
 
 
 @dataclass
@@ -54,11 +57,15 @@ def _pk_batches(labels: list[int], config: TrainConfig):
 
 
 def train_reid(model: ReIDViT, images: torch.Tensor, labels: list[int], camids: list[int],
-          config: TrainConfig = TrainConfig(), progress: Progress | None = None,
-          teacher: ReIDViT | None = None) -> TrainLog:
+               config: TrainConfig = TrainConfig(), progress: Progress | None = None,
+               teacher: ReIDViT | None = None, checkpoint: Path | None = None,
+               checkpoint_every: int = CHECKPOINT_EVERY) -> TrainLog:
     """Train `model` in place on preloaded uint8 `images` with contiguous `labels`.
 
     With a `teacher` (same identities), its logits are soft targets (`distill_alpha`, `distill_tau`).
+    With a `checkpoint` path, the state is saved there every `checkpoint_every` steps and a
+    run finding one there continues from it, to the same final weights as an uninterrupted
+    run (the file is removed when training ends).
     """
     _check_training_inputs(model, images, labels, camids, teacher)
     if teacher is not None:
@@ -66,9 +73,12 @@ def train_reid(model: ReIDViT, images: torch.Tensor, labels: list[int], camids: 
     optimizer = _adamw(model, config)
     batches = _training_batches(model, images, labels, camids, config)
     log, window = TrainLog(), _LogWindow()
+    first = _resume(checkpoint, model, optimizer, config, log, window, progress) if checkpoint else 0
+    for _ in range(first):  # the batches already trained on: same sampler and augmentation draws
+        next(batches)
     start = time.perf_counter()
     model.train()
-    for step in range(config.steps):
+    for step in range(first, config.steps):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, config)
         batch, batch_labels, batch_camids = next(batches)
@@ -80,12 +90,46 @@ def train_reid(model: ReIDViT, images: torch.Tensor, labels: list[int], camids: 
         if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
             window.record(log)
             window = _LogWindow()
-            if progress:
-                _report_progress(progress, log, step, config, elapsed=time.perf_counter() - start)
+        if checkpoint and (step + 1) % checkpoint_every == 0 and step + 1 < config.steps:
+            _save_checkpoint(checkpoint, step + 1, model, optimizer, config, log, window)
+        if progress and ((step + 1) % config.log_every == 0 or step + 1 == config.steps):
+            _report_progress(progress, log, step, config, elapsed=time.perf_counter() - start, first=first)
     log.steps = config.steps
     log.seconds = time.perf_counter() - start
     model.eval()
+    if checkpoint:
+        Path(checkpoint).unlink(missing_ok=True)
     return log
+
+
+def _save_checkpoint(path: Path, steps: int, model: ReIDViT, optimizer: torch.optim.Optimizer,
+                     config: TrainConfig, log: TrainLog, window: _LogWindow) -> None:
+    state = {"steps": steps, "config": config.to_dict(), "model": model.state_dict(),
+             "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
+             "losses": log.losses, "accuracy": log.final_accuracy, "window": asdict(window)}
+    write_atomic(path, lambda stream: torch.save(state, stream))
+
+
+def _resume(path: Path, model: ReIDViT, optimizer: torch.optim.Optimizer, config: TrainConfig,
+            log: TrainLog, window: _LogWindow, progress: Progress | None) -> int:
+    """Load a checkpoint of this same training into `model` and `optimizer`; its step count (0: none)."""
+    if not Path(path).is_file():
+        return 0
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a damaged file
+        raise InputError(f"training checkpoint {path} cannot be read ({error}); delete it to start over") from error
+    if state.get("config") != config.to_dict():
+        raise InputError(f"training checkpoint {path} was made with other settings; delete it to start over")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    log.losses, log.final_accuracy = list(state["losses"]), state["accuracy"]
+    for name, value in state["window"].items():
+        setattr(window, name, value)
+    if progress:
+        progress(f"resuming from {path} at step {state['steps']}/{config.steps}")
+    return int(state["steps"])
 
 
 def _check_training_inputs(model: ReIDViT, images: torch.Tensor, labels: list[int], camids: list[int],
@@ -160,8 +204,9 @@ class _LogWindow:
         log.final_accuracy = self.correct / self.count
 
 
-def _report_progress(progress: Progress, log: TrainLog, step: int, config: TrainConfig, elapsed: float) -> None:
-    eta = elapsed / (step + 1) * (config.steps - step - 1)
+def _report_progress(progress: Progress, log: TrainLog, step: int, config: TrainConfig, elapsed: float,
+                     first: int = 0) -> None:
+    eta = elapsed / (step + 1 - first) * (config.steps - step - 1)
     progress(
         f"step {step + 1}/{config.steps}  loss {log.losses[-1]:.3f}  "
         f"id-acc {log.final_accuracy:.2f}  lr {learning_rate(step, config):.2e}  "
