@@ -58,3 +58,18 @@ def test_iterative_keeps_the_one_shot_ratios(trained):
     assert pruned.plan.ratios == plan.ratios
     assert pruned.plan.policy["schedule"] == "iterative x2, 6 fine-tune steps in all, distilled"
     assert sum(len(t) for t in pruned.plan.kept_tokens) == sum(len(t) for t in plan.kept_tokens)
+
+
+def test_a_fine_tuning_keeps_its_checkpoint_where_the_caller_says(trained, tmp_path, monkeypatch):
+    """The suite caches fine-tunes; their training state goes beside the cache entry so that a
+    killed study resumes (train_reid's resume itself is tested in test_train)."""
+    import amg.pruning.iterative as iterative
+
+    model, _, training = trained
+    seen = []
+    real = iterative.train_reid
+    monkeypatch.setattr(iterative, "train_reid", lambda *args, **kwargs: seen.append(kwargs["checkpoint"])
+                        or real(*args, **kwargs))
+    plan = make_plan(model, heads=0.34, head_policy="random")
+    run_schedule(model, plan, Schedule("finetune", 2), None, training, checkpoint=tmp_path / "entry.pt.resume")
+    assert seen == [tmp_path / "entry.pt.resume"]

@@ -53,6 +53,7 @@ def test_measured_rows_fill_the_schema_and_survive_the_csv(tiny_suite, tmp_path)
     assert 0 <= pruned["occluded_mAP"] <= 1 and pruned["dataset"] == "synthetic"
     assert unpruned["latency_median_ms"] == pytest.approx(3.0)
     assert unpruned["feature"] == pruned["feature"] == "after"
+    assert unpruned["query_unmatched"] == 0 and unpruned["occluded_unmatched"] == 0  # counted, none here
     assert set(unpruned) <= set(COLUMNS)
     path = write_csv(rows, tmp_path, unpruned["device_id"], unpruned["run_id"])
     written = read_csv(path).rows

@@ -70,12 +70,14 @@ MEASURE_COLUMNS = [
     "occluded_rank5",
     "occluded_mAP",
     "occluded_mINP",
+    "query_unmatched",  # queries with no match in the gallery: the protocol leaves them out of every metric
+    "occluded_unmatched",
 ]
 VERSION_COLUMNS = ["amg_version", "torch_version", "timm_version", "python_version", "os", "git_revision"]
 COLUMNS = IDENTITY_COLUMNS + MEASURE_COLUMNS + VERSION_COLUMNS
 KEY_COLUMNS = ("config_id", "backend", "precision", "batch")
 # Added after reports were already committed: older files lack them and read as empty.
-OPTIONAL_COLUMNS = ("feature", "run_status")
+OPTIONAL_COLUMNS = ("feature", "run_status", "query_unmatched", "occluded_unmatched")
 COMPLETE, INTERRUPTED = "complete", "interrupted"
 JOURNAL_SUFFIX = ".journal"  # rows of a run in progress, one JSON line each: `.<run-id>.journal`
 

@@ -176,11 +176,12 @@ class Suite:
         key = {"base": self.fingerprint(), "plan": plan.to_dict(), "schedule": spec.schedule.__dict__,
                "data": str(self.dataset.root), "calibration": self.calibration().description}
 
-        def train() -> ReIDViT:
+        def train(checkpoint: Path) -> ReIDViT:
             self.progress(f"{spec.schedule.description}: {spec.config_id} (cached afterwards)")
             if self._training is None:
                 self._training = TrainingSet.from_dataset(self.dataset, self.model.config.img_size, self.progress)
-            return run_schedule(self.model, plan, spec.schedule, self.calibration(), self._training, self.progress)
+            return run_schedule(self.model, plan, spec.schedule, self.calibration(), self._training, self.progress,
+                                checkpoint=checkpoint)
 
         return cached_pruned(key, train, self.progress)
 
@@ -222,6 +223,7 @@ class Suite:
                 if name in ("query", "occluded"):
                     values = metrics.as_dict()
                     row.update({f"{name}_{k}": values[k] for k in ("rank1", "rank5", "mAP", "mINP")})
+                    row[f"{name}_unmatched"] = metrics.num_skipped  # left out by the protocol: said, not hidden
             self._accuracy[spec] = row
         return self._accuracy[spec]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -58,14 +59,15 @@ class TrainingSet:
 
 
 def finetune_distilled(model: ReIDViT, teacher: ReIDViT, data: TrainingSet, steps: int, config: IterativeConfig,
-             base: TrainConfig = TrainConfig(), progress: Progress | None = None) -> None:
+                       base: TrainConfig = TrainConfig(), progress: Progress | None = None,
+                       checkpoint: Path | None = None) -> None:
     if steps == 0:
         return
     # a small data set may hold fewer identities than a default PK batch asks for
     identities = min(base.num_identities, len(set(data.labels)))
     recipe = dataclasses.replace(base, steps=steps, lr=config.finetune_lr, warmup_steps=min(10, steps),
                                  log_every=max(1, steps // 3), num_identities=identities)
-    train_reid(model, data.images, data.labels, data.camids, recipe, progress, teacher=teacher)
+    train_reid(model, data.images, data.labels, data.camids, recipe, progress, teacher=teacher, checkpoint=checkpoint)
 
 
 def iterative_prune(model: ReIDViT, heads: float, tokens: float, calibration: CalibrationImages,
@@ -102,8 +104,12 @@ def iterative_prune(model: ReIDViT, heads: float, tokens: float, calibration: Ca
 
 
 def run_schedule(model: ReIDViT, plan: PrunePlan, schedule: Schedule, calibration: CalibrationImages | None,
-                 training: TrainingSet | None, progress: Progress | None = None) -> ReIDViT:
+                 training: TrainingSet | None, progress: Progress | None = None,
+                 checkpoint: Path | None = None) -> ReIDViT:
     """A pruned copy of `model` (left untouched) by `schedule`, starting from the one-shot `plan`.
+
+    `checkpoint`: where the fine-tuning of the `finetune` schedule keeps its state and resumes
+    from (iterative schedules re-score between stages and start over when interrupted).
 
     Iterative re-scores with `plan`'s policies and ratios; a plan with dynamic tokens (EViT,
     ToMe) has nothing to re-score and is fine-tuned once instead (its description says so).
@@ -126,6 +132,6 @@ def run_schedule(model: ReIDViT, plan: PrunePlan, schedule: Schedule, calibratio
     if schedule.kind != "one-shot":
         teacher = copy.deepcopy(model).eval()
         finetune_distilled(pruned, teacher, training, schedule.steps, IterativeConfig(1, schedule.steps, schedule.lr),
-                 progress=progress)
+                           progress=progress, checkpoint=checkpoint)
         pruned.plan.policy["schedule"] = schedule.description
     return pruned.eval()

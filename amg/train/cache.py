@@ -107,8 +107,9 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def cached_pruned(key: dict[str, Any], build: Callable[[], ReIDViT], progress: Progress | None = None) -> ReIDViT:
-    """The pruned model cached under `key` (plan, schedule, base weights...), built on first use."""
+def cached_pruned(key: dict[str, Any], build: Callable[[Path], ReIDViT], progress: Progress | None = None) -> ReIDViT:
+    """The pruned model cached under `key` (plan, schedule, base weights...), built on first use by
+    `build(checkpoint)`, which may keep its training state at `checkpoint` to resume after a kill."""
     from amg.model.pruned import load_pruned, save_pruned
 
     path = cache_root() / "pruned" / f"{_key({**key, 'recipe': RECIPE_VERSION})}.pt"
@@ -116,7 +117,7 @@ def cached_pruned(key: dict[str, Any], build: Callable[[], ReIDViT], progress: P
         if progress:
             progress(f"loading the cached pruned model {path.name}")
         return load_pruned(path)
-    model = build()
     path.parent.mkdir(parents=True, exist_ok=True)
+    model = build(resume_path(path))
     save_pruned(model, path)
     return model
