@@ -144,3 +144,9 @@ def test_the_suite_refuses_bad_options_before_measuring(options, message):
                              "-p", "no:cacheprovider", "--amg-profile", "quick", *options],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and message in result.stdout + result.stderr
+
+
+def test_prune_refuses_an_output_folder_before_any_work(tmp_path, capsys):
+    assert main(["prune", "--model", "vit_tiny", "--heads", "0.25", "--head-policy", "random",
+                 "--out", str(tmp_path / "p.pt"), "--plan-out", str(tmp_path)]) == 2
+    assert "--plan-out" in capsys.readouterr().err and not (tmp_path / "p.pt").exists()

@@ -148,6 +148,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from amg.pruning.iterative import TrainingSet, run_schedule
     from amg.pruning.macs_target import plan_for_saving
     from amg.pruning.planner import make_plan
+
+    for option, path in (("--out", args.out), ("--plan-out", args.plan_out)):
+        if path is not None and Path(path).is_dir():  # found now, not after minutes of scoring
+            raise InputError(f"{option} {path} is a folder: give a file name")
     from amg.pruning.schedule import ONE_SHOT, Schedule, fine_tuning_stages
 
     _set_threads(args.threads)
