@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from amg.benchmark.results import COLUMNS
 from amg.measure.backends import BackendUnavailable
 from amg.pruning.macs_target import OutOfReach
 
@@ -14,11 +15,13 @@ def test_configuration(benchmark, suite, case):
     except (BackendUnavailable, OutOfReach) as reason:
         pytest.skip(str(reason))
     benchmark.pedantic(runner, rounds=suite.profile.rounds, warmup_rounds=2, iterations=1)
-    if benchmark.disabled:  # --benchmark-disable: nothing timed, nothing to report
+    macs, unpruned_macs = suite.macs(case.spec)
+    assert macs > 0
+    if case.spec.uses_heads or case.spec.uses_tokens:
+        assert macs < unpruned_macs, "a pruned configuration must cost fewer MACs than the unpruned model"
+    if benchmark.disabled:  # --benchmark-disable: nothing timed, so no row; the MACs are still checked
         return
     row = suite.measure(case, runner, benchmark.stats.stats.data)
+    assert set(row) <= set(COLUMNS) and row["macs"] == macs and row["latency_median_ms"] > 0
     benchmark.extra_info.update({k: v for k, v in row.items() if v is not None and not isinstance(v, float)})
     benchmark.extra_info.update({k: round(v, 5) for k, v in row.items() if isinstance(v, float)})
-    assert row["macs"] > 0 and row["latency_median_ms"] > 0
-    if case.spec.uses_heads or case.spec.uses_tokens:
-        assert row["macs_saving"] > 0, "a pruned configuration must cost fewer MACs than the unpruned model"

@@ -354,7 +354,7 @@ def test_image_dataset_items(tmp_path: Path) -> None:
     assert [unlabeled[i][1] for i in range(len(unlabeled))] == [-1, 0, 2, 7]
     batch = next(iter(torch.utils.data.DataLoader(items, batch_size=4)))
     assert batch[0].shape == (4, 3, 8, 4) and batch[1].tolist() == [0, 0, 1, 2]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"got 2 labels for \d+ samples"):
         ReIDImageDataset(ds.train, _to_tensor, labels[:2])
 
 

@@ -91,7 +91,7 @@ def test_fewer_candidates_than_max_rank_pads_cmc():
     assert set(m.as_dict()) == {"rank1", "rank5", "rank10", "mAP", "mINP"}
     with pytest.raises(ValueError, match="max_rank"):
         m.rank(11)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"rank k must be in \[1, 10\].*got 0"):
         m.rank(0)
 
 

@@ -67,9 +67,9 @@ def test_small_identities_sampled_with_replacement() -> None:
 def test_too_few_identities() -> None:
     with pytest.raises(ValueError, match=r"P=8.*only 7"):
         PKSampler(LABELS, 8, K)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="needs P >= 1 and K >= 1, got P=0"):
         PKSampler(LABELS, 0, K)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"needs P >= 1 and K >= 1, got P=\d+, K=0"):
         PKSampler(LABELS, P, 0)
 
 

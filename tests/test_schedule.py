@@ -26,9 +26,13 @@ def test_schedules_are_validated_and_labelled():
     assert Schedule("finetune", 300).label == "ft300"
     assert Schedule("iterative", 300, rounds=3).label == "it3x300"
     assert "distilled" in Schedule("finetune", 300).description
-    for bad in (dict(kind="anneal", steps=1), dict(kind="one-shot", steps=5), dict(kind="finetune", steps=0), dict(kind="finetune", steps=-5),
-                dict(kind="finetune", steps=5, rounds=2), dict(kind="iterative", steps=5, rounds=0)):
-        with pytest.raises(ValueError):
+    steps_rule, rounds_rule = "one-shot takes no fine-tuning steps", "rounds must be 1, or >= 1"
+    for bad, message in ((dict(kind="anneal", steps=1), "unknown schedule 'anneal'"),
+                         (dict(kind="one-shot", steps=5), steps_rule), (dict(kind="finetune", steps=0), steps_rule),
+                         (dict(kind="finetune", steps=-5), steps_rule),
+                         (dict(kind="finetune", steps=5, rounds=2), rounds_rule),
+                         (dict(kind="iterative", steps=5, rounds=0), rounds_rule)):
+        with pytest.raises(ValueError, match=message):
             Schedule(**bad)
 
 

@@ -227,13 +227,17 @@ class Suite:
             self._accuracy[spec] = row
         return self._accuracy[spec]
 
+    def macs(self, spec: PruneSpec) -> tuple[int, int]:
+        """(fvcore MACs per image of `spec`'s model, of the unpruned model)."""
+        if self._base_macs is None:
+            self._base_macs = count_macs(self.model).total
+        return count_macs(self.pruned(spec)).total, self._base_macs
+
     def measure(self, case: Case, runner: Runner, samples_s: Sequence[float]) -> dict[str, Any]:
         """The CSV row of `case`, given its runner and pytest-benchmark's timing samples."""
         model = self.pruned(case.spec)
         plan = current_plan(model)
-        if self._base_macs is None:
-            self._base_macs = count_macs(self.model).total
-        macs = count_macs(model).total
+        macs, _ = self.macs(case.spec)
         params = sum(p.numel() for p in model.parameters())
         stats = LatencyStats.of(list(samples_s))
         row: dict[str, Any] = {
