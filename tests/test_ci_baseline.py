@@ -17,7 +17,7 @@ from amg.benchmark.profiles import PROFILES, UNPRUNED, build_cases
 from amg.benchmark.results import read_csv
 from amg.measure.flops import count_macs
 from amg.model.pruned import apply_plan, load_pruned
-from amg.reporting.gate import compare
+from amg.reporting.gate import Tolerances, compare
 from amg.train.cache import model_fingerprint
 
 BASELINES = Path(__file__).resolve().parents[1] / "results" / "baselines"
@@ -64,10 +64,12 @@ def test_the_baseline_names_the_cpu_that_made_it(baseline_rows):
 
 
 def _changed(rows: list[dict], config_id: str, column: str, change) -> list[dict]:
-    """`rows` with one configuration's `column` changed: the smallest regression CI must catch."""
+    """`rows` with one configuration's `column` changed (a speed-up with its interval): the
+    smallest regression CI must catch."""
     changed = copy.deepcopy(rows)
     row = next(row for row in changed if row["config_id"] == config_id)
-    row[column] = str(change(float(row[column])))
+    for name in (column, "speedup_ci_low", "speedup_ci_high") if column == "speedup" else (column,):
+        row[name] = str(change(float(row[name])))
     return changed
 
 
@@ -84,3 +86,17 @@ def test_the_gate_fails_injected_regressions_against_the_committed_baseline(base
             continue
         result = compare(baseline_rows, _changed(baseline_rows, row["config_id"], column, change))
         assert [(f.key[0], f.metric) for f in result.regressions] == [(row["config_id"], column)]
+
+
+def test_the_gate_fails_when_pruning_buys_nothing_any_more(baseline_rows):
+    """Losing the whole saving (a speed-up of 1.0, measured as tightly as the baseline's) must fail
+    for every configuration that saves more than the gate's drift floor (the heads-only ones here,
+    about 8%; heads+tokens saves 3%, inside the run-to-run drift, and cannot be gated on speed)."""
+    lost = copy.deepcopy(baseline_rows)
+    saving = [row for row in lost
+              if row["speedup"] and float(row["speedup"]) * (1 - Tolerances().speedup_min_drop) > 1.0]
+    assert len(saving) >= 2
+    for row in saving:
+        row.update(speedup="1.0", speedup_ci_low="0.99", speedup_ci_high="1.01")
+    result = compare(baseline_rows, lost)
+    assert sorted(f.key[0] for f in result.regressions) == sorted(row["config_id"] for row in saving)

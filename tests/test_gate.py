@@ -309,3 +309,22 @@ def test_both_cpus_are_printed_when_the_runs_come_from_different_cpus(tmp_path, 
     assert "current made on:  Intel(R) Xeon(R) Platinum, 2 threads" in out
     code, out, _ = _gate(tmp_path / "same", capsys, _current())
     assert code == 0 and "made on" not in out
+
+
+def _with_interval(row: dict, low: float, high: float) -> dict:
+    return {**row, "speedup_ci_low": low, "speedup_ci_high": high}
+
+
+def test_with_intervals_a_lost_saving_fails_and_drift_within_the_noise_passes():
+    base = [_with_interval(r, r["speedup"] - 0.02, r["speedup"] + 0.02) if r["speedup"] else r for r in BASELINE]
+    drift = copy.deepcopy(base)
+    _pick(drift, "heads50").update(speedup=1.37, speedup_ci_low=1.35, speedup_ci_high=1.39)  # 2% lower, overlapping
+    assert compare(base, drift).passed
+    lost = copy.deepcopy(base)
+    _pick(lost, "tokens30").update(speedup=1.0, speedup_ci_low=0.99, speedup_ci_high=1.01)  # pruning bought nothing
+    result = compare(base, lost)
+    assert [(f.key[0], f.metric) for f in result.regressions] == [("tokens30", "speedup")]
+    assert "interval [0.990, 1.010] below [1.230, 1.270]" in result.regressions[0].note
+    small = copy.deepcopy(base)  # disjoint intervals but a 2% loss: within the floor, not a regression
+    _pick(small, "heads50").update(speedup=1.372, speedup_ci_low=1.37, speedup_ci_high=1.375)
+    assert compare(base, small, Tolerances(speedup_min_drop=0.03)).passed

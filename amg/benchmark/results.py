@@ -57,6 +57,8 @@ MEASURE_COLUMNS = [
     "latency_p99_ms",
     "latency_rounds",
     "speedup",  # unpruned median / this median, interleaved in the same run
+    "speedup_ci_low",  # 95% bootstrap interval of the speed-up over the interleaved pairs
+    "speedup_ci_high",
     "latency_saving",  # 1 - 1 / speedup
     "peak_rss_mb",  # CPU peak resident memory of an isolated process running this configuration
     "forward_rss_mb",  # of which the forward passes added (peak minus RSS after loading the model)
@@ -77,7 +79,8 @@ VERSION_COLUMNS = ["amg_version", "torch_version", "timm_version", "python_versi
 COLUMNS = IDENTITY_COLUMNS + MEASURE_COLUMNS + VERSION_COLUMNS
 KEY_COLUMNS = ("config_id", "backend", "precision", "batch")
 # Added after reports were already committed: older files lack them and read as empty.
-OPTIONAL_COLUMNS = ("feature", "run_status", "query_unmatched", "occluded_unmatched")
+OPTIONAL_COLUMNS = ("feature", "run_status", "query_unmatched", "occluded_unmatched", "speedup_ci_low",
+                    "speedup_ci_high")
 COMPLETE, INTERRUPTED = "complete", "interrupted"
 JOURNAL_SUFFIX = ".journal"  # rows of a run in progress, one JSON line each: `.<run-id>.journal`
 

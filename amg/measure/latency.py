@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from amg.errors import InputError
@@ -50,10 +51,10 @@ def _timed(fn: Callable[[], object], synchronize: Callable[[], None] | None) -> 
     return time.perf_counter() - start
 
 
-def paired_speedup(reference: Callable[[], object], candidate: Callable[[], object], rounds: int,
-                   warmup: int = 2, synchronize: Callable[[], None] | None = None
-                   ) -> tuple[float, LatencyStats, LatencyStats]:
-    """(median(reference) / median(candidate), reference stats, candidate stats), interleaved."""
+def paired_rounds(reference: Callable[[], object], candidate: Callable[[], object], rounds: int,
+                  warmup: int = 2, synchronize: Callable[[], None] | None = None
+                  ) -> tuple[list[float], list[float]]:
+    """Seconds per pass of each callable, `rounds` pairs interleaved (pair i ran together)."""
     if rounds < 1:
         raise InputError("rounds must be >= 1")
     for _ in range(warmup):
@@ -65,5 +66,27 @@ def paired_speedup(reference: Callable[[], object], candidate: Callable[[], obje
         pair = ((reference, ref_samples), (candidate, cand_samples))
         for fn, samples in (pair if index % 2 == 0 else pair[::-1]):
             samples.append(_timed(fn, synchronize))
+    return ref_samples, cand_samples
+
+
+def paired_speedup(reference: Callable[[], object], candidate: Callable[[], object], rounds: int,
+                   warmup: int = 2, synchronize: Callable[[], None] | None = None
+                   ) -> tuple[float, LatencyStats, LatencyStats]:
+    """(median(reference) / median(candidate), reference stats, candidate stats), interleaved."""
+    ref_samples, cand_samples = paired_rounds(reference, candidate, rounds, warmup, synchronize)
     ref, cand = LatencyStats.of(ref_samples), LatencyStats.of(cand_samples)
     return ref.median_ms / cand.median_ms, ref, cand
+
+
+def speedup_interval(ref_samples: list[float], cand_samples: list[float], level: float = 0.95,
+                     resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Bootstrap interval of median(reference) / median(candidate) over the interleaved pairs
+    (pairs are resampled whole, so drift shared by a pair stays shared)."""
+    if len(ref_samples) != len(cand_samples) or not ref_samples:
+        raise InputError("a speed-up interval needs the same number (>= 1) of reference and candidate rounds")
+    ref, cand = np.asarray(ref_samples), np.asarray(cand_samples)
+    picks = np.random.default_rng(seed).integers(0, len(ref), size=(resamples, len(ref)))
+    ratios = np.median(ref[picks], axis=1) / np.median(cand[picks], axis=1)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(ratios, [tail, 100 - tail])
+    return float(low), float(high)

@@ -7,8 +7,10 @@ configuration:
   of more than `Tolerances.accuracy_drop` (absolute, on 0..1 metrics) fails;
 - `macs` (exact multiply-adds per image): any relative change beyond `Tolerances.macs_change`
   fails, increases included (by default any change at all: a changed count means changed code);
-- `speedup` (unpruned median / this median, measured interleaved in the same run): a drop of
-  more than `Tolerances.speedup_drop` (relative) fails. Absolute latencies are never compared
+- `speedup` (unpruned median / this median, measured interleaved in the same run): when both
+  rows carry its 95% bootstrap interval, it fails when the run's interval lies wholly below
+  the baseline's and it lost more than `Tolerances.speedup_min_drop`; otherwise a drop of more
+  than `Tolerances.speedup_drop` (relative) fails. Absolute latencies are never compared
   across runs: they depend on the machine and its load.
 
 It fails closed: a baseline configuration absent from the run, or a metric the baseline has
@@ -63,10 +65,14 @@ _EPSILON = 1e-12  # float slack, so that a change of exactly the tolerance passe
 class Tolerances:
     accuracy_drop: float = 0.01  # absolute on 0..1 metrics: fail if current < baseline - tol
     macs_change: float = 0.0  # relative, either direction: fail if |current - baseline| > tol * baseline
-    speedup_drop: float = 0.10  # relative: fail if current < baseline * (1 - tol)
+    speedup_drop: float = 0.10  # relative: fail if current < baseline * (1 - tol) (rows without intervals)
+    # With 95% intervals on both sides: fail when the current interval lies wholly below the
+    # baseline's and the drop exceeds this floor: reruns of unchanged code drifted by up to 3%
+    # here (results/baselines/gate-reruns), more than their within-run intervals show.
+    speedup_min_drop: float = 0.05
 
     def __post_init__(self) -> None:
-        for name in ("accuracy_drop", "macs_change", "speedup_drop"):
+        for name in ("accuracy_drop", "macs_change", "speedup_drop", "speedup_min_drop"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise InputError(f"tolerance {name} must be a finite number >= 0, got {value!r}")
@@ -167,6 +173,20 @@ def _rows_and_name(rows: ResultsFile | Iterable[Mapping[str, Any]], default: str
     return list(rows), default
 
 
+def _intervals(row: Mapping[str, Any]) -> tuple[float, float] | None:
+    low, high = parse_number(row.get("speedup_ci_low")), parse_number(row.get("speedup_ci_high"))
+    return (low, high) if low is not None and high is not None else None
+
+
+def _check_speedup_intervals(base: float, cur: float, base_ci: tuple[float, float], cur_ci: tuple[float, float],
+                             tol: Tolerances) -> tuple[str, str]:
+    """On evidence: the run's 95% interval wholly below the baseline's, and more than the floor lost."""
+    if cur_ci[1] < base_ci[0] and cur < base * (1 - tol.speedup_min_drop) - _EPSILON:
+        return REGRESSION, (f"speed-up fell to {cur / base:.1%} of baseline: interval [{cur_ci[0]:.3f}, "
+                            f"{cur_ci[1]:.3f}] below [{base_ci[0]:.3f}, {base_ci[1]:.3f}]")
+    return OK, ""
+
+
 def _check(metric: str, base: float, cur: float, tol: Tolerances) -> tuple[str, str]:
     """(verdict, note) for one metric present in both runs."""
     if metric in ACCURACY_METRICS:
@@ -231,7 +251,11 @@ def compare(
                 what = "empty" if _is_blank(raw_cur) else f"{raw_cur!r}, not a finite number"
                 findings.append(Finding(key, metric, base, None, MISSING, f"current value is {what}"))
                 continue
-            verdict, note = _check(metric, base, cur, tolerances)
+            if metric == SPEEDUP_METRIC and _intervals(base_row) and _intervals(cur_row):
+                verdict, note = _check_speedup_intervals(base, cur, _intervals(base_row), _intervals(cur_row),
+                                                         tolerances)
+            else:
+                verdict, note = _check(metric, base, cur, tolerances)
             findings.append(Finding(key, metric, base, cur, verdict, note))
 
     for key in current:
@@ -322,7 +346,12 @@ def build_parser(prog: str = "amg gate") -> argparse.ArgumentParser:
     parser.add_argument("--accuracy-drop", type=_tolerance, default=defaults.accuracy_drop, metavar="X",
                         help=f"largest allowed absolute drop of a 0..1 accuracy metric (default {defaults.accuracy_drop:g})")
     parser.add_argument("--speedup-drop", type=_tolerance, default=defaults.speedup_drop, metavar="X",
-                        help=f"largest allowed relative drop of the in-run speed-up, below 1 (default {defaults.speedup_drop:g})")
+                        help="largest allowed relative drop of the in-run speed-up, below 1, for rows without "
+                             f"confidence intervals (default {defaults.speedup_drop:g})")
+    parser.add_argument("--speedup-min-drop", type=_tolerance, default=defaults.speedup_min_drop, metavar="X",
+                        help="with intervals on both sides: a speed-up regresses when the run's 95%% interval lies "
+                             "below the baseline's and it lost more than this fraction "
+                             f"(default {defaults.speedup_min_drop:g})")
     parser.add_argument("--macs-change", type=_tolerance, default=defaults.macs_change, metavar="X",
                         help=f"largest allowed relative change of MACs, either way (default {defaults.macs_change:g})")
     parser.add_argument("--verbose", action="store_true", help="list the passing checks too")
@@ -333,7 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # usage errors exit 2
     try:
-        tolerances = Tolerances(args.accuracy_drop, args.macs_change, args.speedup_drop)
+        tolerances = Tolerances(args.accuracy_drop, args.macs_change, args.speedup_drop, args.speedup_min_drop)
     except ValueError as error:
         parser.error(str(error))
     try:
