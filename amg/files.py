@@ -42,3 +42,13 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], object], replace:
     finally:
         Path(tmp).unlink(missing_ok=True)
     return path
+
+
+def write_text_atomic(path: str | Path, text: str, replace: bool = True) -> Path:
+    """`write_atomic` for UTF-8 text (JSON, CSV, Markdown)."""
+    return write_atomic(path, lambda stream: stream.write(text.encode("utf-8")), replace=replace)
+
+
+def write_png_atomic(figure, path: str | Path, dpi: int = 120) -> Path:
+    """`write_atomic` for a matplotlib figure, as PNG (every plot and picture of the report)."""
+    return write_atomic(path, lambda stream: figure.savefig(stream, format="png", dpi=dpi))

@@ -19,15 +19,16 @@ from amg.reporting.gate import ACCURACY_METRICS, MACS_METRIC, SPEEDUP_METRIC, co
 
 
 def spread(baseline: Path, runs: list[Path]) -> list[list[str]]:
-    rows = []
+    rows, base = [], read_csv(baseline)
     for run in runs:
-        result = compare(read_csv(baseline), read_csv(run))
+        current = read_csv(run)
+        result = compare(base, current)
         pairs = [(f.metric, f.baseline, f.current) for f in result.findings
                  if f.baseline is not None and f.current is not None]
         accuracy = [abs(c - b) for m, b, c in pairs if m in ACCURACY_METRICS]
         macs = [c != b for m, b, c in pairs if m == MACS_METRIC]
         speedups = [c / b for m, b, c in pairs if m == SPEEDUP_METRIC]
-        machine = read_csv(run).rows[0]
+        machine = current.rows[0]
         rows.append([run.parent.parent.name, machine["threads"], f"{100 * max(accuracy):.2g}",
                      sum(macs), f"{min(speedups):.3f}", f"{max(speedups):.3f}",
                      "PASS" if result.passed else f"FAIL ({len(result.regressions)})"])

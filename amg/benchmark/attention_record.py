@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from amg.benchmark.results import ReportError, safe_name
-from amg.files import write_atomic
+from amg.files import write_atomic, write_text_atomic
 
 RECORDS_DIR = "models"
 RECORD_FILE = "attention.json"
@@ -51,7 +51,7 @@ def save_record(record: AttentionRecord, sample: np.ndarray, results_dir: str | 
     image = Image.fromarray(sample)
     write_atomic(folder / SAMPLE_FILE, lambda stream: image.save(stream, format="PNG"))
     text = json.dumps(asdict(record), indent=1) + "\n"
-    return write_atomic(path, lambda stream: stream.write(text.encode("utf-8")))
+    return write_text_atomic(path, text)
 
 
 def load_record(folder: str | Path) -> AttentionRecord:

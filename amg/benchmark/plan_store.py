@@ -19,7 +19,7 @@ from pathlib import Path
 
 from amg.benchmark.results import safe_name
 from amg.errors import InputError
-from amg.files import write_atomic
+from amg.files import write_text_atomic
 from amg.model.config import ModelConfig
 from amg.model.plan import PrunePlan
 
@@ -72,4 +72,4 @@ class PlanStore:
         entry = {"format": STORE_FORMAT, "config_id": config_id, "model_fingerprint": fingerprint,
                  "plan": plan.to_dict()}
         text = json.dumps(entry, indent=1) + "\n"
-        return write_atomic(path, lambda stream: stream.write(text.encode("utf-8")))
+        return write_text_atomic(path, text)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from amg.errors import InputError
-from amg.files import write_atomic
+from amg.files import write_text_atomic
 
 # The schema, in file order. Units are in the names; empty means "not measured".
 IDENTITY_COLUMNS = [
@@ -127,7 +127,7 @@ def write_csv(rows: Iterable[Mapping[str, Any]], results_dir: str | Path, device
     for row in rows:
         writer.writerow({column: _csv_text(row.get(column)) for column in COLUMNS})
     try:
-        write_atomic(path, lambda stream: stream.write(buffer.getvalue().encode("utf-8")), replace=False)
+        write_text_atomic(path, buffer.getvalue(), replace=False)
     except FileExistsError as error:
         raise ReportError(f"{path} exists: each run writes its own file") from error
     return path

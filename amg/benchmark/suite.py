@@ -10,7 +10,6 @@ import copy
 import datetime as dt
 import math
 import platform
-import statistics
 import subprocess
 import tempfile
 import time
@@ -32,7 +31,7 @@ from amg.measure.backend_registry import EAGER_BACKENDS
 from amg.measure.backends import Runner, prepare
 from amg.measure.device import device_id, device_name
 from amg.measure.flops import count_macs
-from amg.measure.latency import LatencyStats, paired_rounds, speedup_interval
+from amg.measure.latency import LatencyStats, paired_rounds, paired_speedup
 from amg.measure.memory import measure_peak_memory
 from amg.model.plan import PrunePlan
 from amg.model.pruned import apply_plan, current_plan, save_pruned
@@ -259,10 +258,10 @@ class Suite:
             # ONNX speed-up from 1.1 to 0.35 here. Aim at PAIRED_BUDGET_S of each side.
             rounds = max(self.profile.paired_rounds,
                          min(MAX_PAIRED_ROUNDS, math.ceil(PAIRED_BUDGET_S * 1e3 / stats.median_ms)))
-            ref_s, cand_s = paired_rounds(self.reference(case), runner, rounds, synchronize=runner.synchronize)
-            speedup = statistics.median(ref_s) / statistics.median(cand_s)
-            low, high = speedup_interval(ref_s, cand_s)
-            row.update(speedup=speedup, speedup_ci_low=low, speedup_ci_high=high, latency_saving=1 - 1 / speedup)
+            speedup = paired_speedup(*paired_rounds(self.reference(case), runner, rounds,
+                                                    synchronize=runner.synchronize))
+            row.update(speedup=speedup.ratio, speedup_ci_low=speedup.low, speedup_ci_high=speedup.high,
+                       latency_saving=1 - 1 / speedup.ratio)
         if self.profile.memory and case.backend in EAGER_BACKENDS:  # an export backend's child would measure the exporter
             row.update(self._memory(case, model))
         row.update(self.accuracy(case.spec))

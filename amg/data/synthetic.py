@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import psutil
 from PIL import Image
 
 from amg.data.synthetic_render import (
@@ -189,18 +190,8 @@ def _remove_abandoned_partials(out: Path) -> None:
     a running generator's folder is left alone."""
     for partial in out.parent.glob(f"{out.name}.partial-*"):
         pid = partial.name.rpartition("-")[2]
-        if pid.isdigit() and not _process_alive(int(pid)):
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
             shutil.rmtree(partial, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
 
 
 def _publish(tmp: Path, out: Path) -> bool:

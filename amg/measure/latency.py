@@ -3,8 +3,8 @@
 On a shared, noisy machine, two configurations timed one after the other drift apart
 (measured here: an unpruned ViT-Small at batch 1 read 46 ms in one block of rounds and
 45 ms in the next, while interleaved rounds showed its 50%-head-pruned twin 17% faster).
-`paired_speedup` therefore alternates the two callables round by round, so drift hits
-both alike, and reports the ratio of medians measured in that one run.
+`paired_rounds` therefore alternates the two callables round by round, so drift hits
+both alike, and `paired_speedup` reports the ratio of medians of that one run with its interval.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -69,19 +69,16 @@ def paired_rounds(reference: Callable[[], object], candidate: Callable[[], objec
     return ref_samples, cand_samples
 
 
-def paired_speedup(reference: Callable[[], object], candidate: Callable[[], object], rounds: int,
-                   warmup: int = 2, synchronize: Callable[[], None] | None = None
-                   ) -> tuple[float, LatencyStats, LatencyStats]:
-    """(median(reference) / median(candidate), reference stats, candidate stats), interleaved."""
-    ref_samples, cand_samples = paired_rounds(reference, candidate, rounds, warmup, synchronize)
-    ref, cand = LatencyStats.of(ref_samples), LatencyStats.of(cand_samples)
-    return ref.median_ms / cand.median_ms, ref, cand
+class PairedSpeedup(NamedTuple):
+    ratio: float  # median(reference) / median(candidate)
+    low: float  # its bootstrap interval
+    high: float
 
 
-def speedup_interval(ref_samples: list[float], cand_samples: list[float], level: float = 0.95,
-                     resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """Bootstrap interval of median(reference) / median(candidate) over the interleaved pairs
-    (pairs are resampled whole, so drift shared by a pair stays shared)."""
+def paired_speedup(ref_samples: list[float], cand_samples: list[float], level: float = 0.95,
+                   resamples: int = 2000, seed: int = 0) -> PairedSpeedup:
+    """The speed-up of interleaved rounds (`paired_rounds`) with its bootstrap interval over the
+    pairs (pairs are resampled whole, so drift shared by a pair stays shared)."""
     if len(ref_samples) != len(cand_samples) or not ref_samples:
         raise InputError("a speed-up interval needs the same number (>= 1) of reference and candidate rounds")
     ref, cand = np.asarray(ref_samples), np.asarray(cand_samples)
@@ -89,4 +86,4 @@ def speedup_interval(ref_samples: list[float], cand_samples: list[float], level:
     ratios = np.median(ref[picks], axis=1) / np.median(cand[picks], axis=1)
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(ratios, [tail, 100 - tail])
-    return float(low), float(high)
+    return PairedSpeedup(statistics.median(ref_samples) / statistics.median(cand_samples), float(low), float(high))

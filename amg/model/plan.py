@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from amg.errors import InputError
-from amg.files import write_atomic
+from amg.files import write_text_atomic
 from amg.model.config import ModelConfig
 
 PLAN_VERSION = 1
@@ -55,7 +55,7 @@ class PrunePlan:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         text = json.dumps(self.to_dict(), indent=1) + "\n"
-        return write_atomic(path, lambda stream: stream.write(text.encode("utf-8")))
+        return write_text_atomic(path, text)
 
     @classmethod
     def load(cls, path: str | Path) -> PrunePlan:

@@ -236,6 +236,7 @@ def compare(
         if cur_row is None:
             findings.append(Finding(key, CONFIGURATION, None, None, MISSING, "configuration absent from the current run"))
             continue
+        base_ci, cur_ci = _intervals(base_row), _intervals(cur_row)
         for metric in CHECKED_METRICS:
             raw_base = base_row.get(metric)
             if _is_blank(raw_base):
@@ -251,9 +252,8 @@ def compare(
                 what = "empty" if _is_blank(raw_cur) else f"{raw_cur!r}, not a finite number"
                 findings.append(Finding(key, metric, base, None, MISSING, f"current value is {what}"))
                 continue
-            if metric == SPEEDUP_METRIC and _intervals(base_row) and _intervals(cur_row):
-                verdict, note = _check_speedup_intervals(base, cur, _intervals(base_row), _intervals(cur_row),
-                                                         tolerances)
+            if metric == SPEEDUP_METRIC and base_ci and cur_ci:
+                verdict, note = _check_speedup_intervals(base, cur, base_ci, cur_ci, tolerances)
             else:
                 verdict, note = _check(metric, base, cur, tolerances)
             findings.append(Finding(key, metric, base, cur, verdict, note))

@@ -13,7 +13,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from amg.errors import InputError
-from amg.files import write_atomic
+from amg.files import write_png_atomic
 from amg.reporting.tables import PERCENT_COLUMNS, format_cell
 
 AXIS_LABELS = {
@@ -99,4 +99,4 @@ def plot_pareto(frame: pd.DataFrame, out_dir: str | Path, x_metric: str, y_metri
     ax.set_title(f"{y_label} vs {x_label}\nstep lines: Pareto fronts (lower x and higher y are better)")
     ax.grid(alpha=0.3)
     path = Path(out_dir) / filename
-    return write_atomic(path, lambda stream: figure.savefig(stream, format="png", dpi=120))
+    return write_png_atomic(figure, path)

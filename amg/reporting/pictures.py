@@ -14,7 +14,7 @@ from PIL import Image
 
 from amg.benchmark.attention_record import SAMPLE_FILE, AttentionRecord, find_records, load_record
 from amg.benchmark.results import ReportError
-from amg.files import write_atomic
+from amg.files import write_png_atomic
 from amg.model.plan import PrunePlan
 
 MAX_HEAD_PANELS = 3
@@ -83,7 +83,7 @@ def draw_entropy(record: AttentionRecord, path: Path) -> Path:
     figure.colorbar(image, ax=list(axes), label="attention entropy (bits), unpruned model")
     figure.suptitle(f"{record.model} ({Path(record.checkpoint).name}): head entropy; AMG removes high entropy",
                     fontsize=9)
-    return _save(figure, path)
+    return write_png_atomic(figure, path)
 
 
 def _token_blocks(depth: int) -> list[int]:
@@ -117,7 +117,7 @@ def draw_kept_positions(record: AttentionRecord, sample: np.ndarray, path: Path)
         ax.set_xticks([])
         ax.set_yticks([])
     figure.suptitle(f"{record.model}: {name}\nkey/value positions each block keeps (grey: dropped)", fontsize=8)
-    return _save(figure, path)
+    return write_png_atomic(figure, path)
 
 
 def _patch_box(row: int, col: int, stride: int):
@@ -125,10 +125,6 @@ def _patch_box(row: int, col: int, stride: int):
 
     return Rectangle((col * stride - 0.5, row * stride - 0.5), stride, stride, facecolor="black", alpha=0.65,
                      edgecolor="none")
-
-
-def _save(figure: Figure, path: Path) -> Path:
-    return write_atomic(path, lambda stream: figure.savefig(stream, format="png", dpi=120))
 
 
 def draw_records(results_dir: str | Path, out_dir: str | Path) -> list[tuple[AttentionRecord, list[Path]]]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from amg.benchmark.results import INTERRUPTED
-from amg.files import write_atomic
+from amg.files import write_text_atomic
 from amg.reporting.equal_macs import section as equal_macs_section
 from amg.reporting.loading import csvs_under, load_reports, newest_per_configuration
 from amg.reporting.pareto import AXIS_LABELS, LATENCY_PLOT, MACS_PLOT, plot_pareto
@@ -104,7 +104,7 @@ def build_report(results_dir: str | Path, out_dir: str | Path) -> list[Path]:
     pictures = draw_records(root, out)
     text = "\n".join([_readme(frame, latest, root, accuracy), equal_macs_section(latest),
                        _pictures_section(pictures, out)])
-    readme = write_atomic(out / "README.md", lambda stream: stream.write(text.encode("utf-8")))
+    readme = write_text_atomic(out / "README.md", text)
     return [readme, *plots, *(path for _, paths in pictures for path in paths)]
 
 
