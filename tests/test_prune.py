@@ -8,6 +8,7 @@ import dataclasses
 import pytest
 import torch
 
+from amg.measure.flops import count_macs
 from amg.model.attention import capture_attention, patch_model
 from amg.model.config import ModelConfig
 from amg.model.plan import PrunePlan
@@ -135,8 +136,10 @@ def test_same_seed_and_data_give_the_same_plan(head_policy):
     assert plans[0]["policy"]["heads"] == head_policy
 
 
-def test_amg_head_scores_follow_entropy():
-    """Removing by entropy: the plan drops exactly the highest-scaled-entropy heads."""
+@pytest.mark.parametrize("allocation", ["global", "keep-one"])
+def test_amg_head_scores_follow_entropy(allocation):
+    """Removing by entropy: the plan drops exactly the highest-scaled-entropy heads (and with
+    `keep-one`, never a block's last head)."""
     from amg.pruning import scores as S
 
     config = CONFIGS["d4-w48-h6-sie"]
@@ -144,12 +147,12 @@ def test_amg_head_scores_follow_entropy():
     data = calibration_data(config)
     calibration = data.run(copy.deepcopy(model), None)
     entropy = [S.head_entropy(a) * (1 + S.HEAD_LAYER_SCALE * b) for b, a in enumerate(calibration.mean_attention)]
-    plan = make_plan(model, heads=0.25, data=data)
+    plan = make_plan(model, heads=0.5, data=data, allocation=allocation)
     removed = {(b, h) for b in range(config.depth) for h in range(6) if h not in plan.kept_heads[b]}
-    flat = sorted(((float(e), b, h) for b, row in enumerate(entropy) for h, e in enumerate(row)), reverse=True)
+    flat = sorted((-float(e), b, h) for b, row in enumerate(entropy) for h, e in enumerate(row))
     expected, left = set(), [6] * config.depth
-    for _, block, head in flat:  # highest first, never emptying a block
-        if len(expected) < 6 and left[block] > 1:
+    for _, block, head in flat:  # highest first; a tie goes to the earlier block, then the lower head
+        if len(expected) < 12 and (allocation == "global" or left[block] > 1):
             expected.add((block, head))
             left[block] -= 1
     assert removed == expected
@@ -182,18 +185,46 @@ def test_ratio_outside_unit_interval_is_refused(ratio):
         make_plan(build(config), tokens=ratio, token_policy="random")
 
 
-def test_removing_every_head_of_a_block_is_refused():
-    config = CONFIGS["d2-w64-h4-nobias"]
+@pytest.mark.parametrize("name", CONFIGS)
+def test_an_emptied_block_equals_zeroing_all_its_heads(name, tmp_path):
+    """The reference may remove every head of a block: the block is then its MLP plus the
+    projection's bias, exactly the masked model, with no attention MACs, and it reloads."""
+    config = CONFIGS[name]
     model = build(config)
+    plan = random_plan(config, 0.34, 0.4)
+    plan.kept_heads[1], plan.kept_tokens[1] = [], None
+    pruned = apply_plan(copy.deepcopy(model), plan)
+    images, cams = inputs(config)
+    with torch.no_grad():
+        got = pruned(images, cams)
+        reloaded = load_pruned(save_pruned(pruned, tmp_path / "emptied.pt"))(images, cams)
+    expected = masked_reference(model, plan, images, cams)
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+    assert torch.equal(got, reloaded)
+    assert count_macs(pruned).by_module["backbone.blocks.1.attn"] == 0
+
+
+def test_emptied_blocks_refuse_what_they_cannot_do():
+    config = CONFIGS["d2-w64-h4-nobias"]
     plan = PrunePlan.unpruned(config)
-    plan.kept_heads[1] = []
-    with pytest.raises(ValueError, match="block 1 keeps no head"):
-        apply_plan(model, plan)
-    with pytest.raises(ValueError, match="cannot prune every head"):
-        patch_model(model)[0].keep_heads([])
-    # selection never empties a block, even at a ratio close to 1
-    kept = select_heads([torch.rand(4), torch.rand(4)], [range(4), range(4)], 0.99)
-    assert all(len(k) >= 1 for k in kept)
+    plan.kept_heads[1], plan.kept_tokens[1] = [], [0, 1, 2]
+    with pytest.raises(ValueError, match="block 1 keeps no head, so it has no key/value positions"):
+        apply_plan(build(config), plan)
+    plan.kept_tokens[1], plan.dynamic_tokens = None, {"policy": "tome", "amount": 1}
+    with pytest.raises(ValueError, match="dynamic token policies"):
+        apply_plan(build(config), plan)
+
+
+def test_keep_one_never_empties_a_block_and_global_keeps_one_head_in_the_model():
+    scores = [torch.rand(4), torch.rand(4)]
+    kept = select_heads(scores, [range(4), range(4)], 0.99, allocation="keep-one")
+    assert [len(k) for k in kept] == [1, 1]
+    kept = select_heads(scores, [range(4), range(4)], 0.99, allocation="global")
+    assert sum(len(k) for k in kept) == 1  # 0.99 of 8 rounds to 8: one head stays for the class token
+    # a block down to one head is left out of the reference's ranking (an iterative round never empties it)
+    kept = select_heads([torch.tensor([9.0]), torch.rand(4)], [[2], range(4)], 0.75, allocation="global",
+                        total_heads=8)
+    assert kept[0] == [2] and len(kept[1]) == 1
 
 
 def test_plan_for_another_model_is_refused():

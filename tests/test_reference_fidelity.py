@@ -4,7 +4,7 @@ The reference's formulas are re-implemented here on an explicit attention forwar
 same weights (q, k, v from qkv, softmax(q k^T / sqrt(d)), autograd on the maps), without
 amg's capture code or scorers, over several calibration batches with an uneven last one:
 - heads: entropy (bits) over keys of the image-averaged map, mean over queries, x (1 + 0.02 l),
-  one global ranking, highest removed first;
+  one global ranking, highest removed first, which may remove every head of a block;
 - tokens: per batch |mean over images, heads, queries of A * dL/dA|, summed over batches;
   each block L2-normalised over its patch positions, x (1 - 0.03 l), lowest dropped first;
 - a smaller last batch is left out (the reference's loader drops it).
@@ -58,16 +58,35 @@ def explicit_forward(model: ReIDViT, images: torch.Tensor) -> tuple[torch.Tensor
     return vit.norm(x)[:, 0], maps
 
 
-def reference_scores(model: ReIDViT, images: torch.Tensor, labels: list[int]):
-    """(head removal scores, token keep scores) by the reference's formulas."""
+def reference_scores(model: ReIDViT, images: torch.Tensor, labels: list[int], training_epoch: bool = False,
+                     seed: int = 0):
+    """(head removal scores, token keep scores) by the reference's formulas.
+
+    `training_epoch`: calibrate as the reference does, in train mode (the BatchNorm neck on
+    batch statistics), each image flipped with probability 1/2 (drawn from a generator seeded
+    by `seed`, one draw per image in order), loss = cross-entropy + 0.2 KL(teacher || model),
+    the teacher being the unpruned model in eval mode.
+    """
+    teacher = copy.deepcopy(model).eval()
+    model.train(training_epoch)
+    flips = torch.Generator().manual_seed(seed)
     used = len(images) - len(images) % BATCH
     map_sums = [0.0] * CONFIG.depth
     token_sums = [0.0] * CONFIG.depth
     for start in range(0, used, BATCH):
         batch = images[start:start + BATCH].float() / 255
         batch = (batch - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) / torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+        targets = torch.tensor(labels[start:start + BATCH])
+        if training_epoch:
+            flipped = torch.rand(len(batch), generator=flips) < 0.5
+            batch = torch.stack([image.flip(-1) if f else image for image, f in zip(batch, flipped)])
         features, maps = explicit_forward(model, batch)
-        loss = F.cross_entropy(model.classifier(model.neck(features)), torch.tensor(labels[start:start + BATCH]))
+        logits = model.classifier(model.neck(features))
+        loss = F.cross_entropy(logits, targets)
+        if training_epoch:
+            with torch.no_grad():
+                soft = F.softmax(teacher.classifier(teacher.neck(explicit_forward(teacher, batch)[0])), dim=1)
+            loss = loss + 0.2 * (soft * (soft.log() - F.log_softmax(logits, dim=1))).sum(dim=1).mean()
         grads = torch.autograd.grad(loss, maps)
         for block, (a, g) in enumerate(zip(maps, grads)):
             map_sums[block] = map_sums[block] + a.detach().sum(dim=0)
@@ -109,11 +128,26 @@ def test_the_amg_plan_drops_the_positions_and_heads_the_reference_ranks_lowest(s
     assert dropped == expected_dropped
     head_plan = make_plan(copy.deepcopy(model), heads=ratio, data=data)
     removed = {(b, h) for b, kept in enumerate(head_plan.kept_heads) for h in range(CONFIG.num_heads) if h not in kept}
-    reference = _reference_head_removal(expected_heads, round(ratio * CONFIG.depth * CONFIG.num_heads))
-    if all(sum(1 for b, _ in reference if b == block) < CONFIG.num_heads for block in range(CONFIG.depth)):
-        assert removed == reference
-    else:  # the one named deviation: the reference would empty a block, this project keeps one head in it
-        assert removed == _reference_head_removal(expected_heads, len(reference), keep_one=True)
+    assert removed == _reference_head_removal(expected_heads, round(ratio * CONFIG.depth * CONFIG.num_heads))
+
+
+def test_at_half_the_reference_empties_a_block_and_so_does_amg(setup):
+    model, images, labels = setup
+    expected_heads, _ = reference_scores(copy.deepcopy(model), images, labels)
+    count = CONFIG.depth * CONFIG.num_heads // 2
+    reference = _reference_head_removal(expected_heads, count)
+    emptied = [b for b in range(CONFIG.depth) if sum(1 for block, _ in reference if block == b) == CONFIG.num_heads]
+    assert emptied, "the fixture should make the reference empty a block at 50%"
+    data = CalibrationImages(images, labels, [0] * len(images), batch_size=BATCH)
+    plan = make_plan(copy.deepcopy(model), heads=0.5, tokens=0.25, data=data)
+    assert [b for b, kept in enumerate(plan.kept_heads) if not kept] == emptied
+    assert all(plan.kept_tokens[b] is None for b in emptied)  # no keys or values left to prune there
+    # the named variant keeps a head in every block: the next-ranked heads elsewhere go instead
+    capped = make_plan(copy.deepcopy(model), heads=0.5, allocation="keep-one", data=data)
+    removed = {(b, h) for b, kept in enumerate(capped.kept_heads) for h in range(CONFIG.num_heads) if h not in kept}
+    # (on the unpruned model every block has several heads, so both count l alike)
+    assert removed == _reference_head_removal(expected_heads, count, keep_one=True)
+    assert all(capped.kept_heads)
 
 
 def _reference_head_removal(scores, count: int, keep_one: bool = False) -> set[tuple[int, int]]:
@@ -135,3 +169,22 @@ def test_the_whole_set_absolute_value_would_differ(setup):
     stats = calibrate(copy.deepcopy(model), images, labels, batch_size=3 * BATCH)  # one batch: |sum| of the set
     single = [t / t[1:].norm() * (1 - 0.03 * b) for b, t in enumerate(stats.token_taylor)]
     assert any(not torch.allclose(a[1:], b[1:], rtol=1e-3) for a, b in zip(single, expected_tokens))
+
+
+def test_the_reference_training_epoch_calibration_is_reproduced_and_leaves_the_model_alone(setup):
+    model, images, labels = setup
+    expected_heads, expected_tokens = reference_scores(copy.deepcopy(model), images, labels, training_epoch=True,
+                                                       seed=4)
+    work = copy.deepcopy(model)
+    before = {k: v.clone() for k, v in work.state_dict().items()}
+    stats = calibrate(work, images, labels, loss="reference", batch_size=BATCH, seed=4)
+    assert not work.training
+    assert all(torch.equal(before[k], v) for k, v in work.state_dict().items())  # BatchNorm statistics put back
+    heads = amg_head_removal_scores(work, stats, "global")
+    tokens = amg_token_keep_scores(work, stats)
+    for block in range(CONFIG.depth):
+        assert torch.allclose(heads[block], expected_heads[block], rtol=1e-4, atol=1e-6), block
+        assert torch.allclose(tokens[block][1:], expected_tokens[block][1:], rtol=1e-3, atol=1e-6), block
+    # and it is a different calibration from the eval-mode ID loss
+    _, eval_tokens = reference_scores(copy.deepcopy(model), images, labels)
+    assert any(not torch.allclose(a[1:], b[1:], rtol=1e-3) for a, b in zip(tokens, eval_tokens))

@@ -166,7 +166,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise InputError(f"the model's classifier has {model.num_classes} identities but the calibration "
                          f"data's training split has {max(labels) + 1}: calibrate on the data it was trained on")
     data = CalibrationImages.from_dataset(dataset, model.config.img_size, args.calibration_images, args.seed, progress,
-                                        args.calibration_batch)
+                                          args.calibration_batch, args.calibration_loss)
     start = time.perf_counter()
     policies = {"head_policy": args.head_policy or args.policy, "token_policy": args.token_policy or args.policy,
                 "allocation": args.allocation}

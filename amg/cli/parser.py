@@ -124,7 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--token-policy", default=None, choices=sorted(TOKEN_POLICIES), metavar="POLICY",
                        help="token policy, overrides --policy: " + _policy_help(TOKEN_POLICIES))
     prune.add_argument("--allocation", default="global", choices=HEAD_ALLOCATIONS,
-                       help="how head removals spread over blocks (default %(default)s)")
+                       help="how head removals spread over blocks: global = one ranking over all blocks, "
+                            "which may empty a block (the reference); keep-one = the same, every block keeps "
+                            "a head; per-block = the same fraction in every block; normalized = entropy over "
+                            "its maximum, one ranking (default %(default)s)")
     prune.add_argument("--macs-saving", type=float, default=None,
                        help="instead of --heads/--tokens: remove about this fraction of the blocks' MACs")
     prune.add_argument("--saving-by", default="both", choices=["heads", "tokens", "both"],
@@ -141,7 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--calibration-batch", type=positive_int, default=CALIBRATION_BATCH,
                        help="calibration batch size: AMG's token score adds |mean A x dL/dA| per batch, and a "
                             "smaller last batch is left out, as the reference does (default %(default)s)")
-    prune.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and random policies")
+    prune.add_argument("--calibration-loss", default="id", choices=("id", "reference"),
+                       help="id: the model's ID cross-entropy in eval mode; reference: as the reference, in "
+                            "train mode with flips, ID cross-entropy + 0.2 x KL to the unpruned model "
+                            "(default %(default)s)")
+    prune.add_argument("--seed", type=int, default=0,
+                       help="seed for calibration sampling, random policies and the reference loss's flips")
     prune.add_argument("--out", required=True, type=Path, help="pruned model file to write")
     prune.add_argument("--plan-out", type=Path, default=None, help="also write the plan as JSON")
     add_data_options(prune)

@@ -7,7 +7,10 @@ timm-shaped, and adds two pruning states:
   original heads remain, so a plan always speaks of original head numbers;
 * a static key/value index (`kv_index`): K and V are computed only for the kept token
   positions (the input is sliced before the k/v projection); queries are all kept, so the
-  block still outputs every token.
+  block still outputs every token;
+* no head at all (the reference may empty a block): `qkv` has no rows and is never run,
+  and the branch outputs the output projection's bias, exactly what the masked model's
+  zeroed heads give; the block's compute is then its MLP (and the norm timm's block runs).
 
 With nothing captured it runs fused `scaled_dot_product_attention`; inside
 `capture_attention(...)` it runs the explicit softmax path and records the attention maps
@@ -17,6 +20,7 @@ With nothing captured it runs fused `scaled_dot_product_attention`; inside
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -67,6 +71,8 @@ class PrunableAttention(nn.Module):
                 is_causal: bool = False) -> torch.Tensor:
         if attn_mask is not None or is_causal:
             raise InputError("PrunableAttention takes no attention mask: pruning is static (kv_index)")
+        if self.num_heads == 0:
+            return self.headless_output(x)
         q, k, v = self.project(x)
         if self.recorder is None:
             out = F.scaled_dot_product_attention(q, k, v)
@@ -75,6 +81,13 @@ class PrunableAttention(nn.Module):
             out = attn @ v
             self.recorder.record(self.block_index, attn, out)
         return self.merge_heads(out)
+
+    def headless_output(self, x: torch.Tensor) -> torch.Tensor:
+        """A block without heads: every token gets the projection's bias (zeros without one)."""
+        bias = self.proj.bias
+        if bias is None:
+            return x.new_zeros(*x.shape[:-1], self.proj.out_features)
+        return bias.expand(*x.shape[:-1], bias.shape[0])
 
     def forward_with_cues(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(output, keys `[B, heads, N_kv, d]`, class-token attention `[B, heads, N_kv]`).
@@ -114,8 +127,12 @@ class PrunableAttention(nn.Module):
         if missing:
             raise InputError(f"block {self.block_index}: heads {missing} are not in this block "
                              f"(it has heads {list(self.head_ids)})")
-        if not original_ids:
-            raise InputError(f"block {self.block_index}: cannot prune every head of a block")
+        if not original_ids:  # the reference's emptied block: zero-row qkv (as its checkpoints), the bias stays
+            nothing = torch.zeros(0, dtype=torch.long)
+            self.qkv = _slice_linear(self.qkv, rows=nothing)
+            self.proj = _slice_linear(self.proj, cols=nothing)
+            self.head_ids, self.num_heads, self.kv_index = (), 0, None
+            return
         positions = [self.head_ids.index(i) for i in sorted(set(original_ids))]
         dim, inner = self.head_dim, self.inner_dim
         rows = torch.tensor([part * inner + p * dim + j for part in range(3) for p in positions for j in range(dim)])
@@ -127,6 +144,8 @@ class PrunableAttention(nn.Module):
 
     def keep_tokens(self, positions: Sequence[int] | None, num_tokens: int) -> None:
         """Compute K and V only at these token positions (None: all of them)."""
+        if positions is not None and self.num_heads == 0:
+            raise InputError(f"block {self.block_index} has no head left, so no key/value positions to keep")
         if positions is None:
             self.kv_index = None
             return
@@ -146,8 +165,10 @@ def _slice_linear(layer: nn.Linear, rows: torch.Tensor | None = None, cols: torc
         bias = None if bias is None else bias[rows.to(weight.device)]
     if cols is not None:
         weight = weight[:, cols.to(weight.device)]
-    out = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
-                    device=weight.device, dtype=weight.dtype)
+    with warnings.catch_warnings():  # an emptied block's zero-size layers have nothing to initialise
+        warnings.filterwarnings("ignore", "Initializing zero-element tensors")
+        out = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
+                        device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         out.weight.copy_(weight)
         if bias is not None:

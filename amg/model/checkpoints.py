@@ -149,8 +149,8 @@ def _reference_plan(state_dict: dict[str, torch.Tensor], model: ReIDViT) -> Prun
     head_rows = 3 * (config.embed_dim // config.num_heads)
     for block in range(config.depth):
         qkv = state_dict.get(f"model.blocks.{block}.attn.qkv.weight")
-        if qkv is not None and qkv.shape[0] % head_rows == 0 and 0 < qkv.shape[0] // head_rows < config.num_heads:
-            # Only the count survives physical slicing, not the original head numbers.
+        if qkv is not None and qkv.shape[0] % head_rows == 0 and qkv.shape[0] // head_rows < config.num_heads:
+            # Only the count survives physical slicing, not the original head numbers (0: an emptied block).
             plan.kept_heads[block] = list(range(qkv.shape[0] // head_rows))
         key = f"model.blocks.{block}.attn.token_index"
         if key in state_dict:

@@ -97,6 +97,8 @@ class DynamicTokenBlock(Block):
 
     @classmethod
     def convert(cls, block: Block, policy: str, amount: float, sizes: dict) -> DynamicTokenBlock:
+        if block.attn.num_heads == 0:
+            raise InputError("dynamic token policies read each block's attention: this block has no head left")
         if block.attn.kv_index is not None:
             raise InputError("dynamic token policies need all key/value positions: this block has a static "
                              "K/V index (combine them with head pruning only)")

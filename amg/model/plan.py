@@ -25,7 +25,7 @@ PLAN_VERSION = 1
 class PrunePlan:
     num_heads: int  # heads per block of the model the plan was made for
     num_tokens: int  # tokens (class token included) of that model
-    kept_heads: list[list[int]]  # per block: original head numbers kept
+    kept_heads: list[list[int]]  # per block: original head numbers kept ([]: an emptied, MLP-only block)
     kept_tokens: list[list[int] | None]  # per block: K/V positions kept, None = all
     policy: dict[str, str] = field(default_factory=dict)
     ratios: dict[str, float] = field(default_factory=dict)
@@ -74,8 +74,12 @@ class PrunePlan:
         if self.num_tokens != config.num_tokens:
             problems.append(f"plan is for {self.num_tokens} tokens, model has {config.num_tokens}")
         for block, heads in enumerate(self.kept_heads):
-            if not heads:
-                problems.append(f"block {block} keeps no head (at least one per block must stay)")
+            if not heads:  # an emptied block (as the reference may leave one) computes no K/V
+                if self.kept_tokens[block:block + 1] not in ([], [None]):
+                    problems.append(f"block {block} keeps no head, so it has no key/value positions to keep")
+                if self.dynamic_tokens is not None:
+                    problems.append(f"block {block} keeps no head: dynamic token policies (EViT, ToMe) "
+                                    "read every block's attention")
             elif min(heads) < 0 or max(heads) >= config.num_heads or len(set(heads)) != len(heads):
                 problems.append(f"block {block}: head numbers {heads} are not distinct numbers in [0, {config.num_heads})")
         for block, tokens in enumerate(self.kept_tokens):

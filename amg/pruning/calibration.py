@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -28,10 +30,12 @@ class CalibrationImages:
     loss: str = "id"
     teacher: ReIDViT | None = None
     batch_size: int = CALIBRATION_BATCH  # token scores are summed over batches of this size
+    seed: int = 0  # the "reference" loss's flips and dropout
 
     @classmethod
     def from_dataset(cls, dataset: ReIDDataset, img_size: tuple[int, int], count: int = 256, seed: int = 0,
-                     progress: Progress | None = None, batch_size: int = CALIBRATION_BATCH) -> CalibrationImages:
+                     progress: Progress | None = None, batch_size: int = CALIBRATION_BATCH,
+                     loss: str = "id") -> CalibrationImages:
         """`count` random training images (by `seed`) with their contiguous training labels."""
         if count < 1:
             raise InputError(f"calibration needs at least one image, got {count}")
@@ -42,9 +46,15 @@ class CalibrationImages:
         if progress:
             progress(f"loading {count} calibration images from {dataset.root}")
         return cls(preload_images(samples, img_size), [labels[i] for i in chosen], [s.camid for s in samples],
-                   {"dataset": str(dataset.root), "split": "train", "images": count, "seed": seed, "loss": "id",
-                    "batch": batch_size}, batch_size=batch_size)
+                   {"dataset": str(dataset.root), "split": "train", "images": count, "seed": seed, "loss": loss,
+                    "batch": batch_size}, loss=loss, batch_size=batch_size, seed=seed)
+
+    def with_teacher(self, model: ReIDViT) -> CalibrationImages:
+        """These images with `model` as the teacher, where the loss has one and none is set."""
+        if self.loss != "reference" or self.teacher is not None:
+            return self
+        return dataclasses.replace(self, teacher=copy.deepcopy(model).eval())
 
     def run(self, model: ReIDViT, progress: Progress | None, gradients: bool = True) -> S.CalibrationStats:
         return S.calibrate(model, self.images, self.labels, self.camids, self.loss, self.teacher,
-                           batch_size=self.batch_size, gradients=gradients, progress=progress)
+                           batch_size=self.batch_size, gradients=gradients, progress=progress, seed=self.seed)

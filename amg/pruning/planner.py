@@ -60,6 +60,8 @@ def make_plan(model: ReIDViT, heads: float = 0.0, tokens: float = 0.0, head_poli
     needs_data = needs_calibration(heads > 0, head_policy, tokens > 0, token_policy)
     if needs_data and data is None:
         raise InputError(f"this plan needs calibration data (head policy {head_policy!r}, token policy {token_policy!r})")
+    if data is not None and needs_data:  # the reference distils from the model before any head went
+        data = data.with_teacher(model)
     plan = PrunePlan.unpruned(work.config)
     # Start from what the model already is (iterative pruning calls this on pruned models).
     plan.kept_heads = [list(m.head_ids) for m in modules]
@@ -74,6 +76,8 @@ def make_plan(model: ReIDViT, heads: float = 0.0, tokens: float = 0.0, head_poli
         scores = head_removal_scores(work, head_policy, allocation, calibration, seed)
         plan.kept_heads = select_heads(scores, [m.head_ids for m in modules], heads, allocation,
                                        total_heads=work.config.depth * work.config.num_heads)
+        # an emptied block has no keys or values left to keep
+        plan.kept_tokens = [t if h else None for h, t in zip(plan.kept_heads, plan.kept_tokens)]
         apply_plan(work, plan)
         calibration = None  # it described the model before its heads went
     if tokens > 0 and token_scoring.dynamic:
@@ -81,7 +85,8 @@ def make_plan(model: ReIDViT, heads: float = 0.0, tokens: float = 0.0, head_poli
     elif tokens > 0:
         if token_scoring.needs_data and (calibration is None or calibration.token_taylor is None):
             calibration = data.run(work, progress, gradients=token_scoring.gradients)
-        plan.kept_tokens = select_tokens(token_keep_scores(work, token_policy, calibration, seed), tokens)
+        scores = token_keep_scores(work, token_policy, calibration, seed)
+        plan.kept_tokens = select_tokens([s if m.num_heads else None for s, m in zip(scores, modules)], tokens)
     return plan
 
 

@@ -16,7 +16,10 @@ from dataclasses import dataclass
 from amg.errors import InputError
 
 HEADS, TOKENS = "heads", "tokens"
-HEAD_ALLOCATIONS = ("global", "per-block", "normalized")
+# "global" is the reference's: one ranking over all blocks, which may empty a block;
+# "keep-one" is the same ranking with one head kept in every block (this project's earlier rule).
+REFERENCE_ALLOCATION = "global"
+HEAD_ALLOCATIONS = (REFERENCE_ALLOCATION, "keep-one", "per-block", "normalized")
 # Calibration images per batch: the reference's 32. AMG's token score adds |mean A x dL/dA| per
 # batch, so the batch size is part of the method, not only of the speed.
 CALIBRATION_BATCH = 32

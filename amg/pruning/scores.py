@@ -13,12 +13,19 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from amg.data.transforms import normalize
 from amg.errors import InputError
 from amg.model.attention import capture_attention, patch_model
-from amg.pruning.policies import CALIBRATION_BATCH, HEAD_ALLOCATIONS
+from amg.pruning.calibration_loss import (
+    augment,
+    calibration_loss,
+    calibration_mode,
+    check_loss,
+    default_teacher,
+    teacher_target,
+)
+from amg.pruning.policies import CALIBRATION_BATCH, HEAD_ALLOCATIONS, REFERENCE_ALLOCATION
 
 # The reference scales block l's head entropy by (1 + HEAD_LAYER_SCALE * l) before the
 # global ranking, so deeper heads look slightly more diffuse (more removable).
@@ -44,43 +51,31 @@ class CalibrationStats:
     loss: str
 
 
-def _loss(model, images: torch.Tensor, labels: torch.Tensor | None, camids: torch.Tensor | None,
-          teacher_features: torch.Tensor | None) -> torch.Tensor:
-    features = model.forward_tokens(images, camids)[:, 0]
-    if teacher_features is not None:  # label-free: stay close to the unpruned model's features
-        return (features - teacher_features).pow(2).sum(dim=1).mean()
-    if model.classifier is None or labels is None:
-        raise InputError("calibration with the ID loss needs labels and a model with a classifier; "
-                         "use loss='distill' with a teacher model otherwise")
-    return F.cross_entropy(model.classifier(model.neck(features)), labels)
-
-
 def calibrate(model, images: torch.Tensor, labels: Sequence[int] | None = None,
               camids: Sequence[int] | None = None, loss: str = "id", teacher=None,
               batch_size: int = CALIBRATION_BATCH, gradients: bool = True,
-              progress: Progress | None = None) -> CalibrationStats:
-    """Run uint8 `images` through `model` (eval mode) with attention capture (and backprop).
+              progress: Progress | None = None, seed: int = 0) -> CalibrationStats:
+    """Run uint8 `images` through `model` with attention capture (and backprop).
 
     In batches of `batch_size`, as the reference: token scores take the absolute value per
     batch (so the batch size matters), and a smaller last batch is left out when there is at
     least one full batch (the reference's loader drops it), from the maps too.
 
-    loss="id": cross-entropy of the model's own classifier on `labels` (train-set labels).
+    loss="id": cross-entropy of the model's own classifier on `labels` (train-set labels), eval mode.
     loss="distill": squared distance of the class-token features to `teacher`'s (label-free;
     the teacher must differ from the model, e.g. the unpruned model during iterative pruning).
+    loss="reference": the reference's training-epoch calibration (`amg.pruning.calibration_loss`);
+    `teacher` defaults to the model as it is now, `seed` fixes its flips and dropout.
     gradients=False skips the backward pass: enough for entropy, which needs only the maps.
     """
-    if loss not in ("id", "distill"):
-        raise InputError(f"unknown calibration loss {loss!r}; use 'id' or 'distill'")
-    if loss == "distill" and teacher is None:
-        raise InputError("loss='distill' needs a teacher model (e.g. the unpruned model)")
+    check_loss(loss, teacher)
+    teacher = default_teacher(loss, teacher, model)
     if len(images) == 0:
         raise InputError("calibration needs at least one image")
     if batch_size < 1:
         raise InputError(f"the calibration batch size must be >= 1, got {batch_size}")
     used = len(images) - len(images) % batch_size if len(images) >= batch_size else len(images)
     modules = patch_model(model)
-    model.eval()
     device = next(model.parameters()).device
     needs_camids = model.sie_embed is not None
     attention_sums: list[torch.Tensor | float] = [0.0] * len(modules)
@@ -91,36 +86,45 @@ def calibrate(model, images: torch.Tensor, labels: Sequence[int] | None = None,
     for parameter in trainable:
         parameter.requires_grad_(False)
     try:
-        for start in range(0, used, batch_size):
-            batch = normalize(images[start:start + batch_size].to(device)).requires_grad_(gradients)
-            cams = torch.as_tensor(camids[start:start + batch_size], device=device) if needs_camids else None
-            batch_labels = None if labels is None else torch.as_tensor(labels[start:start + batch_size], device=device)
-            target = None
-            if loss == "distill" and gradients:
-                with torch.no_grad():
-                    target = teacher.eval().forward_tokens(batch, cams)[:, 0]
-            with torch.set_grad_enabled(gradients), capture_attention(model, retain_grad=gradients) as capture:
-                if gradients:
-                    _loss(model, batch, batch_labels, cams, target).backward()
-                else:
-                    model(batch, cams)
-            for block in range(len(modules)):
-                (attn,) = capture.maps(block)
-                attention_sums[block] = attention_sums[block] + attn.detach().sum(dim=0)
-                if gradients:
-                    (output,) = capture.head_outputs(block)
-                    batch_mean = (attn.detach() * attn.grad).mean(dim=(0, 1, 2))
-                    token_taylor[block] = token_taylor[block] + batch_mean.abs()
-                    per_image = (output.detach() * output.grad).sum(dim=(2, 3)).abs()  # [B, heads]
-                    head_taylor[block] = head_taylor[block] + per_image.sum(dim=0)
-            if progress:
-                progress(f"calibration {min(start + batch_size, used)}/{used} images")
+        with calibration_mode(model, loss, seed) as flips:
+            for start in range(0, used, batch_size):
+                batch = augment(normalize(images[start:start + batch_size].to(device)), flips)
+                batch.requires_grad_(gradients)
+                cams = torch.as_tensor(camids[start:start + batch_size], device=device) if needs_camids else None
+                batch_labels = None if labels is None else torch.as_tensor(labels[start:start + batch_size],
+                                                                           device=device)
+                target = teacher_target(loss, teacher, batch.detach(), cams) if gradients else None
+                with torch.set_grad_enabled(gradients), capture_attention(model, retain_grad=gradients) as capture:
+                    if gradients:
+                        calibration_loss(model, batch, batch_labels, cams, loss, target).backward()
+                    else:
+                        model.forward_tokens(batch, cams)
+                for block in range(len(modules)):
+                    if modules[block].num_heads == 0:  # an emptied block has no attention to score
+                        continue
+                    (attn,) = capture.maps(block)
+                    attention_sums[block] = attention_sums[block] + attn.detach().sum(dim=0)
+                    if gradients:
+                        (output,) = capture.head_outputs(block)
+                        batch_mean = (attn.detach() * attn.grad).mean(dim=(0, 1, 2))
+                        token_taylor[block] = token_taylor[block] + batch_mean.abs()
+                        per_image = (output.detach() * output.grad).sum(dim=(2, 3)).abs()  # [B, heads]
+                        head_taylor[block] = head_taylor[block] + per_image.sum(dim=0)
+                if progress:
+                    progress(f"calibration {min(start + batch_size, used)}/{used} images")
     finally:
         for parameter in trainable:
             parameter.requires_grad_(True)
     count = used
-    return CalibrationStats([s / count for s in attention_sums], token_taylor if gradients else None,
-                       head_taylor if gradients else None, count, loss)
+    tokens = model.config.num_tokens
+
+    def per_block(sums: list, empty_shape: tuple[int, ...], scale: float = 1.0) -> list[torch.Tensor]:
+        # an emptied block added nothing (still the float 0): zero heads, zero token scores
+        return [torch.zeros(empty_shape) if isinstance(total, float) else total / scale for total in sums]
+
+    return CalibrationStats(per_block(attention_sums, (0, tokens, tokens), count),
+                            per_block(token_taylor, (tokens,)) if gradients else None,
+                            per_block(head_taylor, (0,)) if gradients else None, count, loss)
 
 
 # ------------------------------------------------------------------------------ head scores
@@ -141,16 +145,22 @@ def amg_head_removal_scores(model, calibration: CalibrationStats, allocation: st
                             seed: int = 0) -> list[torch.Tensor]:
     """AMG: high entropy (diffuse attention) goes first.
 
-    global: the reference's layer scale (1 + 0.02·l) then one ranking across blocks.
+    global: the reference's layer scale (1 + 0.02·l) then one ranking across blocks, where l
+    counts only the blocks still ranked (more than one head), as the reference does.
+    keep-one: the same with l the block's index (the ranking keeps a head in every block).
     per-block: the same ranking used inside each block (`amg.pruning.selection.select_heads`).
     normalized: entropy divided by its maximum log2(N_kv), so blocks compare fairly.
     """
     if allocation not in HEAD_ALLOCATIONS:
         raise InputError(f"unknown head allocation {allocation!r}; choose one of {HEAD_ALLOCATIONS}")
     scores = []
+    ranked = 0
     for block, attention in enumerate(calibration.mean_attention):
         entropy = head_entropy(attention)
-        if allocation == "global":
+        if allocation == REFERENCE_ALLOCATION:
+            entropy = entropy * (1 + HEAD_LAYER_SCALE * ranked)
+            ranked += attention.shape[0] > 1
+        elif allocation == "keep-one":
             entropy = entropy * (1 + HEAD_LAYER_SCALE * block)
         elif allocation == "normalized":
             entropy = entropy / math.log2(attention.shape[-1])
@@ -178,6 +188,9 @@ def magnitude_removal_scores(model, calibration: CalibrationStats | None = None,
     scores = []
     for module in patch_model(model):
         heads, dim = module.num_heads, module.head_dim
+        if heads == 0:
+            scores.append(torch.zeros(0))
+            continue
         qkv = module.qkv.weight.detach().reshape(3, heads, dim, -1).pow(2).sum(dim=(0, 2, 3))
         proj = module.proj.weight.detach().reshape(-1, heads, dim).pow(2).sum(dim=(0, 2))
         scores.append(-(qkv + proj).sqrt())
@@ -196,7 +209,7 @@ def random_removal_scores(model, calibration: CalibrationStats | None = None, al
 
 def amg_token_keep_scores(model, calibration: CalibrationStats, allocation: str = "global",
                           seed: int = 0) -> list[torch.Tensor]:
-    """AMG: |sum A·dL/dA| per key, L2-normalised per block, scaled by (1 - 0.03·l)."""
+    """AMG: per key, the batches' |mean A·dL/dA| summed, L2-normalised per block, scaled by (1 - 0.03·l)."""
     if calibration.token_taylor is None:
         raise InputError("AMG token scores need a calibration with gradients")
     scores = []

@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 
 from amg.errors import InputError
+from amg.pruning.policies import REFERENCE_ALLOCATION
 
 
 def check_ratio(name: str, ratio: float) -> float:
@@ -20,19 +21,25 @@ def select_heads(removal_scores: Sequence[torch.Tensor], head_ids: Sequence[Sequ
                  allocation: str = "global", total_heads: int | None = None) -> list[list[int]]:
     """Kept original head numbers per block after removing `ratio` of all heads.
 
-    `allocation` "per-block" spreads the removals evenly over blocks; any other (global,
-    normalized) ranks all heads together.
+    `allocation` "per-block" spreads the removals evenly over blocks; any other ranks all
+    heads together. "global" is the reference's rule: a block may lose every head in one
+    go, and a block down to one head is left out of the ranking (an iterative round never
+    empties it); the others ("keep-one", "normalized", "per-block") keep one head per block.
 
     `total_heads` (default: the heads now present) is what the ratio is a fraction of, so
     that iterative pruning can aim at a fraction of the original model. Higher score goes
-    first; every block keeps at least one head.
+    first.
     """
     check_ratio("head", ratio)
     present = sum(len(ids) for ids in head_ids)
     total = total_heads or present
-    to_remove = round(ratio * total) - (total - present)
+    # at least one head stays in the model: without any, the class token never sees the image
+    to_remove = min(round(ratio * total) - (total - present), present - 1)
     removed = [0] * len(head_ids)
-    cap = [len(ids) - 1 for ids in head_ids]  # never empty a block
+    if allocation == REFERENCE_ALLOCATION:
+        cap = [len(ids) if len(ids) > 1 else 0 for ids in head_ids]
+    else:
+        cap = [max(len(ids) - 1, 0) for ids in head_ids]
     remove: set[tuple[int, int]] = set()
     if allocation == "per-block":
         # Each block's whole share first; the remainder of the exact total (a ratio rarely
@@ -56,18 +63,20 @@ def select_heads(removal_scores: Sequence[torch.Tensor], head_ids: Sequence[Sequ
     return [[ids[p] for p in range(len(ids)) if (b, p) not in remove] for b, ids in enumerate(head_ids)]
 
 
-def select_tokens(keep_scores: Sequence[torch.Tensor], ratio: float, min_keep: int = 1) -> list[list[int] | None]:
+def select_tokens(keep_scores: Sequence[torch.Tensor | None], ratio: float,
+                  min_keep: int = 1) -> list[list[int] | None]:
     """Kept K/V positions per block after dropping `ratio` of all non-class positions globally.
 
     Position 0 (class token) is always kept, and every block keeps `min_keep` patch positions.
+    A block scored None (one without heads: it has no keys or values) is left out.
     """
     check_ratio("token", ratio)
     if ratio == 0:
         return [None] * len(keep_scores)
-    candidates = sorted(((float(s), b, p) for b, score in enumerate(keep_scores) for p, s in enumerate(score) if p > 0),
-                        key=lambda item: (item[0], item[1], item[2]))
+    candidates = sorted(((float(s), b, p) for b, score in enumerate(keep_scores) if score is not None
+                         for p, s in enumerate(score) if p > 0), key=lambda item: (item[0], item[1], item[2]))
     to_drop = round(ratio * len(candidates))
-    left = [len(score) - 1 for score in keep_scores]
+    left = [0 if score is None else len(score) - 1 for score in keep_scores]
     dropped: set[tuple[int, int]] = set()
     for _, block, position in candidates:
         if len(dropped) >= to_drop:
@@ -75,4 +84,5 @@ def select_tokens(keep_scores: Sequence[torch.Tensor], ratio: float, min_keep: i
         if left[block] > min_keep:
             dropped.add((block, position))
             left[block] -= 1
-    return [[p for p in range(len(score)) if (b, p) not in dropped] for b, score in enumerate(keep_scores)]
+    return [None if score is None else [p for p in range(len(score)) if (b, p) not in dropped]
+            for b, score in enumerate(keep_scores)]
