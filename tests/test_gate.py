@@ -22,7 +22,7 @@ from amg.reporting.gate import (
 def _row(config_id: str, speedup: float | None, macs: int, rank1: float, mAP: float) -> dict:
     return {
         "run_id": "run", "timestamp": "2026-01-01T00:00:00Z", "device_id": "dev", "device_name": "cpu",
-        "backend": "cpu", "precision": "fp32", "threads": 2, "batch": 8, "model": "tiny",
+        "backend": "cpu", "precision": "fp32", "threads": 2, "batch": 8, "model": "tiny", "input_size": "128x64",
         "config_id": config_id, "macs": macs, "gmacs": macs / 1e9,
         "latency_median_ms": 10.0, "speedup": speedup,
         "query_rank1": rank1, "query_mAP": mAP, "occluded_rank1": rank1 - 0.2, "occluded_mAP": mAP - 0.2,
@@ -328,3 +328,23 @@ def test_with_intervals_a_lost_saving_fails_and_drift_within_the_noise_passes():
     small = copy.deepcopy(base)  # disjoint intervals but a 2% loss: within the floor, not a regression
     _pick(small, "heads50").update(speedup=1.372, speedup_ci_low=1.37, speedup_ci_high=1.375)
     assert compare(base, small, Tolerances(speedup_min_drop=0.03)).passed
+
+
+@pytest.mark.parametrize("column, value", [("device_id", "jetson-orin"), ("threads", 4), ("input_size", "256x128"),
+                                           ("backend", "onnxruntime")])
+def test_runs_made_under_other_conditions_are_refused_unless_allowed(tmp_path, capsys, column, value):
+    current = _current()
+    for row in current:
+        row[column] = value
+    code, out, err = _gate(tmp_path, capsys, current)
+    assert code == 2, out
+    assert f"{column}: " in err and str(value) in err and "--allow-mismatch" in err
+    code, out, _ = _gate(tmp_path / "allowed", capsys, current, "--allow-mismatch")
+    assert "compared although the runs differ (--allow-mismatch)" in out
+    # with other backends nothing matches: the baseline's configurations are missing, and it fails
+    assert code == (1 if column == "backend" else 0), out
+
+
+def test_a_column_blank_in_one_run_is_not_a_mismatch():
+    older = [{**row, "threads": ""} for row in BASELINE]  # e.g. a CSV from before the column was filled
+    assert compare(older, _current()).passed

@@ -13,6 +13,10 @@ configuration:
   than `Tolerances.speedup_drop` (relative) fails. Absolute latencies are never compared
   across runs: they depend on the machine and its load.
 
+Runs that cannot be compared are refused (exit 2) unless `allow_mismatch`: another
+`device_id`, another thread count or input size, or no backend in common; with it, the
+differences are printed above the verdict.
+
 It fails closed: a baseline configuration absent from the run, or a metric the baseline has
 but the run lacks (empty, NaN or not a number), is "missing" and fails. Metrics empty in the
 baseline are not checked; configurations only in the run are reported as notes.
@@ -97,6 +101,7 @@ class GateResult:
     # What made each side (CPU or GPU, threads), e.g. "AMD EPYC, 2 threads"; told when they differ
     baseline_machine: str = ""
     current_machine: str = ""
+    mismatches: list[str] = field(default_factory=list)  # compared anyway (allow_mismatch)
 
     @property
     def passed(self) -> bool:
@@ -137,6 +142,31 @@ def machine(rows: Sequence[Mapping[str, Any]]) -> str:
     seen = dict.fromkeys(f"{row.get('device_name') or 'unknown device'}, {row.get('threads') or '?'} threads"
                          for row in rows)
     return " + ".join(seen)
+
+
+# What must be equal for two runs to be compared: a speed-up measured with other threads, at
+# another input size or on another device is another experiment, not a regression.
+COMPARABLE_COLUMNS = ("device_id", "threads", "input_size")
+
+
+class RunMismatch(ReportError):
+    """The baseline and the run were made under different conditions (device, threads, input, backends)."""
+
+
+def mismatches(baseline_rows: Sequence[Mapping[str, Any]], current_rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """How the two runs' conditions differ, one line each (blank values, e.g. older CSVs, are not compared)."""
+    found = []
+    for column in COMPARABLE_COLUMNS:
+        base = {str(row[column]).strip() for row in baseline_rows if not _is_blank(row.get(column))}
+        cur = {str(row[column]).strip() for row in current_rows if not _is_blank(row.get(column))}
+        if base and cur and base != cur:
+            found.append(f"{column}: baseline {', '.join(sorted(base))}; current {', '.join(sorted(cur))}")
+    base_backends = {row.get("backend") for row in baseline_rows}
+    cur_backends = {row.get("backend") for row in current_rows}
+    if current_rows and not base_backends & cur_backends:
+        found.append(f"backend: no backend in common (baseline {', '.join(sorted(map(str, base_backends)))}; "
+                     f"current {', '.join(sorted(map(str, cur_backends)))})")
+    return found
 
 
 def _is_blank(value: Any) -> bool:
@@ -209,10 +239,12 @@ def compare(
     baseline_rows: ResultsFile | Iterable[Mapping[str, Any]],
     current_rows: ResultsFile | Iterable[Mapping[str, Any]],
     tolerances: Tolerances = Tolerances(),
+    allow_mismatch: bool = False,
 ) -> GateResult:
     """Compare rows of a run with rows of a baseline (CSV rows as dicts, or `ResultsFile`s).
 
-    Raises `ReportError` for a row whose key columns are empty or whose batch is not an integer.
+    Raises `ReportError` for a row whose key columns are empty or whose batch is not an integer,
+    and `RunMismatch` for runs made under other conditions (`mismatches`) unless `allow_mismatch`.
     """
     baseline_list, baseline_name = _rows_and_name(baseline_rows, "baseline")
     current_list, current_name = _rows_and_name(current_rows, "current")
@@ -222,6 +254,10 @@ def compare(
         return GateResult(findings)
     if any(row.get("run_status") == INTERRUPTED for row in baseline_list):
         raise ReportError(f"{baseline_name} is an interrupted run: it cannot be a baseline (measure it again)")
+    differences = mismatches(baseline_list, current_list)
+    if differences and not allow_mismatch:
+        raise RunMismatch(f"{current_name} was not made under the conditions of {baseline_name}: "
+                          + "; ".join(differences) + " (--allow-mismatch compares them anyway)")
     baseline, baseline_counts = _index(baseline_list, baseline_name)
     current, current_counts = _index(current_list, current_name)
 
@@ -265,12 +301,14 @@ def compare(
         findings.append(Finding((), CONFIGURATION, None, None, OK,
                                 f"{current_name} is an interrupted run: configurations it did not reach are missing"))
     return GateResult(findings, configurations=sum(1 for key in baseline if key in current),
-                      baseline_machine=machine(baseline_list), current_machine=machine(current_list))
+                      baseline_machine=machine(baseline_list), current_machine=machine(current_list),
+                      mismatches=differences)
 
 
-def gate(baseline_path: str | Path, current_path: str | Path, tolerances: Tolerances = Tolerances()) -> GateResult:
+def gate(baseline_path: str | Path, current_path: str | Path, tolerances: Tolerances = Tolerances(),
+         allow_mismatch: bool = False) -> GateResult:
     """Read both files with `amg.benchmark.results.read_csv` (which raises `ReportError` naming the file) and compare."""
-    return compare(read_csv(baseline_path), read_csv(current_path), tolerances)
+    return compare(read_csv(baseline_path), read_csv(current_path), tolerances, allow_mismatch)
 
 
 def _format_value(value: float | None) -> str:
@@ -308,6 +346,9 @@ def format_findings(result: GateResult, verbose: bool = False) -> str:
     shown = [f for f in result.findings if verbose or f.verdict != OK]
     notes = [f for f in result.findings if not verbose and f.verdict == OK and f.note]
     parts = []
+    if result.mismatches:
+        parts.append("compared although the runs differ (--allow-mismatch):\n"
+                     + "\n".join(f"  {line}" for line in result.mismatches))
     if result.baseline_machine != result.current_machine:
         # Accuracy and MACs still compare when both ran the same model file and stored plans;
         # the reader should know that the speed-ups come from two different machines.
@@ -354,6 +395,9 @@ def build_parser(prog: str = "amg gate") -> argparse.ArgumentParser:
                              f"(default {defaults.speedup_min_drop:g})")
     parser.add_argument("--macs-change", type=_tolerance, default=defaults.macs_change, metavar="X",
                         help=f"largest allowed relative change of MACs, either way (default {defaults.macs_change:g})")
+    parser.add_argument("--allow-mismatch", action="store_true",
+                        help="compare runs made with another device id, thread count, input size or backends "
+                             "(refused otherwise, exit 2)")
     parser.add_argument("--verbose", action="store_true", help="list the passing checks too")
     return parser
 
@@ -366,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         parser.error(str(error))
     try:
-        result = gate(args.baseline, args.current, tolerances)
+        result = gate(args.baseline, args.current, tolerances, args.allow_mismatch)
     except ReportError as error:
         print(f"amg gate: error: {error}", file=sys.stderr)
         return EXIT_USAGE
