@@ -29,7 +29,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("amg", "AMG-Bench")
     add = group.addoption
     add("--amg-profile", default="default", choices=sorted(PROFILES),
-        help="quick (<= 2 min on 2 CPU cores once cached), default, full (every policy and ratio), "
+        help="quick (<= 2 min on 2 CPU cores once cached), ci (what CI gates: quick at 25%% and 50%% on cpu "
+             "and onnxruntime), default, full (every policy and ratio), "
              "or equal-macs (every policy at 10/20/30/40%% MACs saved, one-shot, fine-tuned and iterative)")
     add("--amg-model", default=DEFAULT_PRESET, choices=sorted(PRESETS),
         help="model preset: the default one is trained on the synthetic set and cached; others are "

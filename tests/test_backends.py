@@ -20,11 +20,15 @@ from amg.pruning.planner import make_plan
 CONFIG = ModelConfig("backend-test", img_size=(64, 32), embed_dim=48, depth=2, num_heads=3)
 
 
-def tiny(pruned: bool = True) -> ReIDViT:
+def tiny(pruned: bool = True, emptied_block: int | None = None) -> ReIDViT:
+    """A small random model, pruned at random (and with every head of `emptied_block` removed)."""
     torch.manual_seed(0)
     model = ReIDViT(CONFIG).eval()
     if pruned:
-        apply_plan(model, make_plan(model, heads=0.34, tokens=0.4, head_policy="random", token_policy="random"))
+        plan = make_plan(model, heads=0.34, tokens=0.4, head_policy="random", token_policy="random")
+        if emptied_block is not None:
+            plan.kept_heads[emptied_block], plan.kept_tokens[emptied_block] = [], None
+        apply_plan(model, plan)
     return model
 
 
@@ -85,11 +89,12 @@ def test_a_precision_the_backend_does_not_run_is_a_skip_with_the_reason():
         backends.prepare("cpu", tiny(), 1, "fp16")
 
 
+@pytest.mark.parametrize("emptied_block", [None, 0], ids=["pruned", "emptied-block"])
 @pytest.mark.parametrize("backend", ["cpu", "torchscript", "onnxruntime"])
-def test_runners_agree_with_pytorch(backend):
+def test_runners_agree_with_pytorch(backend, emptied_block):
     if backends.availability(backend):
         pytest.skip(backends.availability(backend))
-    model = tiny()
+    model = tiny(emptied_block=emptied_block)
     runner = backends.prepare(backend, model, batch=2)
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(2, 3, 64, 32, generator=generator)  # the runner's fixed input

@@ -117,8 +117,24 @@ def test_prune_then_flops_and_eval(tiny_root, model_path, tmp_path, capsys):
     table = capsys.readouterr().out
     saved = float(table.split("GMACs / image")[1].split("|")[3].strip().rstrip("%"))
     assert saved > 0
+    # the unpruned model against itself saves nothing: the reference has the same classifier
+    assert main(["flops", str(model_path), "--reach"]) == 0
+    table = capsys.readouterr().out
+    assert [line.split("|")[4].strip() for line in table.splitlines() if line.startswith("| parameters")
+            or line.startswith("| GMACs")] == ["0.0%", "0.0%"]
+    reach = {line.split("|")[1].strip(): float(line.split("|")[2].strip().rstrip("%"))
+             for line in table.split("MACs saved at most")[1].splitlines()[2:] if line.startswith("|")}
+    assert 0 < reach["tokens"] < reach["heads (keep-one)"] < reach["heads (global)"] < 100
     assert main(["eval", str(pruned), "--data", str(tiny_root), "--json"]) == 0
     assert set(json.loads(capsys.readouterr().out)) == {"query", "occluded"}
+    # against itself: no difference, an interval of width 0
+    assert main(["eval", str(pruned), "--data", str(tiny_root), "--against", str(pruned), "--json"]) == 0
+    same = json.loads(capsys.readouterr().out)
+    assert same["occluded"]["mAP"]["difference"] == 0 and same["occluded"]["mAP"]["ci95"] == [0, 0]
+    assert main(["eval", str(pruned), "--data", str(tiny_root), "--against", str(model_path)]) == 0
+    table = capsys.readouterr().out
+    assert "paired bootstrap over the queries" in table and "95% interval" in table
+    assert sum(1 for line in table.splitlines() if line.startswith("| occluded")) == 2  # Rank-1 and mAP
 
 
 def test_prune_refuses_bad_ratio(tiny_root, tmp_path, capsys):

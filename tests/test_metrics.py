@@ -220,3 +220,35 @@ def test_pairwise_distance_errors():
         pairwise_distance(x, x, metric="manhattan")
     with pytest.raises(ValueError, match="feature dims"):
         pairwise_distance(x, torch.zeros(2, 3))
+
+
+def test_per_query_values_average_to_the_metrics():
+    rng = np.random.default_rng(3)
+    dist = rng.random((40, 60))
+    q_pids, g_pids = rng.integers(0, 6, 40), rng.integers(0, 6, 60)
+    metrics = evaluate_rank(dist, q_pids, g_pids, np.zeros(40), np.ones(60), chunk_size=7)
+    assert len(metrics.query_ap) == metrics.num_queries
+    assert metrics.query_ap.mean() == pytest.approx(metrics.mAP)
+    assert (metrics.query_first_rank == 1).mean() == pytest.approx(metrics.rank(1))
+
+
+def test_paired_bootstrap_separates_a_real_difference_from_noise():
+    from amg.train.accuracy_difference import paired_difference
+
+    rng = np.random.default_rng(4)
+    q_pids, g_pids = np.arange(200) % 20, np.arange(400) % 20
+    truth = (q_pids[:, None] == g_pids[None, :]).astype(float)
+    noisy = rng.random((200, 400))
+    good = evaluate_rank(noisy - 0.5 * truth, q_pids, g_pids, np.zeros(200), np.ones(400))
+    bad = evaluate_rank(noisy - 0.05 * truth, q_pids, g_pids, np.zeros(200), np.ones(400))
+    better = paired_difference(bad, good, "mAP")
+    assert better.delta > 0 and better.low > 0 and better.decided
+    same = paired_difference(good, good, "rank1")
+    assert same.delta == 0 and same.low == same.high == 0 and not same.decided
+    # a small random change on a few queries: the interval straddles 0
+    shuffled = evaluate_rank(noisy - 0.5 * truth + 0.02 * rng.random((200, 400)), q_pids, g_pids,
+                             np.zeros(200), np.ones(400))
+    jitter = paired_difference(good, shuffled, "mAP")
+    assert jitter.low < 0 < jitter.high or jitter.delta == 0
+    with pytest.raises(ValueError, match="the same queries"):
+        paired_difference(good, evaluate_rank(noisy[:50], q_pids[:50], g_pids, np.zeros(50), np.ones(400)), "mAP")

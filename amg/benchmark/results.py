@@ -60,6 +60,9 @@ MEASURE_COLUMNS = [
     "speedup_ci_low",  # 95% bootstrap interval of the speed-up over the interleaved pairs
     "speedup_ci_high",
     "latency_saving",  # 1 - 1 / speedup
+    # the machine's 1-minute load average when the row was measured (the run's own threads
+    # included): well above the thread count, something else competed for the cores
+    "load_avg_1min",
     "peak_rss_mb",  # CPU peak resident memory of an isolated process running this configuration
     "forward_rss_mb",  # of which the forward passes added (peak minus RSS after loading the model)
     "cuda_max_allocated_mb",
@@ -80,7 +83,7 @@ COLUMNS = IDENTITY_COLUMNS + MEASURE_COLUMNS + VERSION_COLUMNS
 KEY_COLUMNS = ("config_id", "backend", "precision", "batch")
 # Added after reports were already committed: older files lack them and read as empty.
 OPTIONAL_COLUMNS = ("feature", "run_status", "query_unmatched", "occluded_unmatched", "speedup_ci_low",
-                    "speedup_ci_high")
+                    "speedup_ci_high", "load_avg_1min")
 COMPLETE, INTERRUPTED = "complete", "interrupted"
 JOURNAL_SUFFIX = ".journal"  # rows of a run in progress, one JSON line each: `.<run-id>.journal`
 

@@ -29,7 +29,7 @@ from amg.data.synthetic import MANIFEST
 from amg.errors import InputError
 from amg.measure.backend_registry import EAGER_BACKENDS
 from amg.measure.backends import Runner, prepare
-from amg.measure.device import device_id, device_name
+from amg.measure.device import device_id, device_name, machine_load
 from amg.measure.flops import count_macs
 from amg.measure.latency import LatencyStats, paired_rounds, paired_speedup
 from amg.measure.memory import measure_peak_memory
@@ -262,6 +262,7 @@ class Suite:
                                                     synchronize=runner.synchronize))
             row.update(speedup=speedup.ratio, speedup_ci_low=speedup.low, speedup_ci_high=speedup.high,
                        latency_saving=1 - 1 / speedup.ratio)
+        row["load_avg_1min"] = machine_load()
         if self.profile.memory and case.backend in EAGER_BACKENDS:  # an export backend's child would measure the exporter
             row.update(self._memory(case, model))
         row.update(self.accuracy(case.spec))

@@ -107,23 +107,32 @@ def _load_model_arg(name: str | None, num_classes: int = 0):
     return load_pruned(name)
 
 
-def _model_for_eval(args: argparse.Namespace):
-    return _load_model_arg(args.model)
+def _model_for_eval(args: argparse.Namespace, path: str | None):
+    model = _load_model_arg(path)
+    if args.neck_feat:
+        from amg.model.vit import set_neck_feat
+
+        set_neck_feat(model, args.neck_feat)
+    return model
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from amg.train.evaluate import Evaluator
 
     _set_threads(args.threads)
-    model = _model_for_eval(args)
-    if args.neck_feat:
-        from amg.model.vit import set_neck_feat
-
-        set_neck_feat(model, args.neck_feat)
+    model = _model_for_eval(args, args.model)
     dataset = _load_dataset(args.data, args.layout)
     progress(f"retrieval feature: the class token {model.neck_feat} the BN neck")
     progress(f"evaluating on {dataset.name} at {dataset.root}")
-    results = Evaluator(dataset, model.config.img_size, progress).evaluate(model, args.metric)
+    evaluator = Evaluator(dataset, model.config.img_size, progress)
+    results = evaluator.evaluate(model, args.metric)
+    if args.against:
+        other = _model_for_eval(args, args.against)
+        if other.config.img_size != model.config.img_size:
+            raise InputError(f"--against {args.against} takes {other.config.img_size} images, the model "
+                             f"{model.config.img_size}: a paired comparison needs the same query images")
+        progress(f"evaluating {args.against} on the same queries")
+        return _print_comparison(args, results, evaluator.evaluate(other, args.metric))
     rows = [[name, r.num_queries, r.num_skipped, *(f"{100 * v:.2f}" for v in r.as_dict().values())]
             for name, r in results.items()]
     headers = ["query set", "queries", "without a match", *(k if k.startswith("m") else k.replace("rank", "Rank-")
@@ -136,6 +145,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
                           for name, r in results.items()}, indent=2))
     else:
         print(tabulate(rows, headers=headers, tablefmt="github"))
+    return 0
+
+
+def _print_comparison(args: argparse.Namespace, model_results: dict, other_results: dict) -> int:
+    from amg.train.accuracy_difference import paired_difference
+
+    differences = {name: [paired_difference(other_results[name], model_results[name], metric)
+                          for metric in ("rank1", "mAP")] for name in model_results}
+    if args.json:
+        print(json.dumps({name: {d.metric: {"against": d.a, "model": d.b, "difference": d.delta,
+                                            "ci95": [d.low, d.high]} for d in found}
+                          for name, found in differences.items()}, indent=2))
+        return 0
+    rows = [[name, d.metric.replace("rank1", "Rank-1"), f"{100 * d.a:.2f}", f"{100 * d.b:.2f}",
+             f"{100 * d.delta:+.2f}", f"[{100 * d.low:+.2f}, {100 * d.high:+.2f}]",
+             ("better" if d.low > 0 else "worse") if d.decided else "no clear difference"]
+            for name, found in differences.items() for d in found]
+    print(f"{args.model or 'the default model'} against {args.against}, paired bootstrap over the queries:")
+    print(tabulate(rows, headers=["query set", "metric", "against", "model", "difference", "95% interval",
+                                  "verdict"], tablefmt="github"))
     return 0
 
 
@@ -200,12 +229,20 @@ def cmd_flops(args: argparse.Namespace) -> int:
 
     model = _load_model_arg(args.model)
     report = count_macs(model, args.batch)
-    unpruned = count_macs(ReIDViT(model.config).eval(), args.batch)
+    # the same model before pruning: its classifier (absent from a bare preset) counts too
+    unpruned = count_macs(ReIDViT(model.config, num_classes=model.num_classes).eval(), args.batch)
     rows = [["parameters", f"{report.params / 1e6:.3f} M", f"{unpruned.params / 1e6:.3f} M",
              f"{100 * (1 - report.params / unpruned.params):.1f}%"],
             ["GMACs / image", f"{report.gmacs_per_image:.4f}", f"{unpruned.gmacs_per_image:.4f}",
              f"{100 * (1 - report.total / unpruned.total):.1f}%"]]
     print(tabulate(rows, headers=["", "this model", "unpruned", "saved"], tablefmt="github"))
+    if args.reach:
+        from amg.pruning.macs_target import reachable_savings
+
+        limits = [[mode, f"{100 * saving:.1f}%"] for mode, saving in reachable_savings(model.config).items()]
+        print("\nthe most of the unpruned model's MACs static pruning can remove (EViT and ToMe shorten "
+              "the sequence for the MLP too and go further):")
+        print(tabulate(limits, headers=["pruned by", "MACs saved at most"], tablefmt="github"))
     return 0
 
 

@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("model", nargs="?", default=None, help="model file (default: the cached default model)")
     evaluate.add_argument("--metric", default="euclidean", choices=["euclidean", "cosine"])
     evaluate.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    evaluate.add_argument("--against", default=None, metavar="OTHER",
+                          help="also evaluate model file OTHER on the same queries and print the difference "
+                               "(Rank-1, mAP) with a 95%% paired bootstrap interval over the queries")
     evaluate.add_argument("--neck-feat", default=None, choices=NECK_FEATS,
                           help="retrieval feature: the class token after the BN neck or before it (TransReID's "
                                "TEST.NECK_FEAT); default: what the model file says (imports: their source's)")
@@ -158,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     flops = sub.add_parser("flops", help="parameters and fvcore MACs (multiply-adds) against the unpruned model")
     flops.add_argument("model", nargs="?", default=None, help="model file or preset (default: the default model)")
     flops.add_argument("--batch", type=positive_int, default=1, help="batch size to trace (default %(default)s)")
+    flops.add_argument("--reach", action="store_true",
+                       help="also print the largest MACs saving heads, tokens and both can reach on this architecture")
     flops.set_defaults(func=commands.cmd_flops)
 
     report = sub.add_parser("report", help="merge every results CSV into Markdown tables and Pareto plots")

@@ -83,3 +83,12 @@ def device_id() -> str:
         parts.append(_slug(cpu_name()))
     parts.append(f"{os.cpu_count() or 0}c")
     return "-".join(p for p in parts if p)[:80]
+
+
+def machine_load() -> float | None:
+    """The 1-minute load average (runnable processes, this one's threads included); None where
+    the platform has none."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None

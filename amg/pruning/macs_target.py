@@ -31,6 +31,30 @@ def plan_macs(config: ModelConfig, plan: PrunePlan) -> int:
 MAX_SEARCH_RATIO = 0.95
 
 
+def reachable_savings(config: ModelConfig) -> dict[str, float]:
+    """The most of the whole model's fvcore MACs each static mode can remove (the limit of
+    ratios near 1): heads by the reference's `global` allocation (one head left in the model)
+    and by `keep-one` (one per block), tokens (one patch position per block), and both."""
+    unpruned = PrunePlan.unpruned(config)
+    blocks = plan_macs(config, unpruned)
+    total = count_macs(ReIDViT(config).eval()).total
+    one_head_in_model = [[0]] + [[] for _ in range(config.depth - 1)]
+    one_head_per_block = [[0] for _ in range(config.depth)]
+    one_patch_per_block = [[0, 1] for _ in range(config.depth)]
+    limits = {
+        "heads (global)": (one_head_in_model, unpruned.kept_tokens),
+        "heads (keep-one)": (one_head_per_block, unpruned.kept_tokens),
+        "tokens": (unpruned.kept_heads, one_patch_per_block),
+        "heads (global) + tokens": (one_head_in_model, [one_patch_per_block[0]] + [None] * (config.depth - 1)),
+        "heads (keep-one) + tokens": (one_head_per_block, one_patch_per_block),
+    }
+    savings = {}
+    for mode, (heads, tokens) in limits.items():
+        plan = PrunePlan(config.num_heads, config.num_tokens, heads, tokens)
+        savings[mode] = (blocks - plan_macs(config, plan)) / total
+    return savings
+
+
 class OutOfReach(InputError):
     """A MACs saving that a pruning mode cannot reach on this model (not a bug: a limit)."""
 

@@ -33,6 +33,10 @@ class RankMetrics:
     mINP: float  # mean over queries of num_positives / rank of the hardest positive (Ye et al. 2021)
     num_queries: int  # valid queries evaluated
     num_skipped: int  # queries with no valid positive
+    # per valid query, in query order: its AP and the rank of its first positive (paired
+    # comparisons of two models on the same queries: `amg.train.accuracy_difference`)
+    query_ap: np.ndarray | None = None
+    query_first_rank: np.ndarray | None = None
 
     @property
     def max_rank(self) -> int:
@@ -168,14 +172,19 @@ class _RankTotals:
         self.first_hist = np.zeros(max_rank + 2, dtype=np.int64)
         self.ap_sum = self.inp_sum = 0.0
         self.num_valid = 0
+        self.query_ap: list[np.ndarray] = []
+        self.query_first_rank: list[np.ndarray] = []
 
     def add(self, chunk: _ChunkRanks) -> None:
         valid = chunk.n_pos > 0
         n_pos = chunk.n_pos[valid]
         # AP = mean over positives of precision at that positive (i-th positive at rank_i: i / rank_i).
         precision_sum = np.bincount(chunk.rows, weights=chunk.nth / chunk.ranks, minlength=len(chunk.n_pos))
-        self.ap_sum += float((precision_sum[valid] / n_pos).sum())
+        query_ap = precision_sum[valid] / n_pos
+        self.ap_sum += float(query_ap.sum())
         first_rank = chunk.ranks[chunk.row_start[:-1][valid]]
+        self.query_ap.append(query_ap)
+        self.query_first_rank.append(first_rank)
         last_rank = chunk.ranks[chunk.row_start[1:][valid] - 1]
         self.inp_sum += float((n_pos / last_rank).sum())
         self.first_hist += np.bincount(np.minimum(first_rank, self.max_rank + 1), minlength=self.max_rank + 2)
@@ -195,6 +204,8 @@ class _RankTotals:
             mINP=self.inp_sum / self.num_valid,
             num_queries=self.num_valid,
             num_skipped=num_queries - self.num_valid,
+            query_ap=np.concatenate(self.query_ap),
+            query_first_rank=np.concatenate(self.query_first_rank),
         )
 
 
