@@ -348,3 +348,13 @@ def test_runs_made_under_other_conditions_are_refused_unless_allowed(tmp_path, c
 def test_a_column_blank_in_one_run_is_not_a_mismatch():
     older = [{**row, "threads": ""} for row in BASELINE]  # e.g. a CSV from before the column was filled
     assert compare(older, _current()).passed
+
+
+def test_rows_timed_under_contention_are_flagged_but_still_compared(tmp_path, capsys):
+    current = _current()
+    _pick(current, "heads50")["other_cpu_share"] = 0.45
+    _pick(current, "tokens30")["other_cpu_share"] = 0.02
+    code, out, _ = _gate(tmp_path, capsys, current)
+    assert code == 0, out
+    assert "heads50/cpu/fp32/8: timed while other processes took 45% of the CPU" in out
+    assert "tokens30/cpu/fp32/8: timed" not in out

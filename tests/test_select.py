@@ -118,3 +118,16 @@ def test_the_chosen_configuration_comes_with_the_command_that_makes_it(config_id
         from amg.cli import build_parser
 
         build_parser().parse_args(command.split()[1:])  # the CLI takes it (exits 2 otherwise)
+
+
+def test_a_choice_timed_under_contention_comes_with_a_warning(tmp_path):
+    from amg.reporting.select import summary
+
+    rows = [_row("unpruned", 10.0, None, 0.80), _row("heads0.25:amg", 7.0, 1.25, 0.75, other_cpu_share=0.4),
+            _row("heads0.5:amg", 9.0, 2.0, 0.60, other_cpu_share=0.01)]
+    write_csv(rows, tmp_path, DEVICE, RUN)
+    target = Target(DEVICE, "cpu", batch=1)
+    busy = summary(select(load_reports(tmp_path), target, budget_ms=8.5))
+    assert "warning: heads0.25:amg was timed while other processes took 40% of the CPU" in busy
+    quiet = summary(select(load_reports(tmp_path), target, budget_ms=5.5))
+    assert "chosen: heads0.5:amg" in quiet and "warning" not in quiet

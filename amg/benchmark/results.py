@@ -63,6 +63,9 @@ MEASURE_COLUMNS = [
     # the machine's 1-minute load average when the row was measured (the run's own threads
     # included): well above the thread count, something else competed for the cores
     "load_avg_1min",
+    # the share of the machine's CPU other processes took during the interleaved rounds behind
+    # `speedup` (amg.measure.contention): above 0.1 the row was measured under contention
+    "other_cpu_share",
     "peak_rss_mb",  # CPU peak resident memory of an isolated process running this configuration
     "forward_rss_mb",  # of which the forward passes added (peak minus RSS after loading the model)
     "cuda_max_allocated_mb",
@@ -83,7 +86,7 @@ COLUMNS = IDENTITY_COLUMNS + MEASURE_COLUMNS + VERSION_COLUMNS
 KEY_COLUMNS = ("config_id", "backend", "precision", "batch")
 # Added after reports were already committed: older files lack them and read as empty.
 OPTIONAL_COLUMNS = ("feature", "run_status", "query_unmatched", "occluded_unmatched", "speedup_ci_low",
-                    "speedup_ci_high", "load_avg_1min")
+                    "speedup_ci_high", "load_avg_1min", "other_cpu_share")
 COMPLETE, INTERRUPTED = "complete", "interrupted"
 JOURNAL_SUFFIX = ".journal"  # rows of a run in progress, one JSON line each: `.<run-id>.journal`
 

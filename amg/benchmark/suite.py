@@ -29,6 +29,7 @@ from amg.data.synthetic import MANIFEST
 from amg.errors import InputError
 from amg.measure.backend_registry import EAGER_BACKENDS
 from amg.measure.backends import Runner, prepare
+from amg.measure.contention import CpuWatch
 from amg.measure.device import device_id, device_name, machine_load
 from amg.measure.flops import count_macs
 from amg.measure.latency import LatencyStats, paired_rounds, paired_speedup
@@ -258,10 +259,11 @@ class Suite:
             # ONNX speed-up from 1.1 to 0.35 here. Aim at PAIRED_BUDGET_S of each side.
             rounds = max(self.profile.paired_rounds,
                          min(MAX_PAIRED_ROUNDS, math.ceil(PAIRED_BUDGET_S * 1e3 / stats.median_ms)))
-            speedup = paired_speedup(*paired_rounds(self.reference(case), runner, rounds,
-                                                    synchronize=runner.synchronize))
+            reference = self.reference(case)
+            with CpuWatch() as watch:
+                speedup = paired_speedup(*paired_rounds(reference, runner, rounds, synchronize=runner.synchronize))
             row.update(speedup=speedup.ratio, speedup_ci_low=speedup.low, speedup_ci_high=speedup.high,
-                       latency_saving=1 - 1 / speedup.ratio)
+                       latency_saving=1 - 1 / speedup.ratio, other_cpu_share=watch.other_share)
         row["load_avg_1min"] = machine_load()
         if self.profile.memory and case.backend in EAGER_BACKENDS:  # an export backend's child would measure the exporter
             row.update(self._memory(case, model))

@@ -37,6 +37,7 @@ from tabulate import tabulate
 
 from amg.benchmark.results import INTERRUPTED, KEY_COLUMNS, ReportError, ResultsFile, read_csv
 from amg.errors import InputError
+from amg.measure.contention import contended
 
 EXIT_PASS = 0
 EXIT_FAIL = 1
@@ -294,9 +295,14 @@ def compare(
                 verdict, note = _check(metric, base, cur, tolerances)
             findings.append(Finding(key, metric, base, cur, verdict, note))
 
-    for key in current:
+    for key, row in current.items():
         if key not in baseline:
             findings.append(Finding(key, CONFIGURATION, None, None, OK, "new: not in the baseline, not checked"))
+        share = parse_number(row.get("other_cpu_share"))
+        if contended(share):
+            findings.append(Finding(key, CONFIGURATION, None, None, OK,
+                                    f"timed while other processes took {100 * share:.0f}% of the CPU: "
+                                    "its speed-up deserves less trust"))
     if any(row.get("run_status") == INTERRUPTED for row in current_list):
         findings.append(Finding((), CONFIGURATION, None, None, OK,
                                 f"{current_name} is an interrupted run: configurations it did not reach are missing"))

@@ -16,6 +16,7 @@ from tabulate import tabulate
 
 from amg.benchmark.profiles import PruneSpec
 from amg.errors import InputError
+from amg.measure.contention import contended
 from amg.pruning.schedule import fine_tuning_stages
 from amg.reporting.loading import run_timestamps
 from amg.reporting.pareto import pareto_front
@@ -169,4 +170,8 @@ def summary(selection: Selection) -> str:
         command = prune_command(str(chosen["config_id"]), str(chosen["checkpoint"]))
         if command:
             lines.append(f"make it with: {command}")
+        share = chosen.get("other_cpu_share")
+        if share is not None and not pd.isna(share) and contended(float(share)):
+            lines.append(f"warning: {chosen['config_id']} was timed while other processes took {100 * share:.0f}% "
+                         "of the CPU: its latency deserves less trust; measure it again on a quiet machine")
     return "\n".join(lines)
