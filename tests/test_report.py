@@ -384,3 +384,48 @@ def test_two_writers_of_the_same_run_one_wins_one_is_refused(tmp_path):
     assert len(frame) == 6
     heads = frame[frame["config_id"] == "heads=0.25,tokens=0"]
     assert heads["speedup"].nunique() == 1  # all rows from one writer, none mixed in from the other
+
+
+def test_the_report_opens_with_the_best_configuration_per_saving():
+    import pandas as pd
+
+    from amg.reporting.summary import summary_table
+
+    def row(config, saving, mAP, speedup=None, low=None, high=None):
+        return {"device_id": "dev", "backend": "cpu", "precision": "fp32", "batch": 1, "config_id": config,
+                "head_ratio": 0.0 if config == "unpruned" else 0.5, "token_ratio": 0.0, "macs_saving": saving,
+                "occluded_mAP": mAP, "speedup": speedup, "speedup_ci_low": low, "speedup_ci_high": high,
+                "latency_median_ms": 1.0}
+
+    frame = pd.DataFrame([row("unpruned", 0.0, 0.40), row("heads0.25:amg", 0.12, 0.36, 1.10, 1.08, 1.12),
+                          row("heads0.25:random", 0.12, 0.30, 1.12), row("heads0.5:amg", 0.19, 0.20, 1.30)])
+    metric, table = summary_table(frame)
+    assert metric == "occluded_mAP"
+    lines = [line for line in table.splitlines() if line.startswith("| dev ")]
+    assert "heads0.25:amg " in lines[0] and "1.10 [1.08, 1.12]" in lines[0] and "90%" in lines[0]
+    assert "heads0.5:amg" in lines[1] and "50%" in lines[1]  # 19% counts as 20% (within 2 points)
+    assert "out of reach here" in lines[2]
+    assert summary_table(frame.assign(occluded_mAP=None)) is None  # latency-only runs: no summary
+
+
+@pytest.mark.parametrize("config_id, family", [
+    ("unpruned", "unpruned"), ("unpruned@ft300", "unpruned"), ("heads0.25:amg", "heads"),
+    ("save0.2:heads:amg/keep-one@ft300", "heads"), ("tokens0.5:random", "tokens"),
+    ("heads0.5:amg+tokens0.5:amg", "heads+tokens"), ("save0.3:tokens:tome", "ToMe / EViT"), ("made-up", "other")])
+def test_policy_families_colour_the_plots(config_id, family):
+    from amg.reporting.pareto import policy_family
+
+    assert policy_family(config_id) == family
+
+
+def test_only_the_pareto_front_is_labelled():
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+    from amg.reporting.pareto import _draw_series
+
+    frame = pd.DataFrame({"config_id": ["unpruned", "heads0.25:amg", "heads0.25:random", "tokens0.5:tome", "a"],
+                          "latency_median_ms": [4.0, 3.0, 3.2, 5.0, 6.0], "occluded_mAP": [0.4, 0.35, 0.3, 0.39, 0.1]})
+    ax = Figure().add_subplot()
+    _draw_series(ax, frame, "latency_median_ms", "occluded_mAP")
+    assert sorted(text.get_text() for text in ax.texts) == ["heads0.25:amg", "unpruned"]

@@ -6,14 +6,17 @@ global backend is switched for whoever imports this module, and no figure is lef
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from amg.benchmark.profiles import PruneSpec
 from amg.errors import InputError
 from amg.files import write_png_atomic
+from amg.pruning.policies import is_dynamic
 from amg.reporting.tables import PERCENT_COLUMNS, format_cell
 
 AXIS_LABELS = {
@@ -30,6 +33,7 @@ AXIS_LABELS = {
 }
 LATENCY_PLOT = "accuracy_vs_latency.png"
 MACS_PLOT = "accuracy_vs_gmacs.png"
+PANELS_PER_ROW = 3
 
 
 def pareto_front(frame: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
@@ -60,43 +64,65 @@ def _series_label(device: str, backend: str, precision: str, batch: object) -> s
     return f"{device}/{backend}{precision}, batch {format_cell(batch, 0)}"
 
 
-def _draw_series(ax, frame: pd.DataFrame, x: str, y: str) -> None:
-    """One scatter per device/backend/precision/batch, its own front as a step line."""
-    groups = frame.groupby(["device_id", "backend", "precision", "batch"], sort=True)
-    labelled: set[tuple] = set()  # series often share points (GMACs): label each point once
-    for index, (key, group) in enumerate(groups):
-        color = f"C{index % 10}"
-        ax.scatter(_plotted(group, x), _plotted(group, y), color=color, label=_series_label(*key), zorder=3)
-        front = pareto_front(group, x, y)
-        # "post": from each front point on, that accuracy is reachable until the next point.
-        ax.step(_plotted(front, x), _plotted(front, y), where="post", color=color, alpha=0.6)
-        for px, py, name in zip(_plotted(group, x), _plotted(group, y), group["config_id"]):
-            if (px, py, name) not in labelled:
-                labelled.add((px, py, name))
-                ax.annotate(str(name), (px, py), xytext=(4, 3), textcoords="offset points", fontsize=7)
+FAMILIES = ("unpruned", "heads", "tokens", "heads+tokens", "ToMe / EViT", "other")
+
+
+def policy_family(config_id: str) -> str:
+    """What a configuration prunes, for colouring: heads, static tokens, both, or dynamic tokens."""
+    spec = PruneSpec.from_config_id(str(config_id))
+    if spec is None:
+        return "other"
+    if not (spec.uses_heads or spec.uses_tokens):
+        return "unpruned"
+    if spec.uses_tokens and is_dynamic(spec.token_policy):
+        return "ToMe / EViT"
+    return "heads+tokens" if spec.uses_heads and spec.uses_tokens else ("heads" if spec.uses_heads else "tokens")
+
+
+def _draw_series(ax, group: pd.DataFrame, x: str, y: str) -> None:
+    """One panel: every configuration as a dot coloured by its family, the Pareto front as a
+    step line, and only the front's points labelled (the rest would bury each other)."""
+    families = group["config_id"].map(policy_family)
+    for family in FAMILIES:
+        members = group[families == family]
+        if not members.empty:
+            ax.scatter(_plotted(members, x), _plotted(members, y), color=f"C{FAMILIES.index(family)}",
+                       label=family, s=18, zorder=3)
+    front = pareto_front(group, x, y)
+    # "post": from each front point on, that accuracy is reachable until the next point.
+    ax.step(_plotted(front, x), _plotted(front, y), where="post", color="0.4", alpha=0.7, zorder=2)
+    for px, py, name in zip(_plotted(front, x), _plotted(front, y), front["config_id"]):
+        ax.annotate(str(name), (px, py), xytext=(4, 3), textcoords="offset points", fontsize=7)
 
 
 def plot_pareto(frame: pd.DataFrame, out_dir: str | Path, x_metric: str, y_metric: str, filename: str) -> Path:
-    """Write a PNG of `y_metric` against `x_metric` with each series' Pareto front; returns its path.
+    """Write a PNG of `y_metric` against `x_metric`, one panel per device/backend/precision/batch
+    with its Pareto front; returns its path.
 
     Rows missing either value are left out; with none left the plot says so instead of
     failing, so a latency-only run still gets its report.
     """
     x_label, y_label = AXIS_LABELS.get(x_metric, x_metric), AXIS_LABELS.get(y_metric, y_metric)
-    figure = Figure(figsize=(9, 6), layout="constrained")
-    ax = figure.add_subplot()
     data = frame.dropna(subset=[x_metric, y_metric])
-    if data.empty:
-        ax.text(0.5, 0.5, f"no row has both {x_metric} and {y_metric}", ha="center", transform=ax.transAxes)
-    else:
-        _draw_series(ax, data, x_metric, y_metric)
-        ax.legend(fontsize=8, loc="best")
-        values = _plotted(data, x_metric)
-        if values.min() > 0 and values.max() / values.min() > 20:
-            ax.set_xscale("log")  # batch 1 and batch 32 latencies differ ~20x: keep both readable
-    ax.set_xlabel(x_label)
-    ax.set_ylabel(y_label)
-    ax.set_title(f"{y_label} vs {x_label}\nstep lines: Pareto fronts (lower x and higher y are better)")
-    ax.grid(alpha=0.3)
+    groups = list(data.groupby(["device_id", "backend", "precision", "batch"], sort=True))
+    columns = min(max(len(groups), 1), PANELS_PER_ROW)
+    rows = max(1, math.ceil(len(groups) / columns))
+    figure = Figure(figsize=(5.5 * columns, 4.2 * rows), layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    if not groups:
+        axes[0].text(0.5, 0.5, f"no row has both {x_metric} and {y_metric}", ha="center",
+                     transform=axes[0].transAxes)
+    for ax, (key, group) in zip(axes, groups):
+        _draw_series(ax, group, x_metric, y_metric)
+        ax.set_title(_series_label(*key), fontsize=9)
+        ax.set_xlabel(x_label)
+        ax.set_ylabel(y_label)
+        ax.grid(alpha=0.3)
+    for ax in axes[len(groups):]:
+        ax.set_visible(False)
+    if groups:
+        handles = {label: handle for ax in axes for handle, label in zip(*ax.get_legend_handles_labels())}
+        figure.legend(handles.values(), handles.keys(), loc="outside lower center", ncols=len(handles), fontsize=8)
+    figure.suptitle(f"{y_label} vs {x_label}: Pareto fronts labelled (lower x and higher y are better)")
     path = Path(out_dir) / filename
     return write_png_atomic(figure, path)

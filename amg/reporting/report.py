@@ -1,8 +1,8 @@
 """`amg report`: every benchmark CSV under a results folder -> one README.md of tables, plots
 and pictures.
 
-Each configuration's newest measurement on each device goes into one section per device
-(`tables`), a cross-device speed-up table, two accuracy-vs-cost plots (`pareto`), the
+A one-screen summary first (`summary`), then each configuration's newest measurement on each
+device in one section per device (`tables`), a cross-device speed-up table, two accuracy-vs-cost plots (`pareto`), the
 equal-MACs comparison (`equal_macs`) and the attention pictures (`pictures`).
 """
 
@@ -19,6 +19,7 @@ from amg.reporting.equal_macs import section as equal_macs_section
 from amg.reporting.loading import csvs_under, load_reports, newest_per_configuration
 from amg.reporting.pareto import AXIS_LABELS, LATENCY_PLOT, MACS_PLOT, plot_pareto
 from amg.reporting.pictures import draw_records
+from amg.reporting.summary import section as summary_section
 from amg.reporting.tables import cross_device_table, device_table, markdown_text
 
 
@@ -63,7 +64,7 @@ def _device_section(latest: pd.DataFrame, device: str) -> list[str]:
 
 
 def _readme(frame: pd.DataFrame, latest: pd.DataFrame, root: Path, accuracy: str) -> str:
-    lines = ["# Benchmark report", ""] + _sources(frame, latest, root) + [""]
+    lines = ["# Benchmark report", ""] + summary_section(latest) + _sources(frame, latest, root) + [""]
     for device in sorted(latest["device_id"].unique()):
         lines += _device_section(latest, device)
     lines += [

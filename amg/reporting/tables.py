@@ -48,7 +48,7 @@ def markdown_text(text: object) -> str:
     return _MARKDOWN_SPECIAL.sub(r"\\\1", " ".join(str(text).split()))
 
 
-def _is_unpruned(frame: pd.DataFrame) -> pd.Series:
+def is_unpruned(frame: pd.DataFrame) -> pd.Series:
     # By name, or by ratios both 0 for configurations named otherwise (e.g. "heads=0,tokens=0").
     named = frame["config_id"].astype(str).str.lower() == UNPRUNED.config_id
     return named | ((frame["head_ratio"] == 0) & (frame["token_ratio"] == 0))
@@ -56,11 +56,11 @@ def _is_unpruned(frame: pd.DataFrame) -> pd.Series:
 
 def _unpruned_first(frame: pd.DataFrame, groups: list[str]) -> pd.DataFrame:
     """Sorted by `groups`, then the unpruned configuration, then the others by name."""
-    order = frame.assign(_pruned=~_is_unpruned(frame))
+    order = frame.assign(_pruned=~is_unpruned(frame))
     return order.sort_values(groups + ["_pruned", "config_id"], kind="stable").drop(columns="_pruned")
 
 
-def _markdown(rows: list[list[str]], headers: list[str], numeric_from: int) -> str:
+def markdown_table(rows: list[list[str]], headers: list[str], numeric_from: int) -> str:
     # disable_numparse: tabulate would otherwise re-format "1.20" as "1.2".
     align = ["left"] * numeric_from + ["right"] * (len(headers) - numeric_from)
     return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True, colalign=align)
@@ -85,7 +85,7 @@ def device_table(frame: pd.DataFrame, device_id: str) -> str:
         + [format_cell(row[column], decimals, scale) for _, column, decimals, scale in DEVICE_COLUMNS]
         for _, row in rows.iterrows()
     ]
-    return _markdown(body, headers, numeric_from=len(labels) - 1)
+    return markdown_table(body, headers, numeric_from=len(labels) - 1)
 
 
 def _target(frame: pd.DataFrame) -> pd.Series:
@@ -113,4 +113,4 @@ def cross_device_table(frame: pd.DataFrame) -> str:
         for _, row in table.iterrows()
     ]
     headers = ["model", "config", "batch", "MACs saved %"] + [markdown_text(t) for t in targets]
-    return _markdown(body, headers, numeric_from=2)
+    return markdown_table(body, headers, numeric_from=2)
