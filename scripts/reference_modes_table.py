@@ -63,7 +63,11 @@ if __name__ == "__main__":
     folder = Path(sys.argv[1])
     table = main(folder)
     text = ("# AMG's reference modes at equal MACs (the embedded default model)\n\n"
-            "Made by `scripts/reference-modes`; accuracy on the synthetic set's holistic and occluded "
-            "queries (519 each).\n\n" + table + "\n")
+            "Made by `scripts/reference-modes` (which calls `amg prune --macs-saving S --saving-by B "
+            "--allocation A --calibration-loss L --finetune N` and `amg eval --json`); each configuration's "
+            "plan (`*.plan.json`) and evaluation (`*.eval.json`) are beside this file. Accuracy on the "
+            "synthetic set's holistic and occluded queries (519 each); MACs by fvcore. `plan differs` counts "
+            "heads and K/V positions removed by one plan and not the other, against the reference's "
+            "allocation and this project's default loss at the same saving and schedule.\n\n" + table + "\n")
     write_text_atomic(folder / "README.md", text)
     print(text)
