@@ -192,6 +192,7 @@ def suite(request: pytest.FixtureRequest):
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    from amg.benchmark.query_record import save_query_record
     from amg.benchmark.results import COMPLETE, INTERRUPTED, write_csv
 
     state = session.config.stash.get(_SUITE_KEY, None)
@@ -201,6 +202,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     status = INTERRUPTED if exitstatus == pytest.ExitCode.INTERRUPTED else COMPLETE
     rows = [{**row, "run_status": status} for row in state.rows]
     path = write_csv(rows, results_dir, state.metadata["device_id"], state.metadata["run_id"])
+    if state.query_values:  # per-query accuracy for paired comparisons in `amg report`
+        save_query_record(path, state.query_values)
     if state.journal is not None:
         state.journal.unlink(missing_ok=True)  # the report holds every row now
     reporter = session.config.pluginmanager.getplugin("terminalreporter")

@@ -53,10 +53,35 @@ def test_one_table_per_target_with_references_families_and_bold_winners():
     amg = body[2]
     # MACs saved, speed-up b1 and b32, latency saving / MACs saving (1 - 1/1.21 = 17.4% of 20%), memory
     assert amg[2:8] == ["20.0", "1.21", "1.15", "0.87", "0.65", "400"]
-    assert amg[-2:] == ["100%", "83%"]  # occluded R1 and mAP as a share of the unpruned model's
+    assert amg[-3:-1] == ["100%", "83%"]  # occluded R1 and mAP as a share of the unpruned model's
+    assert amg[-1] == "—"  # no per-query record behind these rows: no paired comparison
     assert body[5][4] == body[5][6] == "—"  # tome has no batch-32 row here
 
 
 def test_section_is_empty_without_a_study():
     assert section(STUDY[~STUDY["config_id"].str.startswith("save")]) == ""
     assert section(STUDY).startswith("## Equal-MACs comparison")
+
+
+def test_against_random_the_difference_is_paired_over_queries_and_a_tie_is_called_one(tmp_path):
+    from amg.benchmark.query_record import save_query_record
+    from amg.benchmark.results import write_csv
+    from amg.reporting.loading import load_reports
+
+    rows = [_row("unpruned", 1, None, 0.30, saving=0.0), _row("save0.2:heads:random", 1, 1.2, 0.20),
+            _row("save0.2:heads:amg", 1, 1.2, 0.25), _row("save0.2:heads:amg/per-block", 1, 1.2, 0.205)]
+    csv_path = write_csv(rows, tmp_path, "cpu-2c", "r1")
+    queries = 400
+    random_ap = [0.2] * queries
+    better = [0.25] * queries  # every query 5 points better: decided
+    mixed = [0.2 + (0.3 if i % 10 == 0 else -0.03) for i in range(queries)]  # a few much better, most worse
+    save_query_record(csv_path, {
+        "save0.2:heads:random": {"occluded": {"ap": random_ap, "rank1": [0] * queries}},
+        "save0.2:heads:amg": {"occluded": {"ap": better, "rank1": [0] * queries}},
+        "save0.2:heads:amg/per-block": {"occluded": {"ap": mixed, "rank1": [0] * queries}},
+    })
+    body = {row[0].strip("*"): row for row in _body(dict(comparison_tables(load_reports(tmp_path)))[
+        "cpu-2c / cpu: 20% of MACs saved"])}
+    assert body["heads:amg"][-1] == "+5.0 [+5.0, +5.0]"
+    assert body["heads:amg/per-block"][-1].startswith("tie [")
+    assert body["heads:random"][-1] == "—"

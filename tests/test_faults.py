@@ -20,6 +20,7 @@ import psutil
 import pytest
 from conftest import TINY_DATA
 
+from amg.benchmark.query_record import load_query_record
 from amg.benchmark.results import COMPLETE, INTERRUPTED, find_csvs, read_csv, recover_journals
 from amg.data.synthetic import generate
 from amg.model.pruned import save_pruned
@@ -86,6 +87,10 @@ def test_an_interrupted_run_writes_what_it_measured_marked_interrupted(tiny_inpu
     expected = COMPLETE if process.returncode == 0 else INTERRUPTED  # 0: it had finished first
     assert rows and all(row["run_status"] == expected for row in rows), output
     assert not list(results.glob("*/.*.journal"))  # the report holds them now
+    # and each measured configuration's per-query accuracy, for paired comparisons
+    record = load_query_record(report)
+    assert {row["config_id"] for row in rows} <= set(record)
+    assert all(len(values["occluded"]["ap"]) == len(values["occluded"]["rank1"]) > 0 for values in record.values())
     if expected == INTERRUPTED:
         assert gate_main(["--baseline", str(report), "--current", str(report)]) == 2  # never a baseline
     _assert_gone(children)

@@ -23,6 +23,7 @@ import torch
 import amg
 from amg.benchmark.plan_store import PlanStore
 from amg.benchmark.profiles import UNPRUNED, Case, Profile, PruneSpec
+from amg.benchmark.query_record import per_query_values
 from amg.benchmark.results import append_journal
 from amg.data.layout import ReIDDataset
 from amg.data.synthetic import MANIFEST
@@ -104,6 +105,8 @@ class Suite:
     progress: Progress
     metadata: dict[str, Any] = field(default_factory=run_metadata)
     rows: list[dict[str, Any]] = field(default_factory=list)
+    # {config_id: {query set: per-query AP and Rank-1 hits}}: `amg.benchmark.query_record`
+    query_values: dict[str, dict[str, dict[str, list]]] = field(default_factory=dict)
     # Fault injection to prove the gate works: config_id -> factor (1.2 = 20% slower).
     slowdown: dict[str, float] = field(default_factory=dict)
     # Where one-shot plans are reused from and new ones kept (None: plan every run anew).
@@ -225,6 +228,8 @@ class Suite:
                     values = metrics.as_dict()
                     row.update({f"{name}_{k}": values[k] for k in ("rank1", "rank5", "mAP", "mINP")})
                     row[f"{name}_unmatched"] = metrics.num_skipped  # left out by the protocol: said, not hidden
+                    self.query_values.setdefault(spec.config_id, {})[name] = per_query_values(
+                        metrics.query_ap, metrics.query_first_rank)
             self._accuracy[spec] = row
         return self._accuracy[spec]
 

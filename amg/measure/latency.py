@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from amg.errors import InputError
+from amg.statistics import percentile_interval, resampled_pairs
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,6 @@ def paired_speedup(ref_samples: list[float], cand_samples: list[float], level: f
     if len(ref_samples) != len(cand_samples) or not ref_samples:
         raise InputError("a speed-up interval needs the same number (>= 1) of reference and candidate rounds")
     ref, cand = np.asarray(ref_samples), np.asarray(cand_samples)
-    picks = np.random.default_rng(seed).integers(0, len(ref), size=(resamples, len(ref)))
-    ratios = np.median(ref[picks], axis=1) / np.median(cand[picks], axis=1)
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(ratios, [tail, 100 - tail])
-    return PairedSpeedup(statistics.median(ref_samples) / statistics.median(cand_samples), float(low), float(high))
+    picks = resampled_pairs(len(ref), resamples, seed)
+    low, high = percentile_interval(np.median(ref[picks], axis=1) / np.median(cand[picks], axis=1), level)
+    return PairedSpeedup(statistics.median(ref_samples) / statistics.median(cand_samples), low, high)

@@ -14,8 +14,10 @@ import pandas as pd
 from tabulate import tabulate
 
 from amg.benchmark.profiles import PruneSpec
+from amg.benchmark.query_record import load_query_record
 from amg.pruning.schedule import SCHEDULES, Schedule
 from amg.reporting.tables import MISSING, format_cell, markdown_text
+from amg.statistics import mean_difference_interval
 
 FAMILIES = ("heads", "tokens", "heads+tokens")
 
@@ -50,10 +52,46 @@ def _merged(rows: pd.DataFrame) -> pd.DataFrame:
 
 HEADERS = ["method", "schedule", "MACs saved %", "speed-up b1", "speed-up b{large}", "lat./MACs saving b1",
            "lat./MACs saving b{large}", "peak RSS MB",
-           "R1 %", "mAP %", "occ. R1 %", "occ. mAP %", "occ. R1 / unpruned", "occ. mAP / unpruned"]
+           "R1 %", "mAP %", "occ. R1 %", "occ. mAP %", "occ. R1 / unpruned", "occ. mAP / unpruned",
+           "occ. mAP − random [95%]"]
+# The random policy of each family: what "AMG beats random" is measured against.
+RANDOM_METHODS = {"heads": "heads:random", "tokens": "tokens:random", "heads+tokens": "heads:random+tokens:random"}
 
 
-def _line(row: pd.Series, unpruned: pd.Series, method: str, schedule: str, bold: bool = False) -> list[str]:
+class QueryRecords:
+    """Per-query accuracy of the runs behind the rows (`amg.benchmark.query_record`), read once each."""
+
+    def __init__(self) -> None:
+        self._records: dict[str, dict] = {}
+
+    def values(self, row: pd.Series, metric: str = "ap", query_set: str = "occluded") -> list | None:
+        source = str(row.get("source", ""))
+        if source not in self._records:
+            self._records[source] = load_query_record(source) if source else {}
+        return self._records[source].get(str(row["config_id"]), {}).get(query_set, {}).get(metric)
+
+
+def versus_random(row: pd.Series, group: pd.DataFrame, records: QueryRecords) -> str:
+    """Occluded mAP of `row` minus its family's random policy at the same saving and schedule,
+    paired over the same queries: "+2.4 [+1.5, +3.3]", "tie [-1.0, +2.0]" when the interval
+    holds 0, or "—" without per-query values (runs before they were recorded) or a random row."""
+    family = "+".join(part.split(":")[0] for part in str(row["method"]).split("+"))
+    random_method = RANDOM_METHODS.get(family)
+    if random_method is None or row["method"] == random_method or "source" not in group:
+        return MISSING
+    rivals = group[(group["method"] == random_method) & (group["schedule_label"] == row["schedule_label"])
+                   & (group["source"] == row.get("source"))]
+    mine = records.values(row)
+    theirs = None if rivals.empty else records.values(rivals.iloc[0])
+    if mine is None or theirs is None or len(mine) != len(theirs):
+        return MISSING
+    delta, low, high = mean_difference_interval(theirs, mine)
+    interval = f"[{100 * low:+.1f}, {100 * high:+.1f}]"
+    return f"{100 * delta:+.1f} {interval}" if low > 0 or high < 0 else f"tie {interval}"
+
+
+def _line(row: pd.Series, unpruned: pd.Series, method: str, schedule: str, bold: bool = False,
+          against_random: str = MISSING) -> list[str]:
     def share(metric: str) -> str:
         base = unpruned.get(metric)
         if base is None or pd.isna(base) or not base or pd.isna(row.get(metric)):
@@ -73,7 +111,7 @@ def _line(row: pd.Series, unpruned: pd.Series, method: str, schedule: str, bold:
             saving_ratio(row.get("speedup_large")), format_cell(row.get("peak_rss_mb"), 0),
             format_cell(row.get("query_rank1"), 1, 100.0), format_cell(row.get("query_mAP"), 1, 100.0),
             format_cell(row.get("occluded_rank1"), 1, 100.0), format_cell(row.get("occluded_mAP"), 1, 100.0),
-            share("occluded_rank1"), share("occluded_mAP")]
+            share("occluded_rank1"), share("occluded_mAP"), against_random]
 
 
 def comparison_tables(frame: pd.DataFrame) -> list[tuple[str, str]]:
@@ -81,6 +119,7 @@ def comparison_tables(frame: pd.DataFrame) -> list[tuple[str, str]]:
     family (heads, tokens, heads+tokens) and schedule; the best occluded mAP of each family
     and schedule is in bold (ties all bold)."""
     study = study_rows(frame)
+    records = QueryRecords()
     tables = []
     for (device, backend, precision), rows in study.groupby(["device_id", "backend", "precision"], sort=True):
         merged = _merged(rows)
@@ -102,7 +141,8 @@ def comparison_tables(frame: pd.DataFrame) -> list[tuple[str, str]]:
             best = group.groupby(["_family", "_schedule"])["occluded_mAP"].transform("max")
             for (_, row), top in zip(group.iterrows(), best):
                 body.append(_line(row, unpruned, row["method"], row["schedule_label"],
-                                  bold=pd.notna(top) and row["occluded_mAP"] == top))
+                                  bold=pd.notna(top) and row["occluded_mAP"] == top,
+                                  against_random=versus_random(row, group, records)))
             title = f"{markdown_text(device)} / {markdown_text(backend)}{'' if precision == 'fp32' else ' ' + precision}: {target:.0%} of MACs saved"
             markdown = tabulate(body, headers=headers, tablefmt="github", disable_numparse=True,
                                 colalign=["left", "left"] + ["right"] * (len(headers) - 2))
@@ -121,8 +161,11 @@ def section(frame: pd.DataFrame) -> str:
              "model; `it<R>x<N>` = R rounds of prune, fine-tune, re-score with N steps in all. Speed-ups are "
              "interleaved with the unpruned model in the same run; `lat./MACs saving` is latency saving ÷ MACs "
              "saving (1.00: latency falls as much as MACs); accuracy is on the synthetic holistic and "
-             "occluded query sets; bold: best occluded mAP of its family and schedule. A method missing "
-             "from a table cannot reach that saving on this model.", ""]
+             "occluded query sets; bold: best occluded mAP of its family and schedule. `occ. mAP − random`: "
+             "the difference to the random policy of the same family and schedule, paired over the same "
+             "queries with its 95% bootstrap interval (`tie` when the interval holds 0; `—` for runs "
+             "recorded before per-query values were kept). A method missing from a table cannot reach "
+             "that saving on this model.", ""]
     for title, markdown in tables:
         lines += [f"### {title}", "", markdown, ""]
     return "\n".join(lines)

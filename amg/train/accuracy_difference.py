@@ -13,10 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from amg.errors import InputError
+from amg.statistics import RESAMPLES, mean_difference_interval
 from amg.train.metrics import RankMetrics
-
-BOOTSTRAP_SAMPLES = 2000
-CONFIDENCE = 0.95
 
 
 @dataclass(frozen=True)
@@ -47,17 +45,12 @@ def per_query(metrics: RankMetrics, metric: str) -> np.ndarray:
     raise InputError(f"unknown metric {metric!r} for a paired comparison; choose rank1 or mAP")
 
 
-def paired_difference(a: RankMetrics, b: RankMetrics, metric: str, samples: int = BOOTSTRAP_SAMPLES,
+def paired_difference(a: RankMetrics, b: RankMetrics, metric: str, samples: int = RESAMPLES,
                       seed: int = 0) -> Difference:
     """`metric` of `a` and of `b`, and a 95% paired bootstrap interval of b - a over the queries."""
     values_a, values_b = per_query(a, metric), per_query(b, metric)
     if len(values_a) != len(values_b):
         raise InputError(f"the two evaluations have {len(values_a)} and {len(values_b)} valid queries: "
                          "a paired comparison needs the same queries")
-    differences = values_b - values_a
-    rng = np.random.default_rng(seed)
-    picks = rng.integers(0, len(differences), size=(samples, len(differences)))
-    means = differences[picks].mean(axis=1)
-    tail = (1 - CONFIDENCE) / 2
-    low, high = np.quantile(means, [tail, 1 - tail])
-    return Difference(metric, float(values_a.mean()), float(values_b.mean()), float(low), float(high))
+    _, low, high = mean_difference_interval(values_a, values_b, resamples=samples, seed=seed)
+    return Difference(metric, float(values_a.mean()), float(values_b.mean()), low, high)
