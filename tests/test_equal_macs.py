@@ -85,3 +85,25 @@ def test_against_random_the_difference_is_paired_over_queries_and_a_tie_is_calle
     assert body["heads:amg"][-1] == "+5.0 [+5.0, +5.0]"
     assert body["heads:amg/per-block"][-1].startswith("tie [")
     assert body["heads:random"][-1] == "—"
+
+
+def test_seeds_of_a_random_configuration_show_as_their_mean_and_spread():
+    study = _frame(_row("unpruned", 1, None, 0.30, saving=0.0),
+                   _row("save0.2:heads:random", 1, 1.20, 0.20), _row("save0.2:heads:random~s1", 1, 1.22, 0.26),
+                   _row("save0.2:heads:random~s2", 1, 1.24, 0.23), _row("save0.2:heads:amg", 1, 1.21, 0.25))
+    body = _body(dict(comparison_tables(study))["cpu-2c / cpu: 20% of MACs saved"])
+    random = next(row for row in body if row[0].strip("*").startswith("heads:random"))
+    assert random[0].strip("*") == "heads:random ×3"
+    assert random[3] == "1.22" and random[11] == "23.0"  # mean speed-up and mean occluded mAP
+    assert random[-1] == "spread of 3 seeds: 6.0"  # max - min occluded mAP, points
+    assert len(body) == 3  # unpruned, amg, one random row for the three draws
+
+
+def test_a_seed_names_a_draw_of_a_random_policy_only():
+    from amg.benchmark.profiles import PruneSpec, equal_macs_specs
+
+    spec = PruneSpec.from_config_id("save0.2:heads:random~s2@ft300")
+    assert spec.seed == 2 and spec.config_id == "save0.2:heads:random~s2@ft300"
+    assert PruneSpec.from_config_id("save0.2:heads:amg~s2") is None
+    assert {s.seed for s in equal_macs_specs() if s.random} == {0, 1, 2}
+    assert all(s.seed == 0 for s in equal_macs_specs() if not s.random)

@@ -107,6 +107,8 @@ def test_cli_prints_the_frontier_and_exits_by_whether_anything_fits(results, cap
      "amg prune --macs-saving 0.3 --saving-by both --head-policy amg --token-policy amg --iterative-rounds 3 "
      "--finetune-steps 75 --out pruned.pt"),
     ("save0.4:tokens:tome", "amg prune --macs-saving 0.4 --saving-by tokens --token-policy tome --out pruned.pt"),
+    ("save0.2:heads:random~s2@ft300",
+     "amg prune --macs-saving 0.2 --saving-by heads --head-policy random --seed 2 --finetune 300 --out pruned.pt"),
     ("unpruned", None), ("heads=0.25,tokens=0", None),
 ])
 def test_the_chosen_configuration_comes_with_the_command_that_makes_it(config_id, command):

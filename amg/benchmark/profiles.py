@@ -30,12 +30,20 @@ class PruneSpec:
     saving: float = 0.0
     by: str = ""  # with `saving`: heads | tokens | both
     schedule: Schedule = ONE_SHOT
+    seed: int = 0  # of the random policies: other seeds are other draws of the same method
 
     def __post_init__(self) -> None:
+        if self.seed and not self.random:
+            raise InputError("a seed other than 0 names another draw of a random policy: this configuration has none")
         if bool(self.saving) != bool(self.by):
             raise InputError("a MACs saving needs `by` (heads, tokens or both), and `by` needs a saving")
         if self.saving and (self.heads or self.tokens):
             raise InputError("give ratios or a MACs saving, not both")
+
+    @property
+    def random(self) -> bool:
+        """Whether a policy it uses draws at random (so its seed matters)."""
+        return (self.uses_heads and self.head_policy == "random") or (self.uses_tokens and self.token_policy == "random")
 
     @property
     def uses_heads(self) -> bool:
@@ -66,8 +74,10 @@ class PruneSpec:
 
     @property
     def config_id(self) -> str:
-        """e.g. `heads0.25:amg`, `heads0.5:amg/per-block+tokens0.5:amg`, `save0.3:heads:amg+tokens:amg@ft300`."""
+        """e.g. `heads0.25:amg`, `heads0.5:amg/per-block+tokens0.5:amg`, `save0.3:heads:amg+tokens:amg@ft300`,
+        `save0.2:heads:random~s2` (seed 2 of a random policy)."""
         name = f"save{self.saving:g}:{self.method}" if self.saving else self.method
+        name = name if self.seed == 0 else f"{name}{SEED_MARK}{self.seed}"
         return name if self.schedule == ONE_SHOT else f"{name}@{self.schedule.label}"
 
     @classmethod
@@ -79,6 +89,11 @@ class PruneSpec:
             fields["schedule"] = Schedule.from_label(label)
             if fields["schedule"] is None:
                 return None
+        name, mark, seed = name.partition(SEED_MARK)
+        if mark:
+            if not seed.isdigit():
+                return None
+            fields["seed"] = int(seed)
         if name.startswith("save"):
             target, _, name = name[len("save"):].partition(":")
             fields["saving"] = target
@@ -102,6 +117,7 @@ class PruneSpec:
         return spec if spec.config_id == config_id else None  # only names written as config_id writes them
 
 
+SEED_MARK = "~s"
 _METHOD_PART = re.compile(r"^(?P<axis>heads|tokens)(?P<ratio>[0-9.]*):(?P<policy>[a-z-]+)(?:/(?P<allocation>[a-z-]+))?$")
 
 
@@ -142,6 +158,7 @@ class Profile:
 # cached). Savings a mode cannot reach on the model skip with the reachable maximum.
 STUDY_SAVINGS = (0.1, 0.2, 0.3, 0.4)
 STUDY_STEPS = 300
+RANDOM_SEEDS = (0, 1, 2)  # draws of every random configuration: the table shows their mean and spread
 _HEAD_METHODS = [("amg", "global"), ("amg", "keep-one"), ("amg", "per-block"), ("amg-lowest", "global"),
                  ("random", "global"), ("magnitude", "global"), ("gradient", "global")]
 _TOKEN_METHODS = ["amg", "random", "evit", "tome"]
@@ -169,7 +186,11 @@ def equal_macs_specs(savings: Sequence[float] = STUDY_SAVINGS, steps: int = STUD
             iterated = [heads[0], tokens[0]]
         specs += [replace(s, schedule=finetune) for s in tuned]
         specs += [replace(s, schedule=iterative) for s in iterated]
-    return tuple(specs)
+    return tuple(other for spec in specs for other in _draws(spec))
+
+
+def _draws(spec: PruneSpec) -> list[PruneSpec]:
+    return [replace(spec, seed=seed) for seed in RANDOM_SEEDS] if spec.random else [spec]
 
 
 PROFILES = {
@@ -187,8 +208,8 @@ PROFILES = {
     "default": Profile(ratios=(0.25, 0.5), head_policies=("amg", "random", "magnitude", "gradient"),
                        token_policies=("amg", "random", "tome"), batches=(1, 32),
                        backends=("cpu", "cuda", "jetson", "rpi", "onnxruntime"), paired_rounds=12, rounds=8),
-    # the equal-MACs study behind the README's results tables (~90 minutes on 2 cores the
-    # first time, for the fine-tuning; then ~15 minutes)
+    # the equal-MACs study behind the README's results tables (~2 hours on 2 cores the
+    # first time, for the fine-tuning; then ~20 minutes)
     "equal-macs": Profile(ratios=(), head_policies=(), token_policies=(), batches=(1, 32), backends=("cpu",),
                           paired_rounds=12, rounds=8, specs=equal_macs_specs()),
     "full": Profile(ratios=(0.25, 0.5, 0.75), head_policies=("amg", "amg-lowest", "random", "magnitude", "gradient"),

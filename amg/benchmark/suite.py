@@ -150,9 +150,9 @@ class Suite:
         try:
             if spec.saving:
                 return plan_for_saving(self.model, spec.saving, spec.by, spec.head_policy,
-                                       spec.token_policy, spec.allocation, data)
+                                       spec.token_policy, spec.allocation, data, seed=spec.seed)
             return make_plan(self.model, spec.heads, spec.tokens, spec.head_policy,
-                             spec.token_policy, spec.allocation, data)
+                             spec.token_policy, spec.allocation, data, seed=spec.seed)
         except OutOfReach as error:
             return error
 

@@ -36,7 +36,8 @@ def study_rows(frame: pd.DataFrame) -> pd.DataFrame:
     specs = frame["config_id"].astype(str).map(PruneSpec.from_config_id)
     study = frame.assign(target=specs.map(lambda s: s.saving if s is not None and s.saving else float("nan")),
                          method=specs.map(lambda s: s.method if s is not None else None),
-                         schedule_label=specs.map(lambda s: s.schedule.label if s is not None else None))
+                         schedule_label=specs.map(lambda s: s.schedule.label if s is not None else None),
+                         seed=specs.map(lambda s: s.seed if s is not None else 0))
     is_reference = specs.map(lambda s: s is not None and not (s.uses_heads or s.uses_tokens))
     return study[study["target"].notna() | is_reference]
 
@@ -75,12 +76,16 @@ def versus_random(row: pd.Series, group: pd.DataFrame, records: QueryRecords) ->
     """Occluded mAP of `row` minus its family's random policy at the same saving and schedule,
     paired over the same queries: "+2.4 [+1.5, +3.3]", "tie [-1.0, +2.0]" when the interval
     holds 0, or "—" without per-query values (runs before they were recorded) or a random row."""
-    family = "+".join(part.split(":")[0] for part in str(row["method"]).split("+"))
+    spread = row.get("seed_spread")
+    if spread is not None and pd.notna(spread):  # the random draws themselves: how far apart they land
+        return f"spread of {int(row['method'].rsplit('×', 1)[1])} seeds: {spread:.1f}"
+    method = str(row["method"]).split(" ×")[0]
+    family = "+".join(part.split(":")[0] for part in method.split("+"))
     random_method = RANDOM_METHODS.get(family)
-    if random_method is None or row["method"] == random_method or "source" not in group:
+    if random_method is None or method == random_method or "source" not in group:
         return MISSING
-    rivals = group[(group["method"] == random_method) & (group["schedule_label"] == row["schedule_label"])
-                   & (group["source"] == row.get("source"))]
+    rivals = group[(group["method"].str.split(" ×").str[0] == random_method)
+                   & (group["schedule_label"] == row["schedule_label"]) & (group["source"] == row.get("source"))]
     mine = records.values(row)
     theirs = None if rivals.empty else records.values(rivals.iloc[0])
     if mine is None or theirs is None or len(mine) != len(theirs):
@@ -114,6 +119,27 @@ def _line(row: pd.Series, unpruned: pd.Series, method: str, schedule: str, bold:
             share("occluded_rank1"), share("occluded_mAP"), against_random]
 
 
+AVERAGED = ["macs_saving", "speedup", "speedup_large", "peak_rss_mb", "query_rank1", "query_mAP", "occluded_rank1",
+            "occluded_mAP"]
+
+
+def _seeds_averaged(group: pd.DataFrame) -> pd.DataFrame:
+    """Draws of one random configuration (seeds) as one row: the mean of each value, named
+    `method ×N`, with the spread of occluded mAP (max − min, points) in `seed_spread`. The
+    seed-0 row keeps its `config_id` and source, so paired comparisons still find it."""
+    rows = []
+    for _, draws in group.groupby(["method", "schedule_label"], sort=False):
+        first = draws.sort_values("seed").iloc[0].copy()
+        if len(draws) > 1:
+            for column in AVERAGED:
+                if column in draws:
+                    first[column] = draws[column].mean()
+            first["method"] = f"{first['method']} ×{len(draws)}"
+            first["seed_spread"] = 100 * (draws["occluded_mAP"].max() - draws["occluded_mAP"].min())
+        rows.append(first)
+    return pd.DataFrame(rows)
+
+
 def comparison_tables(frame: pd.DataFrame) -> list[tuple[str, str]]:
     """[(title, markdown)] per device, backend and target saving. Within a target, rows go by
     family (heads, tokens, heads+tokens) and schedule; the best occluded mAP of each family
@@ -134,6 +160,7 @@ def comparison_tables(frame: pd.DataFrame) -> list[tuple[str, str]]:
             body = [_line(unpruned, unpruned, "unpruned", "—")]
             for _, control in references[references["config_id"] != "unpruned"].iterrows():
                 body.append(_line(control, unpruned, "unpruned", control["schedule_label"]))
+            group = _seeds_averaged(group)
             group = group.assign(_family=group["method"].map(_family_rank),
                                  _schedule=group["schedule_label"].map(_schedule_rank))
             group = group.sort_values(["_family", "_schedule", "occluded_mAP"], ascending=[True, True, False],
@@ -162,10 +189,11 @@ def section(frame: pd.DataFrame) -> str:
              "interleaved with the unpruned model in the same run; `lat./MACs saving` is latency saving ÷ MACs "
              "saving (1.00: latency falls as much as MACs); accuracy is on the synthetic holistic and "
              "occluded query sets; bold: best occluded mAP of its family and schedule. `occ. mAP − random`: "
-             "the difference to the random policy of the same family and schedule, paired over the same "
-             "queries with its 95% bootstrap interval (`tie` when the interval holds 0; `—` for runs "
-             "recorded before per-query values were kept). A method missing from a table cannot reach "
-             "that saving on this model.", ""]
+             "the difference to the random policy of the same family and schedule (its seed-0 draw), paired "
+             "over the same queries with its 95% bootstrap interval (`tie` when the interval holds 0; `—` for "
+             "runs recorded before per-query values were kept). A random policy drawn with several seeds is one "
+             "row, `×N`: the mean of its draws, with the spread of their occluded mAP. A method missing from a "
+             "table cannot reach that saving on this model.", ""]
     for title, markdown in tables:
         lines += [f"### {title}", "", markdown, ""]
     return "\n".join(lines)

@@ -145,6 +145,8 @@ def prune_command(config_id: str, checkpoint: str = "default") -> str | None:
             args += ["--allocation", spec.allocation]
     if spec.uses_tokens:
         args += ([] if spec.saving else ["--tokens", f"{spec.tokens:g}"]) + ["--token-policy", spec.token_policy]
+    if spec.seed:
+        args += ["--seed", str(spec.seed)]
     schedule = spec.schedule
     if schedule.kind == "finetune":
         args += ["--finetune", str(schedule.steps)]
