@@ -90,7 +90,7 @@ def test_a_precision_the_backend_does_not_run_is_a_skip_with_the_reason():
 
 
 @pytest.mark.parametrize("emptied_block", [None, 0], ids=["pruned", "emptied-block"])
-@pytest.mark.parametrize("backend", ["cpu", "torchscript", "onnxruntime"])
+@pytest.mark.parametrize("backend", ["cpu", "torchscript", "onnxruntime", "openvino"])
 def test_runners_agree_with_pytorch(backend, emptied_block):
     if backends.availability(backend):
         pytest.skip(backends.availability(backend))
@@ -115,15 +115,16 @@ def test_peak_memory_runs_isolated(tmp_path):
         measure_peak_memory(tmp_path / "absent.pt")
 
 
-def test_dynamic_token_models_that_do_not_export_are_skipped_with_the_reason():
-    if backends.availability("onnxruntime"):
-        pytest.skip(backends.availability("onnxruntime"))
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_dynamic_token_models_that_do_not_export_are_skipped_with_the_reason(backend):
+    if backends.availability(backend):
+        pytest.skip(backends.availability(backend))
     model = tiny(pruned=False)
     apply_plan(model, make_plan(model, tokens=0.3, token_policy="tome"))
     try:
-        runner = backends.prepare("onnxruntime", model, batch=1)
+        runner = backends.prepare(backend, model, batch=1)
     except backends.BackendUnavailable as reason:
-        assert "dynamic token policy 'tome'" in str(reason)
+        assert f"{backend}: the dynamic token policy 'tome'" in str(reason)
     else:  # should a future exporter handle it, the output must still match PyTorch
         images = torch.randn(1, 3, 64, 32, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():

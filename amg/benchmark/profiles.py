@@ -207,14 +207,16 @@ PROFILES = {
     # <= 5 minutes once cached: two ratios, the main baselines, batch 1 and 32, deployment backends
     "default": Profile(ratios=(0.25, 0.5), head_policies=("amg", "random", "magnitude", "gradient"),
                        token_policies=("amg", "random", "tome"), batches=(1, 32),
-                       backends=("cpu", "cuda", "jetson", "rpi", "onnxruntime"), paired_rounds=12, rounds=8),
+                       backends=("cpu", "cuda", "jetson", "rpi", "onnxruntime", "openvino"), paired_rounds=12,
+                       rounds=8),
     # the equal-MACs study behind the README's results tables (~2 hours on 2 cores the
     # first time, for the fine-tuning; then ~20 minutes)
     "equal-macs": Profile(ratios=(), head_policies=(), token_policies=(), batches=(1, 32), backends=("cpu",),
                           paired_rounds=12, rounds=8, specs=equal_macs_specs()),
     "full": Profile(ratios=(0.25, 0.5, 0.75), head_policies=("amg", "amg-lowest", "random", "magnitude", "gradient"),
                     token_policies=("amg", "random", "evit", "tome"), batches=(1, 32),
-                    backends=("cpu", "cuda", "jetson", "rpi", "torchscript", "onnxruntime"), paired_rounds=30, rounds=20),
+                    backends=("cpu", "cuda", "jetson", "rpi", "torchscript", "onnxruntime", "openvino"),
+                    paired_rounds=30, rounds=20),
 }
 
 

@@ -39,6 +39,8 @@ _BACKENDS = (
             "torchscript_runner", eager=False),
     Backend("onnxruntime", "the static-shape model exported to ONNX, run by ONNX Runtime on the CPU", ("fp32",),
             "onnxruntime_availability", "onnx_runner", eager=False),
+    Backend("openvino", "the static-shape model exported to ONNX, compiled by OpenVINO for the CPU (x86, ARM)",
+            ("fp32",), "openvino_availability", "openvino_runner", eager=False),
 )
 BACKENDS = {backend.name: backend for backend in _BACKENDS}
 BACKEND_NAMES = tuple(BACKENDS)

@@ -11,11 +11,12 @@ input, plus the synchronisation to time it honestly. An unavailable backend rais
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -55,6 +56,14 @@ def onnxruntime_availability() -> str | None:
         import onnxruntime  # noqa: F401
     except ImportError:
         return "onnxruntime is not installed (pip install 'amg-bench[onnx]')"
+    return None
+
+
+def openvino_availability() -> str | None:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return "openvino is not installed (pip install openvino)"
     return None
 
 
@@ -116,43 +125,85 @@ def torchscript_runner(model: torch.nn.Module, images: torch.Tensor, camids: tor
     return Runner(run, None, "cpu", "torch.jit.trace + freeze + optimize_for_inference")
 
 
-def onnx_runner(model: torch.nn.Module, images: torch.Tensor, camids: torch.Tensor | None, precision: str,
-                threads: int) -> Runner:
-    import numpy as np
-    import onnxruntime as ort
+@contextlib.contextmanager
+def _dynamic_policies_unavailable(model: torch.nn.Module, backend_name: str) -> Iterator[None]:
+    """Export and load inside: a dynamic token policy that fails there is unavailable on
+    `backend_name`, with the reason; a static model that fails is a bug to see."""
+    try:
+        yield
+    except Exception as error:
+        dynamic = getattr(model, "dynamic_tokens", None)
+        if dynamic is None:
+            raise
+        # Per-image token merging/dropping (gather/scatter on data-dependent indices) does
+        # not survive the TorchScript-based exporter: say so instead of timing nothing.
+        raise BackendUnavailable(f"{backend_name}: the dynamic token policy {dynamic['policy']!r} does not "
+                                 f"export to ONNX here ({type(error).__name__}: {str(error)[:160]})") from error
 
-    inputs = (images,) if camids is None else (images, camids)
-    names = ["images"] if camids is None else ["images", "camids"]
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "model.onnx"
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        # Speed-ups alternate two sessions (unpruned, pruned): a session's pool keeps spinning
-        # after its run and takes the cores from the other one, which read speed-ups of 0.5
-        # to 2.4 for one plan here. Without spinning each pass has the cores to itself.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        try:
-            with torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # exporter deprecation and tracer notes
-                torch.onnx.export(model.eval(), inputs, str(path), input_names=names,
-                                  output_names=["features"], dynamo=False, opset_version=17)
-            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as error:
-            dynamic = getattr(model, "dynamic_tokens", None)
-            if dynamic is None:
-                raise  # a static-shape model must export: a failure here is a bug to see
-            # Per-image token merging/dropping (gather/scatter on data-dependent indices) does
-            # not survive the TorchScript-based exporter: say so instead of timing nothing.
-            raise BackendUnavailable(f"onnxruntime: the dynamic token policy {dynamic['policy']!r} does not "
-                                     f"export to ONNX here ({type(error).__name__}: {str(error)[:160]})") from error
-    feeds = {name: tensor.numpy() for name, tensor in zip(names, inputs)}
+
+def _export_onnx(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], names: list[str], path: Path) -> None:
+    """The model as ONNX (opset 17, static shapes)."""
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # exporter deprecation and tracer notes
+        torch.onnx.export(model.eval(), inputs, str(path), input_names=names,
+                          output_names=["features"], dynamo=False, opset_version=17)
+
+
+def _parity(output, model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], runtime: str) -> float:
+    """Max |runtime - PyTorch| on the features; above ONNX_PARITY nothing is timed."""
+    import numpy as np
+
     with torch.no_grad():
         reference = model(*inputs).numpy()
-    output = session.run(None, feeds)[0]
-    gap = float(np.abs(output - reference).max())
+    gap = float(np.abs(np.asarray(output) - reference).max())
     if gap > ONNX_PARITY:
-        raise RuntimeError(f"onnxruntime output differs from PyTorch by {gap:.2e} (> {ONNX_PARITY}): not timing it")
+        raise RuntimeError(f"{runtime} output differs from PyTorch by {gap:.2e} (> {ONNX_PARITY}): not timing it")
+    return gap
+
+
+def _exported_inputs(images: torch.Tensor, camids: torch.Tensor | None):
+    inputs = (images,) if camids is None else (images, camids)
+    names = ["images"] if camids is None else ["images", "camids"]
+    return inputs, names, {name: tensor.numpy() for name, tensor in zip(names, inputs)}
+
+
+def onnx_runner(model: torch.nn.Module, images: torch.Tensor, camids: torch.Tensor | None, precision: str,
+                threads: int) -> Runner:
+    import onnxruntime as ort
+
+    inputs, names, feeds = _exported_inputs(images, camids)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    # Speed-ups alternate two sessions (unpruned, pruned): a session's pool keeps spinning
+    # after its run and takes the cores from the other one, which read speed-ups of 0.5
+    # to 2.4 for one plan here. Without spinning each pass has the cores to itself.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.onnx"
+        with _dynamic_policies_unavailable(model, "onnxruntime"):
+            _export_onnx(model, inputs, names, path)
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    gap = _parity(session.run(None, feeds)[0], model, inputs, "onnxruntime")
     return Runner(lambda: session.run(None, feeds), None, "cpu", f"ONNX Runtime parity {gap:.1e}")
+
+
+def openvino_runner(model: torch.nn.Module, images: torch.Tensor, camids: torch.Tensor | None, precision: str,
+                    threads: int) -> Runner:
+    import openvino as ov
+
+    inputs, names, feeds = _exported_inputs(images, camids)
+    core = ov.Core()
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.onnx"
+        with _dynamic_policies_unavailable(model, "openvino"):
+            _export_onnx(model, inputs, names, path)
+            # f32 explicitly: on CPUs with bf16 units OpenVINO would otherwise run bf16 and fail parity
+            compiled = core.compile_model(core.read_model(str(path)), "CPU", {
+                "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"})
+    request = compiled.create_infer_request()
+    output = compiled.output(0)
+    gap = _parity(request.infer(feeds)[output], model, inputs, "openvino")
+    return Runner(lambda: request.infer(feeds)[output], None, "cpu", f"OpenVINO parity {gap:.1e}")
 
 
 def prepare(name: str, model: torch.nn.Module, batch: int, precision: str = "fp32",
