@@ -107,19 +107,32 @@ class PrunableAttention(nn.Module):
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q `[B, heads, N, d]`, and k, v at the kept positions `[B, heads, N_kv, d]`."""
         batch, tokens, _ = x.shape
-        heads, dim = self.num_heads, self.head_dim
-        if self.kv_index is None:
-            q, k, v = self.qkv(x).reshape(batch, tokens, 3, heads, dim).permute(2, 0, 3, 1, 4).unbind(0)
-        else:
-            # Row slices of the fused weight are views: no copy, and the state dict keeps timm's names.
-            weight, bias = self.qkv.weight, self.qkv.bias
-            inner = self.inner_dim
-            q = F.linear(x, weight[:inner], None if bias is None else bias[:inner])
-            q = q.reshape(batch, tokens, heads, dim).transpose(1, 2)
-            kept = x.index_select(1, self.kv_index)
-            kv = F.linear(kept, weight[inner:], None if bias is None else bias[inner:])
-            k, v = kv.reshape(batch, kept.shape[1], 2, heads, dim).permute(2, 0, 3, 1, 4).unbind(0)
-        return q, k, v
+        if self.kv_index is None:  # one fused matmul
+            q, k, v = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(
+                2, 0, 3, 1, 4).unbind(0)
+            return q, k, v
+        return self._queries(x), *self._keys_values(x)
+
+    def _queries(self, x: torch.Tensor) -> torch.Tensor:
+        # Row slices of the fused weight are views: no copy, and the state dict keeps timm's names.
+        weight, bias, inner = self.qkv.weight, self.qkv.bias, self.inner_dim
+        q = F.linear(x, weight[:inner], None if bias is None else bias[:inner])
+        return q.reshape(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
+
+    def _keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        weight, bias, inner = self.qkv.weight, self.qkv.bias, self.inner_dim
+        kept = x if self.kv_index is None else x.index_select(1, self.kv_index)
+        kv = F.linear(kept, weight[inner:], None if bias is None else bias[inner:])
+        k, v = kv.reshape(x.shape[0], kept.shape[1], 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return k, v
+
+    def class_token_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention output of the class token alone, `[B, 1, D]`: its query against every
+        kept key (a model whose features are the class token needs no other row)."""
+        if self.num_heads == 0:
+            return self.headless_output(x[:, :1])
+        k, v = self._keys_values(x)
+        return self.merge_heads(F.scaled_dot_product_attention(self._queries(x[:, :1]), k, v))
 
     def keep_heads(self, original_ids: Sequence[int]) -> None:
         """Physically keep only the heads with these original numbers (in their current order)."""

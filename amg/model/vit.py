@@ -18,6 +18,7 @@ from torch import nn
 
 from amg.errors import InputError
 from amg.files import write_atomic
+from amg.model.attention import patch_model
 from amg.model.config import DEFAULT_PRESET, NECK_FEATS, ModelConfig, get_config
 
 CHECKPOINT_FORMAT = "amg-reid-v1"
@@ -86,6 +87,9 @@ class ReIDViT(nn.Module):
         self.neck.bias.requires_grad_(False)  # BNNeck: a bias would shift the retrieval space
         self.classifier = nn.Linear(dim, num_classes, bias=False) if num_classes > 0 else None
         self.neck_feat = "after"
+        # The last block only for the class token (`use_class_token_last_block`): the features
+        # are the same; the last block's other rows, projections and MLP are skipped.
+        self.class_token_only = False
         if self.classifier is not None:
             nn.init.normal_(self.classifier.weight, std=0.001)
 
@@ -105,8 +109,36 @@ class ReIDViT(nn.Module):
         x = vit.blocks(x)
         return vit.norm(x)
 
+    def use_class_token_last_block(self, on: bool = True) -> ReIDViT:
+        """Compute the last block for the class token only in `forward` (lossless: a ReIDViT's
+        features are its class token); `forward_tokens` still returns every token."""
+        if on:
+            patch_model(self)
+        self.class_token_only = on
+        return self
+
+    def forward_class_token(self, images: torch.Tensor, camids: torch.Tensor | None = None) -> torch.Tensor:
+        """The class token after the final norm, `[B, D]`, with the last block computed for it alone:
+        keys and values of every kept position, but one query, one attention row, one MLP row."""
+        vit = self.backbone
+        last = vit.blocks[-1]
+        if not _class_token_block_applies(last):
+            return self.forward_tokens(images, camids)[:, 0]
+        x = vit._pos_embed(vit.patch_embed(images))
+        if self.sie_embed is not None:
+            if camids is None:
+                raise InputError("this model has a camera embedding (SIE): pass camids to forward")
+            x = x + self.config.sie_scale * self.sie_embed[camids]
+        x = vit.blocks[:-1](vit.norm_pre(vit.patch_drop(x)))
+        cls = x[:, :1] + last.drop_path1(last.ls1(last.attn.class_token_attention(last.norm1(x))))
+        cls = cls + last.drop_path2(last.ls2(last.mlp(last.norm2(cls))))
+        return vit.norm(cls)[:, 0]
+
     def forward(self, images: torch.Tensor, camids: torch.Tensor | None = None) -> Any:
-        features = self.forward_tokens(images, camids)[:, 0]
+        if self.class_token_only:
+            features = self.forward_class_token(images, camids)
+        else:
+            features = self.forward_tokens(images, camids)[:, 0]
         if not self.training and self.neck_feat == "before":
             return features
         neck_features = self.neck(features)
@@ -115,6 +147,14 @@ class ReIDViT(nn.Module):
         if self.classifier is None:
             raise RuntimeError("training forward needs a classifier: build the model with num_classes > 0")
         return self.classifier(neck_features), features
+
+
+def _class_token_block_applies(block: nn.Module) -> bool:
+    """A plain (possibly pruned) block whose attention is not being recorded: EViT/ToMe blocks
+    choose tokens from every row, and a recorder wants the whole attention map."""
+    attn = block.attn
+    return (hasattr(attn, "class_token_attention") and getattr(attn, "recorder", None) is None
+            and getattr(block, "policy", None) is None)
 
 
 def build_model(preset: str = DEFAULT_PRESET, num_classes: int = 0, **overrides: Any) -> ReIDViT:
