@@ -89,12 +89,14 @@ def test_a_precision_the_backend_does_not_run_is_a_skip_with_the_reason():
         backends.prepare("cpu", tiny(), 1, "fp16")
 
 
-@pytest.mark.parametrize("emptied_block", [None, 0], ids=["pruned", "emptied-block"])
+@pytest.mark.parametrize("variant", ["pruned", "emptied-block", "class-token-last-block"])
 @pytest.mark.parametrize("backend", ["cpu", "torchscript", "onnxruntime", "openvino"])
-def test_runners_agree_with_pytorch(backend, emptied_block):
+def test_runners_agree_with_pytorch(backend, variant):
     if backends.availability(backend):
         pytest.skip(backends.availability(backend))
-    model = tiny(emptied_block=emptied_block)
+    model = tiny(emptied_block=0 if variant == "emptied-block" else None)
+    if variant == "class-token-last-block":
+        model.use_class_token_last_block()
     runner = backends.prepare(backend, model, batch=2)
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(2, 3, 64, 32, generator=generator)  # the runner's fixed input
