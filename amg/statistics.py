@@ -31,6 +31,11 @@ def percentile_interval(estimates: np.ndarray, level: float = LEVEL) -> tuple[fl
     return float(low), float(high)
 
 
+def excludes_zero(low: float, high: float) -> bool:
+    """Whether an interval of a difference decides its sign (one side is better)."""
+    return low > 0 or high < 0
+
+
 def mean_difference_interval(a: Sequence[float], b: Sequence[float], level: float = LEVEL,
                              resamples: int = RESAMPLES, seed: int = 0) -> tuple[float, float, float]:
     """(mean of b - a, and its paired bootstrap interval) over pairs (a[i], b[i])."""

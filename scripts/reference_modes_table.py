@@ -20,12 +20,9 @@ from amg.model.pruned import apply_plan
 from amg.model.vit import ReIDViT
 
 
-def fvcore_saving(plan: PrunePlan, cache: dict) -> float:
-    """fvcore MACs saved by `plan` on the default preset (weights do not change counts)."""
-    if "full" not in cache:
-        cache["model"] = ReIDViT(PRESETS["small"]).eval()
-        cache["full"] = count_macs(cache["model"]).total
-    return 1 - count_macs(apply_plan(copy.deepcopy(cache["model"]), plan)).total / cache["full"]
+def fvcore_saving(plan: PrunePlan, model: ReIDViT, full_macs: int) -> float:
+    """fvcore MACs saved by `plan` on `model` (the default preset: weights do not change counts)."""
+    return 1 - count_macs(apply_plan(copy.deepcopy(model), plan)).total / full_macs
 
 
 def removed_heads(plan: PrunePlan) -> set[tuple[int, int]]:
@@ -38,7 +35,8 @@ def dropped_tokens(plan: PrunePlan) -> set[tuple[int, int]]:
 
 
 def main(folder: Path) -> str:
-    cache: dict = {}
+    model = ReIDViT(PRESETS["small"]).eval()
+    full_macs = count_macs(model).total
     plans = {f.name[:-len(".plan.json")]: PrunePlan.load(f) for f in sorted(folder.glob("*.plan.json"))}
     rows = []
     for name, plan in plans.items():
@@ -49,7 +47,7 @@ def main(folder: Path) -> str:
             f"{len(removed_heads(plan) ^ removed_heads(base)) // 2} heads, "
             f"{len(dropped_tokens(plan) ^ dropped_tokens(base)) // 2} K/V")
         rows.append([saving[len("save"):], by, allocation, loss, steps[len("ft"):],
-                     f"{100 * fvcore_saving(plan, cache):.1f}", plan.heads_kept,
+                     f"{100 * fvcore_saving(plan, model, full_macs):.1f}", plan.heads_kept,
                      sum(1 for heads in plan.kept_heads if not heads), differs,
                      *(f"{100 * evaluation[queries][metric]:.1f}"
                        for queries in ("query", "occluded") for metric in ("rank1", "mAP"))])

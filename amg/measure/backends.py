@@ -12,6 +12,7 @@ input, plus the synchronisation to time it honestly. An unavailable backend rais
 from __future__ import annotations
 
 import contextlib
+import importlib
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -51,20 +52,21 @@ def rpi_availability() -> str | None:
     return None if is_raspberry_pi() else "the device tree does not name a Raspberry Pi"
 
 
-def onnxruntime_availability() -> str | None:
+def _installed(module: str, install: str) -> str | None:
+    """None when `module` imports, else why the backend that needs it cannot run."""
     try:
-        import onnxruntime  # noqa: F401
+        importlib.import_module(module)
     except ImportError:
-        return "onnxruntime is not installed (pip install 'amg-bench[onnx]')"
+        return f"{module} is not installed ({install})"
     return None
+
+
+def onnxruntime_availability() -> str | None:
+    return _installed("onnxruntime", "pip install 'amg-bench[onnx]'")
 
 
 def openvino_availability() -> str | None:
-    try:
-        import openvino  # noqa: F401
-    except ImportError:
-        return "openvino is not installed (pip install openvino)"
-    return None
+    return _installed("openvino", "pip install openvino")
 
 
 def availability(name: str) -> str | None:
@@ -126,11 +128,16 @@ def torchscript_runner(model: torch.nn.Module, images: torch.Tensor, camids: tor
 
 
 @contextlib.contextmanager
-def _dynamic_policies_unavailable(model: torch.nn.Module, backend_name: str) -> Iterator[None]:
-    """Export and load inside: a dynamic token policy that fails there is unavailable on
-    `backend_name`, with the reason; a static model that fails is a bug to see."""
+def _onnx_file(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], names: list[str],
+               backend_name: str) -> Iterator[Path]:
+    """The model exported to a temporary ONNX file, for `backend_name` to load inside the block.
+    A dynamic token policy that fails to export or load is unavailable there, with the reason;
+    a static model that fails is a bug to see."""
     try:
-        yield
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "model.onnx"
+            _export_onnx(model, inputs, names, path)
+            yield path
     except Exception as error:
         dynamic = getattr(model, "dynamic_tokens", None)
         if dynamic is None:
@@ -178,11 +185,8 @@ def onnx_runner(model: torch.nn.Module, images: torch.Tensor, camids: torch.Tens
     # after its run and takes the cores from the other one, which read speed-ups of 0.5
     # to 2.4 for one plan here. Without spinning each pass has the cores to itself.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "model.onnx"
-        with _dynamic_policies_unavailable(model, "onnxruntime"):
-            _export_onnx(model, inputs, names, path)
-            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    with _onnx_file(model, inputs, names, "onnxruntime") as path:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     gap = _parity(session.run(None, feeds)[0], model, inputs, "onnxruntime")
     return Runner(lambda: session.run(None, feeds), None, "cpu", f"ONNX Runtime parity {gap:.1e}")
 
@@ -193,13 +197,10 @@ def openvino_runner(model: torch.nn.Module, images: torch.Tensor, camids: torch.
 
     inputs, names, feeds = _exported_inputs(images, camids)
     core = ov.Core()
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "model.onnx"
-        with _dynamic_policies_unavailable(model, "openvino"):
-            _export_onnx(model, inputs, names, path)
-            # f32 explicitly: on CPUs with bf16 units OpenVINO would otherwise run bf16 and fail parity
-            compiled = core.compile_model(core.read_model(str(path)), "CPU", {
-                "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"})
+    with _onnx_file(model, inputs, names, "openvino") as path:
+        # f32 explicitly: on CPUs with bf16 units OpenVINO would otherwise run bf16 and fail parity
+        compiled = core.compile_model(core.read_model(str(path)), "CPU", {
+            "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"})
     request = compiled.create_infer_request()
     output = compiled.output(0)
     gap = _parity(request.infer(feeds)[output], model, inputs, "openvino")

@@ -97,17 +97,20 @@ class ReIDViT(nn.Module):
     def feature_dim(self) -> int:
         return self.config.embed_dim
 
-    def forward_tokens(self, images: torch.Tensor, camids: torch.Tensor | None = None) -> torch.Tensor:
-        """All tokens after the final norm, `[B, N, D]` (part-based heads use the patch tokens)."""
+    def _embed(self, images: torch.Tensor, camids: torch.Tensor | None) -> torch.Tensor:
+        """The tokens that enter the first block: patches, class token, positions (and cameras)."""
         vit = self.backbone
         x = vit._pos_embed(vit.patch_embed(images))
         if self.sie_embed is not None:
             if camids is None:
                 raise InputError("this model has a camera embedding (SIE): pass camids to forward")
             x = x + self.config.sie_scale * self.sie_embed[camids]
-        x = vit.norm_pre(vit.patch_drop(x))
-        x = vit.blocks(x)
-        return vit.norm(x)
+        return vit.norm_pre(vit.patch_drop(x))
+
+    def forward_tokens(self, images: torch.Tensor, camids: torch.Tensor | None = None) -> torch.Tensor:
+        """All tokens after the final norm, `[B, N, D]` (part-based heads use the patch tokens)."""
+        vit = self.backbone
+        return vit.norm(vit.blocks(self._embed(images, camids)))
 
     def use_class_token_last_block(self, on: bool = True) -> ReIDViT:
         """Compute the last block for the class token only in `forward` (lossless: a ReIDViT's
@@ -124,12 +127,7 @@ class ReIDViT(nn.Module):
         last = vit.blocks[-1]
         if not _class_token_block_applies(last):
             return self.forward_tokens(images, camids)[:, 0]
-        x = vit._pos_embed(vit.patch_embed(images))
-        if self.sie_embed is not None:
-            if camids is None:
-                raise InputError("this model has a camera embedding (SIE): pass camids to forward")
-            x = x + self.config.sie_scale * self.sie_embed[camids]
-        x = vit.blocks[:-1](vit.norm_pre(vit.patch_drop(x)))
+        x = vit.blocks[:-1](self._embed(images, camids))
         cls = x[:, :1] + last.drop_path1(last.ls1(last.attn.class_token_attention(last.norm1(x))))
         cls = cls + last.drop_path2(last.ls2(last.mlp(last.norm2(cls))))
         return vit.norm(cls)[:, 0]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -14,6 +13,7 @@ from amg.data.preload import preload_images
 from amg.errors import InputError
 from amg.model.vit import ReIDViT
 from amg.pruning import scores as S
+from amg.pruning.calibration_loss import default_teacher
 from amg.pruning.policies import CALIBRATION_BATCH
 
 Progress = Callable[[str], None]
@@ -50,10 +50,9 @@ class CalibrationImages:
                     "batch": batch_size}, loss=loss, batch_size=batch_size, seed=seed)
 
     def with_teacher(self, model: ReIDViT) -> CalibrationImages:
-        """These images with `model` as the teacher, where the loss has one and none is set."""
-        if self.loss != "reference" or self.teacher is not None:
-            return self
-        return dataclasses.replace(self, teacher=copy.deepcopy(model).eval())
+        """These images with `model` as the teacher, where the loss wants one and none is set."""
+        teacher = default_teacher(self.loss, self.teacher, model)
+        return self if teacher is self.teacher else dataclasses.replace(self, teacher=teacher)
 
     def run(self, model: ReIDViT, progress: Progress | None, gradients: bool = True) -> S.CalibrationStats:
         return S.calibrate(model, self.images, self.labels, self.camids, self.loss, self.teacher,

@@ -17,13 +17,18 @@ from amg.benchmark.profiles import PruneSpec
 from amg.benchmark.query_record import load_query_record
 from amg.pruning.schedule import SCHEDULES, Schedule
 from amg.reporting.tables import MISSING, format_cell, markdown_text
-from amg.statistics import mean_difference_interval
+from amg.statistics import excludes_zero, mean_difference_interval
 
 FAMILIES = ("heads", "tokens", "heads+tokens")
 
 
+def _family(method: str) -> str:
+    """`heads`, `tokens` or `heads+tokens` (whatever the policies), from a method name."""
+    return "+".join(part.split(":")[0] for part in method.split("+"))
+
+
 def _family_rank(method: str) -> int:
-    family = "+".join(part.split(":")[0] for part in method.split("+"))
+    family = _family(method)
     return FAMILIES.index(family) if family in FAMILIES else len(FAMILIES)
 
 
@@ -78,21 +83,19 @@ def versus_random(row: pd.Series, group: pd.DataFrame, records: QueryRecords) ->
     holds 0, or "—" without per-query values (runs before they were recorded) or a random row."""
     spread = row.get("seed_spread")
     if spread is not None and pd.notna(spread):  # the random draws themselves: how far apart they land
-        return f"spread of {int(row['method'].rsplit('×', 1)[1])} seeds: {spread:.1f}"
-    method = str(row["method"]).split(" ×")[0]
-    family = "+".join(part.split(":")[0] for part in method.split("+"))
-    random_method = RANDOM_METHODS.get(family)
-    if random_method is None or method == random_method or "source" not in group:
+        return f"spread of {row['draws']:.0f} seeds: {spread:.1f}"
+    random_method = RANDOM_METHODS.get(_family(row["base_method"]))
+    if random_method is None or row["base_method"] == random_method or "source" not in group:
         return MISSING
-    rivals = group[(group["method"].str.split(" ×").str[0] == random_method)
-                   & (group["schedule_label"] == row["schedule_label"]) & (group["source"] == row.get("source"))]
+    rivals = group[(group["base_method"] == random_method) & (group["schedule_label"] == row["schedule_label"])
+                   & (group["source"] == row.get("source"))]
     mine = records.values(row)
     theirs = None if rivals.empty else records.values(rivals.iloc[0])
     if mine is None or theirs is None or len(mine) != len(theirs):
         return MISSING
     delta, low, high = mean_difference_interval(theirs, mine)
     interval = f"[{100 * low:+.1f}, {100 * high:+.1f}]"
-    return f"{100 * delta:+.1f} {interval}" if low > 0 or high < 0 else f"tie {interval}"
+    return f"{100 * delta:+.1f} {interval}" if excludes_zero(low, high) else f"tie {interval}"
 
 
 def _line(row: pd.Series, unpruned: pd.Series, method: str, schedule: str, bold: bool = False,
@@ -126,10 +129,12 @@ AVERAGED = ["macs_saving", "speedup", "speedup_large", "peak_rss_mb", "query_ran
 def _seeds_averaged(group: pd.DataFrame) -> pd.DataFrame:
     """Draws of one random configuration (seeds) as one row: the mean of each value, named
     `method ×N`, with the spread of occluded mAP (max − min, points) in `seed_spread`. The
-    seed-0 row keeps its `config_id` and source, so paired comparisons still find it."""
+    seed-0 row keeps its `config_id` and source, so paired comparisons still find it; the
+    method's own name stays in `base_method`."""
     rows = []
     for _, draws in group.groupby(["method", "schedule_label"], sort=False):
         first = draws.sort_values("seed").iloc[0].copy()
+        first["base_method"], first["draws"] = first["method"], len(draws)
         if len(draws) > 1:
             for column in AVERAGED:
                 if column in draws:
@@ -161,7 +166,7 @@ def comparison_tables(frame: pd.DataFrame) -> list[tuple[str, str]]:
             for _, control in references[references["config_id"] != "unpruned"].iterrows():
                 body.append(_line(control, unpruned, "unpruned", control["schedule_label"]))
             group = _seeds_averaged(group)
-            group = group.assign(_family=group["method"].map(_family_rank),
+            group = group.assign(_family=group["base_method"].map(_family_rank),
                                  _schedule=group["schedule_label"].map(_schedule_rank))
             group = group.sort_values(["_family", "_schedule", "occluded_mAP"], ascending=[True, True, False],
                                       kind="stable")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from amg.errors import InputError
-from amg.statistics import RESAMPLES, mean_difference_interval
+from amg.statistics import RESAMPLES, excludes_zero, mean_difference_interval
 from amg.train.metrics import RankMetrics
 
 
@@ -32,7 +32,7 @@ class Difference:
     @property
     def decided(self) -> bool:
         """Whether the interval excludes 0: one model is better on this metric."""
-        return self.low > 0 or self.high < 0
+        return excludes_zero(self.low, self.high)
 
 
 def per_query(metrics: RankMetrics, metric: str) -> np.ndarray:
