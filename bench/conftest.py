@@ -32,8 +32,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="quick (<= 2 min on 2 CPU cores once cached), ci (what CI gates: quick at 25%% and 50%% on cpu "
              "and onnxruntime), default, full (every policy and ratio), "
              "or equal-macs (every policy at 10/20/30/40%% MACs saved, one-shot, fine-tuned and iterative)")
-    add("--amg-model", default=DEFAULT_PRESET, choices=sorted(PRESETS),
-        help="model preset: the default one is trained on the synthetic set and cached; others are "
+    add("--amg-model", default=None, choices=sorted(PRESETS),
+        help=f"model preset (default: {DEFAULT_PRESET}, or the deploy profile's vit_small, vit_base and "
+             "transreid_base): the default one is trained on the synthetic set and cached; others are "
              "timed with random weights (no accuracy) unless --amg-checkpoint is given")
     add("--amg-checkpoint", default=None, help="an amg model file to benchmark instead of the preset")
     add("--amg-data", default=None, help="real data set root for calibration and accuracy (default: synthetic)")
@@ -88,9 +89,10 @@ def _cases(config: pytest.Config):
     if any(batch < 1 for batch in batches or ()):
         raise pytest.UsageError(f"--amg-batches: every batch size must be >= 1, got {batches}")
     try:
-        return build_cases(PROFILES[config.getoption("--amg-profile")], ratios,
-                           policies, backends, batches,
-                           precisions)
+        # an explicit model (or a checkpoint) replaces the presets a multi-model profile spans
+        model = "" if config.getoption("--amg-checkpoint") else config.getoption("--amg-model")
+        return build_cases(PROFILES[config.getoption("--amg-profile")], ratios, policies, backends, batches,
+                           precisions, None if model is None else [model])
     except ValueError as error:
         raise pytest.UsageError(f"--amg-profile {config.getoption('--amg-profile')}: {error}") from error
 
@@ -155,7 +157,10 @@ def suite(request: pytest.FixtureRequest):
     threads = config.getoption("--amg-threads")
     if threads:
         torch.set_num_threads(threads)
-    checkpoint, preset = config.getoption("--amg-checkpoint"), config.getoption("--amg-model")
+    profile = PROFILES[config.getoption("--amg-profile")]
+    checkpoint = config.getoption("--amg-checkpoint")
+    preset = config.getoption("--amg-model") or (profile.models[0] if profile.models and not checkpoint
+                                                 else DEFAULT_PRESET)
     data_root = config.getoption("--amg-data")
     if checkpoint:
         model, source = load_pruned(checkpoint), checkpoint
@@ -182,7 +187,7 @@ def suite(request: pytest.FixtureRequest):
         plan_store = PlanStore(plans) if plans else None
     except PlanStoreError as error:
         raise pytest.UsageError(f"--amg-plans: {error}") from error
-    state = Suite(model, source, PROFILES[config.getoption("--amg-profile")], dataset,
+    state = Suite(model, source, profile, dataset,
                   torch.get_num_threads(), progress, slowdown=slowdown, plan_store=plan_store)
     if not config.getoption("--amg-no-report"):
         state.journal = journal_path(config.getoption("--amg-results-dir"), state.metadata["device_id"],

@@ -10,6 +10,7 @@ from amg.pruning.macs_target import OutOfReach
 
 
 def test_configuration(benchmark, suite, case):
+    suite = suite.at(case)
     try:
         runner = suite.runner(case)
     except (BackendUnavailable, OutOfReach) as reason:

@@ -83,7 +83,7 @@ def test_every_backend_entry_names_functions_that_exist():
 
 
 def test_a_precision_the_backend_does_not_run_is_a_skip_with_the_reason():
-    with pytest.raises(backends.BackendUnavailable, match="onnxruntime runs fp32 here, not bf16"):
+    with pytest.raises(backends.BackendUnavailable, match="onnxruntime runs fp32, int8 here, not bf16"):
         backends.prepare("onnxruntime", tiny(), 1, "bf16")
     with pytest.raises(backends.BackendUnavailable, match="cpu runs fp32, bf16 here, not fp16"):
         backends.prepare("cpu", tiny(), 1, "fp16")
@@ -131,3 +131,51 @@ def test_dynamic_token_models_that_do_not_export_are_skipped_with_the_reason(bac
         images = torch.randn(1, 3, 64, 32, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             assert torch.allclose(torch.as_tensor(runner()[0]), model(images), atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torchscript", "onnxruntime", "openvino"])
+def test_a_runner_computes_features_of_other_images_with_its_compiled_model(backend):
+    """What accuracy of an exported model is measured with: any images of the compiled batch size."""
+    if backends.availability(backend):
+        pytest.skip(backends.availability(backend))
+    model = tiny()
+    runner = backends.prepare(backend, model, batch=3)
+    images = torch.rand(3, 3, 64, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = model(images)
+    assert runner.batch == 3 and runner.output_max_diff <= backends.OUTPUT_PARITY
+    assert torch.allclose(runner.features(images, None), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend, precision", [("onnxruntime", "int8"), ("openvino", "int8"), ("openvino", "bf16"),
+                                                ("cpu", "bf16")])
+def test_reduced_precision_runs_close_to_fp32_and_says_how_close(backend, precision):
+    if backends.availability(backend):
+        pytest.skip(backends.availability(backend))
+    model = tiny()
+    calibration = torch.randn(16, 3, 64, 32, generator=torch.Generator().manual_seed(2))
+    runner = backends.prepare(backend, model, batch=2, precision=precision, calibration=calibration)
+    assert backends.MIN_COSINE <= runner.output_cosine <= 1.0 + 1e-6
+    assert runner.output_max_diff > 0  # not the fp32 model under another name
+    images = torch.randn(2, 3, 64, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model(images)
+    similarity = torch.nn.functional.cosine_similarity(runner.features(images, None), expected, dim=1)
+    assert similarity.min() > 0.8
+    if precision == "int8":
+        assert "calibrated on 16 images" in runner.note
+
+
+def test_a_reduced_precision_that_loses_the_features_is_not_timed(monkeypatch):
+    if backends.availability("onnxruntime"):
+        pytest.skip(backends.availability("onnxruntime"))
+    monkeypatch.setattr(backends, "MIN_COSINE", 1.5)  # no output can reach it
+    with pytest.raises(backends.BackendUnavailable, match=r"onnxruntime int8: its features no longer match"):
+        backends.prepare("onnxruntime", tiny(), batch=1, precision="int8")
+
+
+def test_int8_calibration_needs_a_whole_batch_of_images():
+    if backends.availability("onnxruntime"):
+        pytest.skip(backends.availability("onnxruntime"))
+    with pytest.raises(InputError, match="INT8 calibration needs at least 4 images"):
+        backends.prepare("onnxruntime", tiny(), batch=4, precision="int8", calibration=torch.randn(3, 3, 64, 32))

@@ -429,3 +429,54 @@ def test_only_the_pareto_front_is_labelled():
     ax = Figure().add_subplot()
     _draw_series(ax, frame, "latency_median_ms", "occluded_mAP")
     assert sorted(text.get_text() for text in ax.texts) == ["heads0.25:amg", "unpruned"]
+
+
+# ----------------------------------------------------------------------------- runtimes and precision
+
+
+def _runtime_rows() -> list[dict]:
+    """ViT-Small on two runtimes at fp32 and OpenVINO at int8 (speed-ups over unpruned fp32)."""
+    rows = []
+    for backend, base in (("onnxruntime", 35.0), ("openvino", 30.0)):
+        for config, speedup in zip(CONFIGS, (1.0, 1.10, 1.50)):
+            extra = {} if config == "unpruned" else {"speedup_ci_low": speedup - 0.02, "speedup_ci_high": speedup + 0.02}
+            rows.append(_row(X86, NEW_RUN, "2026-11-25T14:02:29Z", backend, config, 1, base / speedup, speedup,
+                             accuracy_of="pytorch fp32", **extra))
+    for config, fp32_speedup, mAP in zip(CONFIGS, (1.60, 1.75, 2.30), (0.50, 0.48, 0.45)):
+        rows.append(_row(X86, NEW_RUN, "2026-11-25T14:02:29Z", "openvino", config, 1, 30.0 / fp32_speedup, 1.0,
+                         precision="int8", fp32_speedup=fp32_speedup, fp32_speedup_ci_low=fp32_speedup - 0.03,
+                         fp32_speedup_ci_high=fp32_speedup + 0.03, accuracy_of="openvino int8", occluded_mAP=mAP))
+    return rows
+
+
+def test_the_fastest_runtime_and_its_saving_ratio_per_configuration(tmp_path):
+    from amg.reporting.runtimes import runtime_tables, saving_ratio
+
+    write_csv(_runtime_rows(), tmp_path, X86, NEW_RUN)
+    latest = newest_per_configuration(load_reports(tmp_path))
+    ((title, table),) = runtime_tables(latest)
+    assert title == f"{X86} · vit_small · batch 1"
+    lines = table.splitlines()
+    assert "onnxruntime ms" in lines[0] and "openvino ms" in lines[0] and "fastest" in lines[0]
+    unpruned, quarter, half = lines[2:5]
+    assert unpruned.split("|")[1].strip() == "unpruned" and "openvino" in unpruned
+    # heads 0.5 + tokens 0.25: 41.1% of MACs saved, speed-up 1.50 (latency saved 33.3%) on OpenVINO
+    expected = saving_ratio(1.50, 1 - 2.71 / 4.60)
+    assert f"{expected:.2f} [{saving_ratio(1.48, 1 - 2.71 / 4.60):.2f}, {saving_ratio(1.52, 1 - 2.71 / 4.60):.2f}]" in half
+    assert saving_ratio(1.0, 0.0) != saving_ratio(1.0, 0.0)  # no MACs saved: no ratio (NaN)
+
+
+def test_pruning_vs_int8_vs_both_compares_against_unpruned_fp32(tmp_path):
+    from amg.reporting.precision import precision_tables
+
+    write_csv(_runtime_rows(), tmp_path, X86, NEW_RUN)
+    latest = newest_per_configuration(load_reports(tmp_path))
+    ((title, table),) = precision_tables(latest)  # only OpenVINO has reduced-precision rows
+    assert title == f"{X86} · vit_small · openvino · batch 1"
+    body = [line for line in table.splitlines()[2:]]
+    assert "1.00 (reference)" in body[0] and "fp32" in body[0]
+    assert "1.60 [1.57, 1.63]" in body[1] and "openvino int8" in body[1]  # INT8 alone
+    assert any("1.50 [1.48, 1.52]" in line and "fp32" in line for line in body)  # pruning alone
+    assert any("2.30 [2.27, 2.33]" in line and "45.0" in line for line in body)  # both, with the int8 accuracy
+    report = build_report(tmp_path, tmp_path / "report")[0].read_text()
+    assert "## Fastest runtime" in report and "## Pruning vs reduced precision" in report

@@ -167,3 +167,46 @@ def test_reports_written_before_the_feature_column_still_read(tmp_path):
     older.write_text("\n".join(",".join(v for i, v in enumerate(line.split(",")) if i != column)
                                for line in lines) + "\n")
     assert read_csv(path).rows[0]["feature"] == "before" and read_csv(older).rows[0]["feature"] == ""
+
+
+def test_int8_rows_carry_the_quantized_models_accuracy_and_its_speed_up_over_fp32(tiny_suite):
+    from amg.measure.backends import availability
+
+    if availability("onnxruntime"):
+        pytest.skip(availability("onnxruntime"))
+    spec = PruneSpec(heads=0.34, tokens=0.25)
+    fp32_case, int8_case = Case(spec, "onnxruntime", 1), Case(spec, "onnxruntime", 1, "int8")
+    fp32 = tiny_suite.measure(fp32_case, tiny_suite.runner(fp32_case), [0.002, 0.003])
+    int8 = tiny_suite.measure(int8_case, tiny_suite.runner(int8_case), [0.002, 0.003])
+    assert fp32["accuracy_of"] == "pytorch fp32" and int8["accuracy_of"] == "onnxruntime int8"
+    assert fp32["output_max_diff"] <= 1e-4 and int8["output_max_diff"] > fp32["output_max_diff"]
+    assert 0.9 <= int8["output_cosine"] <= 1 and "fp32_speedup" not in fp32
+    assert int8["fp32_speedup"] > 0 and int8["fp32_speedup_ci_low"] <= int8["fp32_speedup"] <= int8["fp32_speedup_ci_high"]
+    assert 0 <= int8["occluded_mAP"] <= 1
+    # evaluated through ONNX Runtime's INT8 model, not copied from PyTorch's
+    assert (int8["occluded_mAP"], int8["query_mAP"]) != (fp32["occluded_mAP"], fp32["query_mAP"]) or \
+        int8["output_max_diff"] > 0
+    assert tiny_suite._accuracy[(spec, "onnxruntime", "int8")] is not tiny_suite._accuracy[spec]
+
+
+def test_profiles_spanning_models_and_batches_per_backend():
+    deploy = build_cases(PROFILES["deploy"])
+    assert {c.model for c in deploy} == {"vit_small", "vit_base", "transreid_base"}
+    assert {(c.backend, c.batch) for c in deploy} == {("cpu", 1), ("onnxruntime", 1), ("openvino", 1), ("openvino", 8)}
+    assert {c.spec.saving for c in deploy} == {0.0, 0.1, 0.2, 0.3} and all(c.precision == "fp32" for c in deploy)
+    assert deploy[0].id == "vit_small-unpruned-cpu-fp32-b1"
+    one = build_cases(PROFILES["deploy"], models=["vit_base"], batches=[2])
+    assert {c.model for c in one} == {"vit_base"} and {c.batch for c in one} == {2}
+    assert build_cases(PROFILES["quick"], models=["vit_base"])[0].id == "vit_base-unpruned-cpu-fp32-b1"
+    int8 = build_cases(PROFILES["int8"])
+    assert {(c.backend, c.precision) for c in int8} == {("onnxruntime", "fp32"), ("onnxruntime", "int8"),
+                                                       ("openvino", "fp32"), ("openvino", "int8")}
+
+
+def test_a_case_of_another_preset_is_measured_on_that_presets_model_in_the_same_run(tiny_suite):
+    other = tiny_suite.at(Case(UNPRUNED, "cpu", 1, model="vit_tiny"))
+    assert other is not tiny_suite and other.model.config.name == "vit_tiny" and other.dataset is None
+    assert other.rows is tiny_suite.rows and other.metadata is tiny_suite.metadata
+    assert tiny_suite.at(Case(UNPRUNED, "cpu", 1, model="vit_tiny")) is other  # kept while its cases run
+    assert tiny_suite.at(Case(UNPRUNED, "cpu", 1)) is tiny_suite
+    assert tiny_suite.at(Case(UNPRUNED, "cpu", 1, model=tiny_suite.model.config.name)) is tiny_suite

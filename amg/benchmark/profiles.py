@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Sequence
 
 from amg.errors import InputError
-from amg.measure.backend_registry import GPU_BACKENDS
+from amg.measure.backend_registry import BACKENDS, GPU_BACKENDS
 from amg.pruning.policies import HEAD_POLICIES, TOKEN_POLICIES, needs_calibration
 from amg.pruning.schedule import ONE_SHOT, Schedule
 
@@ -130,10 +130,12 @@ class Case:
     backend: str
     batch: int
     precision: str = "fp32"
+    model: str = ""  # a preset of a profile that spans models ("": the session's model)
 
     @property
     def id(self) -> str:
-        return f"{self.spec.config_id}-{self.backend}-{self.precision}-b{self.batch}"
+        name = f"{self.spec.config_id}-{self.backend}-{self.precision}-b{self.batch}"
+        return f"{self.model}-{name}" if self.model else name
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,15 @@ class Profile:
     specs: tuple[PruneSpec, ...] = ()  # fixed configurations (then `ratios` and policies are unused)
     # fp16/bf16 autocast runs on the GPU backends only, unless precisions are asked for explicitly
     precisions: tuple[str, ...] = ("fp32", "fp16", "bf16")
+    # reduced precisions that also run on every CPU backend that has them (e.g. int8 on the runtimes)
+    cpu_precisions: tuple[str, ...] = ()
+    # presets measured with random weights, each in turn (no accuracy); () the session's model
+    models: tuple[str, ...] = ()
+    # (backend, batches) pairs replacing `batches` for that backend, e.g. large batches only on the fastest one
+    backend_batches: tuple[tuple[str, tuple[int, ...]], ...] = ()
+
+    def batches_on(self, backend: str) -> tuple[int, ...]:
+        return dict(self.backend_batches).get(backend, self.batches)
 
 
 # The equal-MACs study: every policy at the same fvcore MACs savings, one-shot, fine-tuned
@@ -164,6 +175,16 @@ _HEAD_METHODS = [("amg", "global"), ("amg", "keep-one"), ("amg", "per-block"), (
 _TOKEN_METHODS = ["amg", "random", "evit", "tome"]
 _BOTH_METHODS = [("amg", "amg", "global"), ("amg", "amg", "keep-one"), ("amg", "amg", "per-block"),
                  ("random", "random", "global")]
+
+
+DEPLOY_SAVINGS = (0.1, 0.2, 0.3)
+
+
+def _random_by(saving: float, by: str) -> PruneSpec:
+    """The random policy on the axes `by` names (the other axis keeps its default, as config ids read back)."""
+    policies = {"head_policy": "random"} if by == "heads" else {"token_policy": "random"} if by == "tokens" else \
+        {"head_policy": "random", "token_policy": "random"}
+    return PruneSpec(saving=saving, by=by, **policies)
 
 
 def equal_macs_specs(savings: Sequence[float] = STUDY_SAVINGS, steps: int = STUDY_STEPS) -> tuple[PruneSpec, ...]:
@@ -213,6 +234,21 @@ PROFILES = {
     # first time, for the fine-tuning; then ~20 minutes)
     "equal-macs": Profile(ratios=(), head_policies=(), token_policies=(), batches=(1, 32), backends=("cpu",),
                           paired_rounds=12, rounds=8, specs=equal_macs_specs()),
+    # pruning vs INT8 vs both on the embedded default, with the accuracy of every quantized
+    # model as the runtime runs it; <= 5 minutes on 2 cores once cached
+    "int8": Profile(ratios=(0.25, 0.5), head_policies=("amg",), token_policies=("amg",), batches=(1,),
+                    backends=("onnxruntime", "openvino"), paired_rounds=200, rounds=30, memory=False,
+                    cpu_precisions=("int8",)),
+    # deployment sizes at 256x128 with random weights (latency, MACs; no accuracy): every plan
+    # reaches 10/20/30% of MACs by heads, tokens or both (random policies: the latency of a plan
+    # depends on its shapes, not on which heads go); batch 1 on eager PyTorch and the two CPU
+    # runtimes, batch 8 on OpenVINO (the fastest here) only: ~20 minutes on 2 cores
+    "deploy": Profile(ratios=(), head_policies=(), token_policies=(), batches=(1,),
+                      backends=("cpu", "onnxruntime", "openvino"), paired_rounds=10, rounds=5, accuracy=False,
+                      backend_batches=(("openvino", (1, 8)),),
+                      memory=False, specs=tuple(_random_by(saving, by) for saving in DEPLOY_SAVINGS
+                                                for by in ("heads", "tokens", "both")),
+                      models=("vit_small", "vit_base", "transreid_base")),
     "full": Profile(ratios=(0.25, 0.5, 0.75), head_policies=("amg", "amg-lowest", "random", "magnitude", "gradient"),
                     token_policies=("amg", "random", "evit", "tome"), batches=(1, 32),
                     backends=("cpu", "cuda", "jetson", "rpi", "torchscript", "onnxruntime", "openvino"),
@@ -222,8 +258,9 @@ PROFILES = {
 
 def build_cases(profile: Profile, ratios: Sequence[float] | None = None, policies: Sequence[str] | None = None,
                 backends: Sequence[str] | None = None, batches: Sequence[int] | None = None,
-                precisions: Sequence[str] | None = None) -> list[Case]:
-    """The profile's cases; explicit `ratios`/`policies`/`backends`/`batches`/`precisions` replace its own."""
+                precisions: Sequence[str] | None = None, models: Sequence[str] | None = None) -> list[Case]:
+    """The profile's cases; explicit `ratios`/`policies`/`backends`/`batches`/`precisions`/`models`
+    replace its own."""
     if profile.specs:
         if ratios:
             raise InputError("this profile fixes its configurations by MACs saving: ratios do not apply")
@@ -231,10 +268,17 @@ def build_cases(profile: Profile, ratios: Sequence[float] | None = None, policie
             (not spec.uses_heads or spec.head_policy in policies) and (not spec.uses_tokens or spec.token_policy in policies))]
     else:
         specs = _ratio_specs(profile, ratios or profile.ratios, policies)
-    return [Case(spec, backend, batch, precision) for backend in (backends or profile.backends)
-            for precision in (precisions or profile.precisions)
-            if precisions or precision == "fp32" or backend in GPU_BACKENDS
-            for batch in (batches or profile.batches) for spec in specs]
+    return [Case(spec, backend, batch, precision, model) for model in (models or profile.models or ("",))
+            for backend in (backends or profile.backends)
+            for precision in (precisions or profile.precisions + profile.cpu_precisions)
+            if precisions or _profile_runs(profile, backend, precision)
+            for batch in (batches or profile.batches_on(backend)) for spec in specs]
+
+
+def _profile_runs(profile: Profile, backend: str, precision: str) -> bool:
+    if precision not in BACKENDS[backend].precisions:
+        return False
+    return precision == "fp32" or backend in GPU_BACKENDS or precision in profile.cpu_precisions
 
 
 def _ratio_specs(profile: Profile, ratios: Sequence[float], policies: Sequence[str] | None) -> list[PruneSpec]:

@@ -30,8 +30,8 @@ IDENTITY_COLUMNS = [
     "timestamp",  # ISO 8601 UTC
     "device_id",  # stable, file-system safe (amg.measure.device.device_id)
     "device_name",  # CPU model or GPU name, as the OS reports it
-    "backend",  # cpu | cuda | jetson | rpi | onnxruntime | torchscript
-    "precision",  # fp32 | fp16 | bf16
+    "backend",  # cpu | cuda | jetson | rpi | torchscript | onnxruntime | openvino (amg.measure.backend_registry)
+    "precision",  # fp32 | fp16 | bf16 (PyTorch autocast; OpenVINO's hint) | int8 (the runtime's quantization)
     "threads",  # torch / onnxruntime intra-op threads
     "batch",
     "model",  # preset name
@@ -60,16 +60,28 @@ MEASURE_COLUMNS = [
     "speedup_ci_low",  # 95% bootstrap interval of the speed-up over the interleaved pairs
     "speedup_ci_high",
     "latency_saving",  # 1 - 1 / speedup
+    # rows at a reduced precision (int8, bf16, fp16): the unpruned fp32 model on the same backend
+    # / this, interleaved in the same run: what the precision buys, alone (unpruned) or with pruning
+    "fp32_speedup",
+    "fp32_speedup_ci_low",
+    "fp32_speedup_ci_high",
     # the machine's 1-minute load average when the row was measured (the run's own threads
     # included): well above the thread count, something else competed for the cores
     "load_avg_1min",
     # the share of the machine's CPU other processes took during the interleaved rounds behind
     # `speedup` (amg.measure.contention): above 0.1 the row was measured under contention
     "other_cpu_share",
+    # the timed model's output against fp32 PyTorch on the timing input: largest |difference|
+    # and smallest per-image cosine (fp32 exports must be within 1e-4; reduced precision >= 0.9)
+    "output_max_diff",
+    "output_cosine",
     "peak_rss_mb",  # CPU peak resident memory of an isolated process running this configuration
     "forward_rss_mb",  # of which the forward passes added (peak minus RSS after loading the model)
     "cuda_max_allocated_mb",
     "dataset",
+    # whose accuracy: "pytorch fp32", or "<backend> <precision>" where a reduced precision was
+    # evaluated as the runtime runs it (fp32 exports match PyTorch to 1e-4: they carry its numbers)
+    "accuracy_of",
     "query_rank1",
     "query_rank5",
     "query_mAP",
@@ -83,10 +95,12 @@ MEASURE_COLUMNS = [
 ]
 VERSION_COLUMNS = ["amg_version", "torch_version", "timm_version", "python_version", "os", "git_revision"]
 COLUMNS = IDENTITY_COLUMNS + MEASURE_COLUMNS + VERSION_COLUMNS
+TEXT_MEASURE_COLUMNS = ("dataset", "accuracy_of")  # the other measures are numbers
 KEY_COLUMNS = ("config_id", "backend", "precision", "batch")
 # Added after reports were already committed: older files lack them and read as empty.
 OPTIONAL_COLUMNS = ("feature", "run_status", "query_unmatched", "occluded_unmatched", "speedup_ci_low",
-                    "speedup_ci_high", "load_avg_1min", "other_cpu_share")
+                    "speedup_ci_high", "load_avg_1min", "other_cpu_share", "output_max_diff", "output_cosine",
+                    "accuracy_of", "fp32_speedup", "fp32_speedup_ci_low", "fp32_speedup_ci_high")
 COMPLETE, INTERRUPTED = "complete", "interrupted"
 JOURNAL_SUFFIX = ".journal"  # rows of a run in progress, one JSON line each: `.<run-id>.journal`
 

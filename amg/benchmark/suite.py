@@ -27,6 +27,7 @@ from amg.benchmark.query_record import per_query_values
 from amg.benchmark.results import append_journal
 from amg.data.layout import ReIDDataset
 from amg.data.synthetic import MANIFEST
+from amg.data.transforms import normalize
 from amg.errors import InputError
 from amg.measure.backend_registry import EAGER_BACKENDS
 from amg.measure.backends import Runner, prepare
@@ -37,7 +38,7 @@ from amg.measure.latency import LatencyStats, paired_rounds, paired_speedup
 from amg.measure.memory import measure_peak_memory
 from amg.model.plan import PrunePlan
 from amg.model.pruned import apply_plan, current_plan, save_pruned
-from amg.model.vit import ReIDViT
+from amg.model.vit import ReIDViT, build_model
 from amg.pruning.calibration import CalibrationImages
 from amg.pruning.iterative import TrainingSet, run_schedule
 from amg.pruning.macs_target import OutOfReach, plan_for_saving
@@ -66,7 +67,7 @@ def slowed(runner: Runner, factor: float) -> Runner:
             pass
         return out
 
-    return Runner(run, runner.synchronize, runner.torch_device, f"{runner.note} slowed x{factor}".strip())
+    return replace(runner, run=run, note=f"{runner.note} slowed x{factor}".strip())
 
 
 def run_metadata() -> dict[str, Any]:
@@ -117,11 +118,33 @@ class Suite:
     _plans: dict[PruneSpec, PrunePlan | OutOfReach] = field(default_factory=dict)
     _training: TrainingSet | None = None
     _fingerprint: str | None = None
-    _accuracy: dict[PruneSpec, dict[str, float]] = field(default_factory=dict)
+    _accuracy: dict[PruneSpec | tuple[PruneSpec, str, str], dict[str, Any]] = field(default_factory=dict)
     _references: dict[tuple[str, str, int], Runner] = field(default_factory=dict)
     _calibration: CalibrationImages | None = None
     _evaluator: Evaluator | None = None
     _base_macs: int | None = None
+    _other_model: Suite | None = None  # the suite of the other preset a multi-model profile is measuring
+
+    @classmethod
+    def untrained(cls, preset: str, profile: Profile, threads: int, progress: Progress, **shared: Any) -> Suite:
+        """A suite of preset `preset` with seeded random weights: latency and MACs, no accuracy."""
+        torch.manual_seed(0)
+        return cls(build_model(preset).eval(), f"{preset} (random weights)", profile, None, threads, progress,
+                   **shared)
+
+    def at(self, case: Case) -> Suite:
+        """The suite measuring `case`'s model: this one, or (profiles spanning presets) the other
+        preset's, which shares this run's rows, metadata and journal. One other preset is kept at a
+        time: cases come model by model, and a ViT-Base's pruned copies take gigabytes."""
+        if not case.model or case.model == self.model.config.name:
+            return self
+        if self._other_model is None or self._other_model.model.config.name != case.model:
+            self._other_model = None
+            self.progress(f"measuring {case.model} with random weights")
+            self._other_model = Suite.untrained(case.model, self.profile, self.threads, self.progress,
+                                                metadata=self.metadata, rows=self.rows, query_values=self.query_values,
+                                                slowdown=self.slowdown, journal=self.journal)
+        return self._other_model
 
     def calibration(self) -> CalibrationImages:
         if self._calibration is None:
@@ -204,7 +227,11 @@ class Suite:
         return save_record(record, sample.permute(1, 2, 0).numpy(), results_dir)
 
     def runner(self, case: Case) -> Runner:
-        runner = prepare(case.backend, copy.deepcopy(self.pruned(case.spec)), case.batch, case.precision, self.threads)
+        calibration = None
+        if case.precision == "int8" and self.dataset is not None:  # a model without data calibrates on noise
+            calibration = normalize(self.calibration().images)
+        runner = prepare(case.backend, copy.deepcopy(self.pruned(case.spec)), case.batch, case.precision, self.threads,
+                         calibration)
         factor = self.slowdown.get(case.spec.config_id)
         return slowed(runner, factor) if factor else runner
 
@@ -214,24 +241,34 @@ class Suite:
             self._references[key] = self.runner(Case(UNPRUNED, case.backend, case.batch, case.precision))
         return self._references[key]
 
-    def accuracy(self, spec: PruneSpec) -> dict[str, float]:
+    def accuracy(self, spec: PruneSpec, case: Case | None = None, runner: Runner | None = None) -> dict[str, Any]:
+        """Re-ID metrics of `spec`'s model in PyTorch fp32, or, for a reduced-precision `case`,
+        of what its `runner` runs (an INT8 model is another model: its accuracy is measured)."""
         if self.dataset is None or not self.profile.accuracy:
             return {}
-        if spec not in self._accuracy:
+        runtime = case is not None and runner is not None and runner.features is not None and case.precision != "fp32"
+        key = (spec, case.backend, case.precision) if runtime else spec
+        if key not in self._accuracy:
             if self._evaluator is None:
                 self._evaluator = Evaluator(self.dataset, self.model.config.img_size, self.progress)
-            results = self._evaluator.evaluate(self.pruned(spec))
+            if runtime:
+                self.progress(f"accuracy of {case.spec.config_id} as {case.backend} runs it at {case.precision}")
+            results = self._evaluator.evaluate(self.pruned(spec), compiled=(runner.features, runner.batch)
+                                               if runtime else None)
             synthetic = (self.dataset.root / MANIFEST).is_file()  # amg.data.synthetic writes it
-            row = {"dataset": "synthetic" if synthetic else self.dataset.name}
+            row = {"dataset": "synthetic" if synthetic else self.dataset.name,
+                   "accuracy_of": f"{case.backend} {case.precision}" if runtime else "pytorch fp32"}
             for name, metrics in results.items():
                 if name in ("query", "occluded"):
                     values = metrics.as_dict()
                     row.update({f"{name}_{k}": values[k] for k in ("rank1", "rank5", "mAP", "mINP")})
                     row[f"{name}_unmatched"] = metrics.num_skipped  # left out by the protocol: said, not hidden
+                    if runtime:  # the per-query record pairs PyTorch models with each other
+                        continue
                     self.query_values.setdefault(spec.config_id, {})[name] = per_query_values(
                         metrics.query_ap, metrics.query_first_rank)
-            self._accuracy[spec] = row
-        return self._accuracy[spec]
+            self._accuracy[key] = row
+        return self._accuracy[key]
 
     def macs(self, spec: PruneSpec) -> tuple[int, int]:
         """(fvcore MACs per image of `spec`'s model, of the unpruned model)."""
@@ -260,23 +297,31 @@ class Suite:
             "latency_p90_ms": stats.p90_ms, "latency_p99_ms": stats.p99_ms, "latency_rounds": stats.rounds,
         }
         if case.spec != UNPRUNED:  # (the unpruned model fine-tuned too: same shapes, speed-up ~1)
-            # Fast passes need many rounds: a single hiccup among a dozen 1.5 ms rounds moved an
-            # ONNX speed-up from 1.1 to 0.35 here. Aim at PAIRED_BUDGET_S of each side.
-            rounds = max(self.profile.paired_rounds,
-                         min(MAX_PAIRED_ROUNDS, math.ceil(PAIRED_BUDGET_S * 1e3 / stats.median_ms)))
-            reference = self.reference(case)
-            with CpuWatch() as watch:
-                speedup = paired_speedup(*paired_rounds(reference, runner, rounds, synchronize=runner.synchronize))
+            speedup, share = self._speedup(self.reference(case), runner, stats.median_ms)
             row.update(speedup=speedup.ratio, speedup_ci_low=speedup.low, speedup_ci_high=speedup.high,
-                       latency_saving=1 - 1 / speedup.ratio, other_cpu_share=watch.other_share)
-        row["load_avg_1min"] = machine_load()
+                       latency_saving=1 - 1 / speedup.ratio, other_cpu_share=share)
+        if case.precision != "fp32":  # what the precision buys over the fp32 unpruned model, alone or with pruning
+            fp32 = self.reference(Case(UNPRUNED, case.backend, case.batch, "fp32"))
+            speedup, _ = self._speedup(fp32, runner, stats.median_ms)
+            row.update(fp32_speedup=speedup.ratio, fp32_speedup_ci_low=speedup.low, fp32_speedup_ci_high=speedup.high)
+        row.update(load_avg_1min=machine_load(), output_max_diff=runner.output_max_diff,
+                   output_cosine=runner.output_cosine)
         if self.profile.memory and case.backend in EAGER_BACKENDS:  # an export backend's child would measure the exporter
             row.update(self._memory(case, model))
-        row.update(self.accuracy(case.spec))
+        row.update(self.accuracy(case.spec, case, runner))
         self.rows.append(row)
         if self.journal is not None:
             append_journal(self.journal, row)
         return row
+
+    def _speedup(self, reference: Runner, runner: Runner, median_ms: float):
+        """`reference` median / `runner` median over interleaved rounds, and the share of the CPU others took."""
+        # Fast passes need many rounds: a single hiccup among a dozen 1.5 ms rounds moved an
+        # ONNX speed-up from 1.1 to 0.35 here. Aim at PAIRED_BUDGET_S of each side.
+        rounds = max(self.profile.paired_rounds, min(MAX_PAIRED_ROUNDS, math.ceil(PAIRED_BUDGET_S * 1e3 / median_ms)))
+        with CpuWatch() as watch:
+            speedup = paired_speedup(*paired_rounds(reference, runner, rounds, synchronize=runner.synchronize))
+        return speedup, watch.other_share
 
     def _memory(self, case: Case, model: ReIDViT) -> dict[str, float]:
         with tempfile.TemporaryDirectory() as folder:

@@ -223,6 +223,36 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from amg.benchmark.artifact import ExportRequest, export_model
+    from amg.pruning.calibration import CalibrationImages
+
+    request = ExportRequest(args.format, args.precision, args.batch, args.threads or torch.get_num_threads())
+    _set_threads(args.threads)
+    model = _load_model_arg(args.model)
+    if getattr(model, "dynamic_tokens", None):
+        raise InputError(f"{args.model}: the dynamic token policy {model.dynamic_tokens['policy']!r} merges or drops "
+                         "tokens per image, which the ONNX exporter cannot express: export a static plan")
+    dataset = _load_dataset(args.data, args.layout)
+    calibration = None
+    if args.precision == "int8":
+        calibration = CalibrationImages.from_dataset(dataset, model.config.img_size, count=args.calibration_images,
+                                                     progress=progress).images
+    manifest = export_model(model, args.out, request, dataset, calibration, args.model or "default", progress)
+    rows = [[name, values["queries"], *(f"{100 * values[side][metric]:.2f}" for side in ("pytorch", "exported")
+                                        for metric in ("rank1", "mAP"))]
+            for name, values in manifest["accuracy"]["query_sets"].items()]
+    print(tabulate(rows, headers=["query set", "queries", "PyTorch Rank-1", "PyTorch mAP", "exported Rank-1",
+                                  "exported mAP"], tablefmt="github"))
+    parity = manifest["parity"]
+    print(f"max |exported - PyTorch| on {parity['images']} query images: {parity['max_abs_diff']:.2e} "
+          f"(min cosine {parity['min_cosine']:.5f}); MACs saved {100 * manifest['macs_saving']:.1f}%")
+    print(args.out / manifest["file"])
+    return 0
+
+
 def cmd_flops(args: argparse.Namespace) -> int:
     from amg.measure.flops import count_macs
     from amg.model.vit import ReIDViT

@@ -165,6 +165,26 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also print the largest MACs saving heads, tokens and both can reach on this architecture")
     flops.set_defaults(func=commands.cmd_flops)
 
+    export = sub.add_parser(
+        "export", help="write a (pruned) model as a deployable ONNX or OpenVINO artifact with a manifest",
+        description="Export MODEL to DIR: model.onnx (ONNX Runtime) or model.xml/.bin (OpenVINO), and manifest.json "
+                    "with the plan, MACs, input names and shapes, exporter and opset, runtime versions, the largest "
+                    "difference from PyTorch on real query images, and Rank-1/mAP of the exported model next to "
+                    "PyTorch's on every query set. int8 calibrates on training images of the data set (ONNX "
+                    "Runtime static QDQ for onnx, NNCF for openvino). EViT/ToMe models do not export.")
+    export.add_argument("model", nargs="?", default=None, help="model file or preset (default: the default model)")
+    export.add_argument("--format", required=True, choices=["onnx", "openvino"], help="artifact format")
+    export.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"],
+                        help="fp32; fp16 (openvino: half-precision weights); int8 (post-training quantization) "
+                             "(default %(default)s)")
+    export.add_argument("--batch", type=int, default=0,
+                        help="fixed batch size of the graph; 0 leaves the batch axis free (default %(default)s)")
+    export.add_argument("--calibration-images", type=positive_int, default=256,
+                        help="training images int8 calibrates on (default %(default)s)")
+    export.add_argument("--out", required=True, type=Path, help="new folder to write the artifact and manifest to")
+    add_data_options(export)
+    export.set_defaults(func=commands.cmd_export)
+
     report = sub.add_parser("report", help="merge every results CSV into Markdown tables and Pareto plots")
     report.add_argument("--results-dir", type=Path, default=Path("results"),
                         help="folder holding <device-id>/<run-id>.csv reports (default %(default)s)")

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
+import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -24,8 +26,21 @@ import torch
 from amg.errors import InputError
 from amg.measure.backend_registry import PRECISIONS, backend
 from amg.measure.device import is_jetson, is_raspberry_pi
+from amg.measure.export import (
+    calibration_feeds,
+    export_onnx,
+    feeds,
+    input_names,
+    onnxruntime_session,
+    openvino_compiled,
+    openvino_model,
+    quantize_onnx_int8,
+)
 
-ONNX_PARITY = 1e-4  # max |onnxruntime - PyTorch| on the features; the issue's bound
+OUTPUT_PARITY = 1e-4  # max |exported fp32 - PyTorch| on the features
+MIN_COSINE = 0.9  # smallest per-image cosine of a reduced-precision output with fp32 PyTorch
+
+
 class BackendUnavailable(RuntimeError):
     """This backend cannot run here; the message says why."""
 
@@ -69,6 +84,12 @@ def openvino_availability() -> str | None:
     return _installed("openvino", "pip install openvino")
 
 
+def inductor_availability() -> str | None:
+    if torch.cuda.is_available() or shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++"):
+        return None
+    return "torch.compile's inductor needs a C++ compiler for the CPU (none found: install g++)"
+
+
 def availability(name: str) -> str | None:
     """None when backend `name` can run here, else the reason it cannot."""
     return globals()[backend(name).availability]()
@@ -76,67 +97,115 @@ def availability(name: str) -> str | None:
 
 @dataclass
 class Runner:
-    """One forward pass on a fixed input; `synchronize` waits for asynchronous devices."""
+    """One forward pass on a fixed input; `synchronize` waits for asynchronous devices.
+
+    `features` runs the same compiled model on other images of the same batch size (for the
+    accuracy of what was timed); `output_max_diff` / `output_cosine` compare its output on
+    the timing input with the fp32 PyTorch model's (the largest absolute difference, the
+    smallest per-image cosine similarity)."""
 
     run: Callable[[], object]
     synchronize: Callable[[], None] | None
     torch_device: str
     note: str = ""
+    features: Features | None = None
+    batch: int = 0
+    output_max_diff: float | None = None
+    output_cosine: float | None = None
 
     def __call__(self) -> object:
         return self.run()
 
 
-def _torch_runner(model: torch.nn.Module, images: torch.Tensor, camids: torch.Tensor | None, device: str,
-                  precision: str) -> Runner:
+# normalised images [batch, 3, H, W] and camera ids (or None) -> features [batch, D] on the CPU
+Features = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+@dataclass
+class Compiled:
+    """What a backend's runner function returns: the model compiled for one batch size."""
+
+    features: Features
+    synchronize: Callable[[], None] | None = None
+    torch_device: str = "cpu"
+    note: str = ""
+
+
+def _torch_runner(model: torch.nn.Module, device: str, precision: str) -> Compiled:
     model = model.to(device).eval()
-    images = images.to(device)
-    camids = camids.to(device) if camids is not None else None
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
 
-    def run() -> torch.Tensor:
+    def features(images: torch.Tensor, camids: torch.Tensor | None) -> torch.Tensor:
+        images = images.to(device, non_blocking=True)
+        camids = camids.to(device) if camids is not None else None
         with torch.inference_mode(), torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype is not None):
             return model(images, camids)
 
     sync = torch.cuda.synchronize if device.startswith("cuda") else None
-    return Runner(run, sync, device)
+    return Compiled(features, sync, device)
 
 
-def cpu_runner(model: torch.nn.Module, images: torch.Tensor, camids: torch.Tensor | None, precision: str,
-               threads: int) -> Runner:
-    return _torch_runner(model, images, camids, "cpu", precision)
+def cpu_runner(model: torch.nn.Module, batch: Batch) -> Compiled:
+    return _torch_runner(model, "cpu", batch.precision)
 
 
-def cuda_runner(model: torch.nn.Module, images: torch.Tensor, camids: torch.Tensor | None, precision: str,
-                threads: int) -> Runner:
-    return _torch_runner(model, images, camids, "cuda", precision)
+def cuda_runner(model: torch.nn.Module, batch: Batch) -> Compiled:
+    return _torch_runner(model, "cuda", batch.precision)
 
 
-def torchscript_runner(model: torch.nn.Module, images: torch.Tensor, camids: torch.Tensor | None, precision: str,
-                       threads: int) -> Runner:
-    inputs = (images,) if camids is None else (images, camids)
+def torchscript_runner(model: torch.nn.Module, batch: Batch) -> Compiled:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings on shape arithmetic: shapes are static here
-        traced = torch.jit.trace(model.eval(), inputs, check_trace=False)
+        traced = torch.jit.trace(model.eval(), batch.inputs, check_trace=False)
         frozen = torch.jit.optimize_for_inference(torch.jit.freeze(traced))
 
-    def run() -> torch.Tensor:
+    def features(images: torch.Tensor, camids: torch.Tensor | None) -> torch.Tensor:
         with torch.no_grad():
-            return frozen(*inputs)
+            return frozen(*_inputs(images, camids))
 
-    return Runner(run, None, "cpu", "torch.jit.trace + freeze + optimize_for_inference")
+    return Compiled(features, note="torch.jit.trace + freeze + optimize_for_inference")
+
+
+def inductor_runner(model: torch.nn.Module, batch: Batch) -> Compiled:
+    """torch.compile (inductor) at static shapes, on the GPU when there is one; `prepare`'s first
+    call compiles it, so compilation is never timed."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = model.to(device).eval()
+    compiled = torch.compile(model, backend="inductor", dynamic=False)
+    eager = _torch_runner(compiled, device, batch.precision)
+    return Compiled(eager.features, eager.synchronize, device, f"torch.compile inductor on {device}")
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The fixed input a runner is compiled for, its precision and threads, and the images
+    (normalised) that INT8 quantization calibrates on."""
+
+    images: torch.Tensor
+    camids: torch.Tensor | None
+    precision: str
+    threads: int
+    calibration: torch.Tensor | None = None
+
+    @property
+    def inputs(self) -> tuple[torch.Tensor, ...]:
+        return _inputs(self.images, self.camids)
+
+
+def _inputs(images: torch.Tensor, camids: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    return (images,) if camids is None else (images, camids)
 
 
 @contextlib.contextmanager
-def _onnx_file(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], names: list[str],
-               backend_name: str) -> Iterator[Path]:
-    """The model exported to a temporary ONNX file, for `backend_name` to load inside the block.
-    A dynamic token policy that fails to export or load is unavailable there, with the reason;
-    a static model that fails is a bug to see."""
+def _onnx_file(model: torch.nn.Module, batch: Batch, backend_name: str) -> Iterator[Path]:
+    """The model exported to a temporary ONNX file (quantized for int8), for `backend_name`
+    to load inside the block. A dynamic token policy that fails to export or load is
+    unavailable there, with the reason; a static model that fails is a bug to see."""
     try:
         with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / "model.onnx"
-            _export_onnx(model, inputs, names, path)
+            path = export_onnx(model, batch.inputs, Path(folder) / "model.onnx")
+            if batch.precision == "int8" and backend_name == "onnxruntime":
+                path = quantize_onnx_int8(path, Path(folder) / "model.int8.onnx", _calibration_feeds(model, batch))
             yield path
     except Exception as error:
         dynamic = getattr(model, "dynamic_tokens", None)
@@ -148,68 +217,72 @@ def _onnx_file(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], names: 
                                  f"export to ONNX here ({type(error).__name__}: {str(error)[:160]})") from error
 
 
-def _export_onnx(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], names: list[str], path: Path) -> None:
-    """The model as ONNX (opset 17, static shapes)."""
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # exporter deprecation and tracer notes
-        torch.onnx.export(model.eval(), inputs, str(path), input_names=names,
-                          output_names=["features"], dynamo=False, opset_version=17)
+RANDOM_CALIBRATION_IMAGES = 32
 
 
-def _parity(output, model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], runtime: str) -> float:
-    """Max |runtime - PyTorch| on the features; above ONNX_PARITY nothing is timed."""
-    import numpy as np
-
-    with torch.no_grad():
-        reference = model(*inputs).numpy()
-    gap = float(np.abs(np.asarray(output) - reference).max())
-    if gap > ONNX_PARITY:
-        raise RuntimeError(f"{runtime} output differs from PyTorch by {gap:.2e} (> {ONNX_PARITY}): not timing it")
-    return gap
+def _calibration_feeds(model: torch.nn.Module, batch: Batch) -> list[dict]:
+    images = batch.calibration
+    if images is None:  # a model without data (random weights): seeded noise, said in the note
+        count = max(RANDOM_CALIBRATION_IMAGES, len(batch.images))
+        images = torch.randn(count, *batch.images.shape[1:], generator=torch.Generator().manual_seed(1))
+    return calibration_feeds(input_names(model), images, len(batch.images))
 
 
-def _exported_inputs(images: torch.Tensor, camids: torch.Tensor | None):
-    inputs = (images,) if camids is None else (images, camids)
-    names = ["images"] if camids is None else ["images", "camids"]
-    return inputs, names, {name: tensor.numpy() for name, tensor in zip(names, inputs)}
+def _calibration_note(batch: Batch) -> str:
+    if batch.precision != "int8":
+        return ""
+    return " calibrated on random images" if batch.calibration is None else \
+        f" calibrated on {len(batch.calibration)} images"
 
 
-def onnx_runner(model: torch.nn.Module, images: torch.Tensor, camids: torch.Tensor | None, precision: str,
-                threads: int) -> Runner:
-    import onnxruntime as ort
+def onnx_runner(model: torch.nn.Module, batch: Batch) -> Compiled:
+    names = input_names(model)
+    with _onnx_file(model, batch, "onnxruntime") as path:
+        session = onnxruntime_session(path, batch.threads)
 
-    inputs, names, feeds = _exported_inputs(images, camids)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    # Speed-ups alternate two sessions (unpruned, pruned): a session's pool keeps spinning
-    # after its run and takes the cores from the other one, which read speed-ups of 0.5
-    # to 2.4 for one plan here. Without spinning each pass has the cores to itself.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    with _onnx_file(model, inputs, names, "onnxruntime") as path:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    gap = _parity(session.run(None, feeds)[0], model, inputs, "onnxruntime")
-    return Runner(lambda: session.run(None, feeds), None, "cpu", f"ONNX Runtime parity {gap:.1e}")
+    def features(images: torch.Tensor, camids: torch.Tensor | None) -> torch.Tensor:
+        return torch.from_numpy(session.run(None, feeds(names, _inputs(images, camids)))[0])
+
+    return Compiled(features, note="ONNX Runtime" + _calibration_note(batch))
 
 
-def openvino_runner(model: torch.nn.Module, images: torch.Tensor, camids: torch.Tensor | None, precision: str,
-                    threads: int) -> Runner:
-    import openvino as ov
-
-    inputs, names, feeds = _exported_inputs(images, camids)
-    core = ov.Core()
-    with _onnx_file(model, inputs, names, "openvino") as path:
-        # f32 explicitly: on CPUs with bf16 units OpenVINO would otherwise run bf16 and fail parity
-        compiled = core.compile_model(core.read_model(str(path)), "CPU", {
-            "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"})
+def openvino_runner(model: torch.nn.Module, batch: Batch) -> Compiled:
+    names = input_names(model)
+    with _onnx_file(model, batch, "openvino") as path:
+        calibration = _calibration_feeds(model, batch) if batch.precision == "int8" else None
+        compiled = openvino_compiled(openvino_model(path, batch.precision, calibration), batch.precision,
+                                     batch.threads)
     request = compiled.create_infer_request()
     output = compiled.output(0)
-    gap = _parity(request.infer(feeds)[output], model, inputs, "openvino")
-    return Runner(lambda: request.infer(feeds)[output], None, "cpu", f"OpenVINO parity {gap:.1e}")
+
+    def features(images: torch.Tensor, camids: torch.Tensor | None) -> torch.Tensor:
+        return torch.from_numpy(request.infer(feeds(names, _inputs(images, camids)))[output].copy())
+
+    note = {"int8": "OpenVINO INT8 by NNCF", "bf16": "OpenVINO bf16 hint"}.get(batch.precision, "OpenVINO f32 hint")
+    return Compiled(features, note=note + _calibration_note(batch))
+
+
+def _compare(compiled: Compiled, reference: torch.Tensor, batch: Batch, name: str,
+             eager: bool) -> tuple[float, float]:
+    """(max |output - fp32 PyTorch|, smallest per-image cosine) on the timing input. An export
+    at fp32 must match to OUTPUT_PARITY and reduced precision keep MIN_COSINE, or nothing is timed."""
+    with torch.no_grad():
+        output = compiled.features(batch.images, batch.camids).float().cpu()
+    gap = float((output - reference).abs().max())
+    cosine = float(torch.nn.functional.cosine_similarity(output, reference, dim=1).min())
+    if batch.precision == "fp32" and not eager and gap > OUTPUT_PARITY:
+        raise RuntimeError(f"{name} output differs from PyTorch by {gap:.2e} (> {OUTPUT_PARITY}): not timing it")
+    if batch.precision != "fp32" and not cosine >= MIN_COSINE:
+        raise BackendUnavailable(f"{name} {batch.precision}: its features no longer match fp32 PyTorch's (cosine "
+                                 f"{cosine:.3f} < {MIN_COSINE}): not timing a model that computes something else")
+    return gap, cosine
 
 
 def prepare(name: str, model: torch.nn.Module, batch: int, precision: str = "fp32",
-            threads: int | None = None) -> Runner:
-    """A runner for `model` (a ReIDViT, possibly pruned) at `batch` on `backend`."""
+            threads: int | None = None, calibration: torch.Tensor | None = None, compare: bool = True) -> Runner:
+    """A runner for `model` (a ReIDViT, possibly pruned) at `batch` on `backend`; INT8
+    calibrates on `calibration` (normalised images; seeded noise when None). `compare`: check
+    the output against fp32 PyTorch first (off where only memory is measured)."""
     spec = backend(name)
     reason = availability(name)
     if reason:
@@ -221,4 +294,14 @@ def prepare(name: str, model: torch.nn.Module, batch: int, precision: str = "fp3
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, *model.config.img_size, generator=generator)
     camids = torch.zeros(batch, dtype=torch.long) if model.sie_embed is not None else None
-    return globals()[spec.runner](model, images, camids, precision, threads or torch.get_num_threads())
+    fixed = Batch(images, camids, precision, threads or torch.get_num_threads(), calibration)
+    if compare:
+        with torch.no_grad():
+            reference = model.eval()(*fixed.inputs).float()  # before a runner moves or converts the model
+    compiled: Compiled = globals()[spec.runner](model, fixed)
+    gap, cosine = _compare(compiled, reference, fixed, name, spec.eager) if compare else (None, None)
+    device_images = images.to(compiled.torch_device)
+    device_camids = camids.to(compiled.torch_device) if camids is not None else None
+    note = compiled.note if gap is None else f"{compiled.note}; max |diff| {gap:.1e}, cosine {cosine:.5f}".lstrip("; ")
+    return Runner(lambda: compiled.features(device_images, device_camids), compiled.synchronize,
+                  compiled.torch_device, note, compiled.features, batch, gap, cosine)

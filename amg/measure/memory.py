@@ -60,7 +60,7 @@ def _measure_here(model_file: str, backend: str, batch: int, precision: str, thr
         torch.set_num_threads(threads)
     model = load_pruned(model_file)
     baseline = _rss_peak_mb()
-    runner = prepare(backend, model, batch, precision, threads)
+    runner = prepare(backend, model, batch, precision, threads, compare=False)
     cuda = runner.torch_device.startswith("cuda")
     if cuda:
         torch.cuda.synchronize()

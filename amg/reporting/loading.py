@@ -14,9 +14,18 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from amg.benchmark.results import COLUMNS, MEASURE_COLUMNS, ReportError, ResultsFile, find_csvs, read_csv
+from amg.benchmark.results import (
+    COLUMNS,
+    MEASURE_COLUMNS,
+    TEXT_MEASURE_COLUMNS,
+    ReportError,
+    ResultsFile,
+    find_csvs,
+    read_csv,
+)
 
-NUMERIC_COLUMNS = ["threads", "batch", "head_ratio", "token_ratio"] + [c for c in MEASURE_COLUMNS if c != "dataset"]
+NUMERIC_COLUMNS = ["threads", "batch", "head_ratio", "token_ratio"] + [
+    c for c in MEASURE_COLUMNS if c not in TEXT_MEASURE_COLUMNS]
 
 
 def csvs_under(root: Path) -> list[Path]:

@@ -19,6 +19,8 @@ from amg.reporting.equal_macs import section as equal_macs_section
 from amg.reporting.loading import csvs_under, load_reports, newest_per_configuration
 from amg.reporting.pareto import AXIS_LABELS, LATENCY_PLOT, MACS_PLOT, plot_pareto
 from amg.reporting.pictures import draw_records
+from amg.reporting.precision import section as precision_section
+from amg.reporting.runtimes import section as runtimes_section
 from amg.reporting.summary import section as summary_section
 from amg.reporting.tables import cross_device_table, device_table, markdown_text
 
@@ -103,8 +105,8 @@ def build_report(results_dir: str | Path, out_dir: str | Path) -> list[Path]:
         plot_pareto(latest, out, "gmacs", accuracy, MACS_PLOT),
     ]
     pictures = draw_records(root, out)
-    text = "\n".join([_readme(frame, latest, root, accuracy), equal_macs_section(latest),
-                       _pictures_section(pictures, out)])
+    text = "\n".join([_readme(frame, latest, root, accuracy), runtimes_section(latest), precision_section(latest),
+                       equal_macs_section(latest), _pictures_section(pictures, out)])
     readme = write_text_atomic(out / "README.md", text)
     return [readme, *plots, *(path for _, paths in pictures for path in paths)]
 

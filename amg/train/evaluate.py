@@ -31,6 +31,29 @@ def extract_features(model: ReIDViT, images: torch.Tensor, camids: Sequence[int]
     return torch.cat(chunks)
 
 
+# normalised images [batch, 3, H, W] and camera ids (or None) -> features: a compiled model
+# (ONNX Runtime, OpenVINO, INT8...) that only takes its own batch size
+FixedBatchFeatures = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+@torch.inference_mode()
+def extract_fixed_batch_features(features: FixedBatchFeatures, batch: int, images: torch.Tensor,
+                                 camids: Sequence[int], needs_camids: bool) -> torch.Tensor:
+    """Retrieval features `[N, D]` from a model compiled for `batch` images at a time; the last
+    chunk is padded by repeating its last image, and the padding's features dropped."""
+    camid_tensor = torch.as_tensor(list(camids))
+    chunks = []
+    for start in range(0, len(images), batch):
+        chunk, cams = images[start:start + batch], camid_tensor[start:start + batch]
+        real = len(chunk)
+        if real < batch:
+            chunk = torch.cat([chunk, chunk[-1:].expand(batch - real, *chunk.shape[1:])])
+            cams = torch.cat([cams, cams[-1:].expand(batch - real)])
+        output = features(normalize(chunk), cams if needs_camids else None)
+        chunks.append(torch.as_tensor(output).float().cpu()[:real])
+    return torch.cat(chunks)
+
+
 class Evaluator:
     """Holds a data set's decoded test images, so several models are evaluated without re-reading."""
 
@@ -45,13 +68,22 @@ class Evaluator:
             for name, samples in dataset.query_sets.items()
         }
 
-    def evaluate(self, model: ReIDViT, metric: str = "euclidean") -> dict[str, RankMetrics]:
+    def evaluate(self, model: ReIDViT, metric: str = "euclidean",
+                 compiled: tuple[FixedBatchFeatures, int] | None = None) -> dict[str, RankMetrics]:
+        """Rank metrics of every query set; features by `model`, or by `compiled` (its
+        features function and batch size: what a runtime runs of `model`)."""
         if tuple(model.config.img_size) != self.img_size:
             raise InputError(f"model input {model.config.img_size} differs from evaluator's {self.img_size}")
-        gallery_features = extract_features(model, self.gallery_images, _camids(self.gallery))
+
+        def extract(images: torch.Tensor, camids: np.ndarray) -> torch.Tensor:
+            if compiled is None:
+                return extract_features(model, images, camids)
+            return extract_fixed_batch_features(*compiled, images, camids, model.sie_embed is not None)
+
+        gallery_features = extract(self.gallery_images, _camids(self.gallery))
         results = {}
         for name, samples in self.dataset.query_sets.items():
-            query_features = extract_features(model, self.query_images[name], _camids(samples))
+            query_features = extract(self.query_images[name], _camids(samples))
             distances = pairwise_distance(query_features, gallery_features, metric)
             results[name] = evaluate_rank(
                 distances, _array(s.pid for s in samples), _array(s.pid for s in self.gallery),
