@@ -247,6 +247,9 @@ def onnx_runner(model: torch.nn.Module, batch: Batch) -> Compiled:
 
 
 def openvino_runner(model: torch.nn.Module, batch: Batch) -> Compiled:
+    reason = batch.precision == "int8" and _installed("nncf", "pip install nncf")
+    if reason:
+        raise BackendUnavailable(f"openvino int8: {reason}")
     names = input_names(model)
     with _onnx_file(model, batch, "openvino") as path:
         calibration = _calibration_feeds(model, batch) if batch.precision == "int8" else None
