@@ -117,7 +117,7 @@ class Runner:
         return self.run()
 
 
-# normalised images [batch, 3, H, W] and camera ids (or None) -> features [batch, D] on the CPU
+# normalised images [batch, 3, H, W] and camera ids (or None) -> features [batch, D] (on the runner's device)
 Features = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 

@@ -16,7 +16,7 @@ from tabulate import tabulate
 from amg.benchmark.profiles import PruneSpec
 from amg.benchmark.query_record import load_query_record
 from amg.pruning.schedule import SCHEDULES, Schedule
-from amg.reporting.tables import MISSING, format_cell, markdown_text
+from amg.reporting.tables import MISSING, format_cell, markdown_text, titled_tables
 from amg.statistics import excludes_zero, mean_difference_interval
 
 FAMILIES = ("heads", "tokens", "heads+tokens")
@@ -182,23 +182,21 @@ def comparison_tables(frame: pd.DataFrame) -> list[tuple[str, str]]:
     return tables
 
 
+_INTRO = (
+    "Every policy at the same target saving of fvcore MACs (`pytest bench/ --amg-profile equal-macs`). "
+    "Schedules: one-shot; `ft<N>` = one-shot plan + N fine-tuning steps distilled from the unpruned "
+    "model; `it<R>x<N>` = R rounds of prune, fine-tune, re-score with N steps in all. Speed-ups are "
+    "interleaved with the unpruned model in the same run; `lat./MACs saving` is latency saving ÷ MACs "
+    "saving (1.00: latency falls as much as MACs); accuracy is on the synthetic holistic and "
+    "occluded query sets; bold: best occluded mAP of its family and schedule. `occ. mAP − random`: "
+    "the difference to the random policy of the same family and schedule (its seed-0 draw), paired "
+    "over the same queries with its 95% bootstrap interval (`tie` when the interval holds 0; `—` for "
+    "runs recorded before per-query values were kept). A random policy drawn with several seeds is one "
+    "row, `×N`: the mean of its draws, with the spread of their occluded mAP. A method missing from a "
+    "table cannot reach that saving on this model."
+)
+
+
 def section(frame: pd.DataFrame) -> str:
     """The README section: all comparison tables, or "" when no equal-MACs run is among the CSVs."""
-    tables = comparison_tables(frame)
-    if not tables:
-        return ""
-    lines = ["## Equal-MACs comparison", "",
-             "Every policy at the same target saving of fvcore MACs (`pytest bench/ --amg-profile equal-macs`). "
-             "Schedules: one-shot; `ft<N>` = one-shot plan + N fine-tuning steps distilled from the unpruned "
-             "model; `it<R>x<N>` = R rounds of prune, fine-tune, re-score with N steps in all. Speed-ups are "
-             "interleaved with the unpruned model in the same run; `lat./MACs saving` is latency saving ÷ MACs "
-             "saving (1.00: latency falls as much as MACs); accuracy is on the synthetic holistic and "
-             "occluded query sets; bold: best occluded mAP of its family and schedule. `occ. mAP − random`: "
-             "the difference to the random policy of the same family and schedule (its seed-0 draw), paired "
-             "over the same queries with its 95% bootstrap interval (`tie` when the interval holds 0; `—` for "
-             "runs recorded before per-query values were kept). A random policy drawn with several seeds is one "
-             "row, `×N`: the mean of its draws, with the spread of their occluded mAP. A method missing from a "
-             "table cannot reach that saving on this model.", ""]
-    for title, markdown in tables:
-        lines += [f"### {title}", "", markdown, ""]
-    return "\n".join(lines)
+    return titled_tables("Equal-MACs comparison", _INTRO, comparison_tables(frame))

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from amg.reporting.tables import MISSING, format_cell, is_unpruned, markdown_table, markdown_text
+from amg.reporting.tables import (MISSING, format_cell, is_unpruned, markdown_table, markdown_text,
+                                  titled_tables)
 
 _ACCURACY = (("occluded R1 %", "occluded_rank1"), ("occluded mAP %", "occluded_mAP"),
              ("holistic mAP %", "query_mAP"))
@@ -55,14 +56,9 @@ def precision_tables(latest: pd.DataFrame) -> list[tuple[str, str]]:
 
 def section(latest: pd.DataFrame) -> str:
     """The report's "Pruning vs reduced precision" section ('' when no run measured one)."""
-    tables = precision_tables(latest)
-    if not tables:
-        return ""
-    lines = ["## Pruning vs reduced precision", "",
-             "Each row's speed-up is over the unpruned fp32 model on the same backend, interleaved in "
-             "the same run (95% bootstrap interval): the unpruned int8 row is what quantization alone "
-             "buys, a pruned fp32 row what pruning alone buys, a pruned int8 row both. Accuracy of a "
-             "reduced-precision row is that of the quantized model as the runtime runs it.", ""]
-    for title, table in tables:
-        lines += [f"### {title}", "", table, ""]
-    return "\n".join(lines)
+    return titled_tables("Pruning vs reduced precision",
+                         "Each row's speed-up is over the unpruned fp32 model on the same backend, interleaved in "
+                         "the same run (95% bootstrap interval): the unpruned int8 row is what quantization alone "
+                         "buys, a pruned fp32 row what pruning alone buys, a pruned int8 row both. Accuracy of a "
+                         "reduced-precision row is that of the quantized model as the runtime runs it.",
+                         precision_tables(latest))

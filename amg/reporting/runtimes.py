@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from amg.reporting.tables import MISSING, format_cell, is_unpruned, markdown_table, markdown_text
+from amg.reporting.tables import (MISSING, format_cell, is_unpruned, markdown_table, markdown_text,
+                                  titled_tables)
 
 
 def saving_ratio(speedup: object, macs_saving: object) -> float:
@@ -58,14 +59,9 @@ def runtime_tables(latest: pd.DataFrame) -> list[tuple[str, str]]:
 
 def section(latest: pd.DataFrame) -> str:
     """The report's "Fastest runtime" section ('' when no configuration ran on two backends)."""
-    tables = runtime_tables(latest)
-    if not tables:
-        return ""
-    lines = ["## Fastest runtime", "",
-             "Median latency of each configuration on each backend (fp32), the fastest backend, and "
-             "there the ratio latency saving / MACs saving (1.00: latency falls as much as the MACs; "
-             "from the speed-up interleaved with the unpruned model on that backend). Medians of "
-             "different backends come from different moments of the run; the ratio does not.", ""]
-    for title, table in tables:
-        lines += [f"### {title}", "", table, ""]
-    return "\n".join(lines)
+    return titled_tables("Fastest runtime",
+                         "Median latency of each configuration on each backend (fp32), the fastest backend, and "
+                         "there the ratio latency saving / MACs saving (1.00: latency falls as much as the MACs; "
+                         "from the speed-up interleaved with the unpruned model on that backend). Medians of "
+                         "different backends come from different moments of the run; the ratio does not.",
+                         runtime_tables(latest))

@@ -114,3 +114,14 @@ def cross_device_table(frame: pd.DataFrame) -> str:
     ]
     headers = ["model", "config", "batch", "MACs saved %"] + [markdown_text(t) for t in targets]
     return markdown_table(body, headers, numeric_from=2)
+
+
+def titled_tables(heading: str, intro: str, tables: list[tuple[str, str]]) -> str:
+    """A report section: `## heading`, the intro paragraph, then each (title, table) under `###`;
+    '' when there is no table."""
+    if not tables:
+        return ""
+    lines = [f"## {heading}", "", intro, ""]
+    for title, table in tables:
+        lines += [f"### {title}", "", table, ""]
+    return "\n".join(lines)
