@@ -20,12 +20,14 @@ from amg.pruning.planner import make_plan
 CONFIG = ModelConfig("backend-test", img_size=(64, 32), embed_dim=48, depth=2, num_heads=3)
 
 
-def tiny(pruned: bool = True, emptied_block: int | None = None) -> ReIDViT:
-    """A small random model, pruned at random (and with every head of `emptied_block` removed)."""
+def tiny(pruned: bool = True, emptied_block: int | None = None, mlp: float = 0.0) -> ReIDViT:
+    """A small random model, pruned at random (and with every head of `emptied_block` removed,
+    `mlp` of its MLP channels)."""
     torch.manual_seed(0)
     model = ReIDViT(CONFIG).eval()
     if pruned:
-        plan = make_plan(model, heads=0.34, tokens=0.4, head_policy="random", token_policy="random")
+        plan = make_plan(model, heads=0.34, tokens=0.4, head_policy="random", token_policy="random", mlp=mlp,
+                         mlp_policy="random")
         if emptied_block is not None:
             plan.kept_heads[emptied_block], plan.kept_tokens[emptied_block] = [], None
         apply_plan(model, plan)
@@ -89,12 +91,12 @@ def test_a_precision_the_backend_does_not_run_is_a_skip_with_the_reason():
         backends.prepare("cpu", tiny(), 1, "fp16")
 
 
-@pytest.mark.parametrize("variant", ["pruned", "emptied-block", "class-token-last-block"])
+@pytest.mark.parametrize("variant", ["pruned", "emptied-block", "class-token-last-block", "mlp-channels"])
 @pytest.mark.parametrize("backend", ["cpu", "torchscript", "onnxruntime", "openvino"])
 def test_runners_agree_with_pytorch(backend, variant):
     if backends.availability(backend):
         pytest.skip(backends.availability(backend))
-    model = tiny(emptied_block=0 if variant == "emptied-block" else None)
+    model = tiny(emptied_block=0 if variant == "emptied-block" else None, mlp=0.45 if variant == "mlp-channels" else 0)
     if variant == "class-token-last-block":
         model.use_class_token_last_block()
     runner = backends.prepare(backend, model, batch=2)
@@ -179,3 +181,12 @@ def test_int8_calibration_needs_a_whole_batch_of_images():
         pytest.skip(backends.availability("onnxruntime"))
     with pytest.raises(InputError, match="INT8 calibration needs at least 4 images"):
         backends.prepare("onnxruntime", tiny(), batch=4, precision="int8", calibration=torch.randn(3, 3, 64, 32))
+
+
+def test_tensorrt_without_its_provider_is_a_skip_naming_what_is_missing():
+    reason = backends.availability("tensorrt")
+    if reason is None:
+        pytest.skip("this machine has ONNX Runtime's TensorRT provider")
+    assert "TensorrtExecutionProvider" in reason or "onnxruntime" in reason
+    with pytest.raises(backends.BackendUnavailable, match="tensorrt: "):
+        backends.prepare("tensorrt", tiny(), 1)

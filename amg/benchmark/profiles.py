@@ -13,14 +13,15 @@ from typing import Sequence
 
 from amg.errors import InputError
 from amg.measure.backend_registry import BACKENDS, GPU_BACKENDS
-from amg.pruning.policies import HEAD_POLICIES, TOKEN_POLICIES, needs_calibration
+from amg.pruning.policies import HEAD_POLICIES, SAVING_MODES, TOKEN_POLICIES, needs_calibration
 from amg.pruning.schedule import ONE_SHOT, Schedule
 
 
 @dataclass(frozen=True)
 class PruneSpec:
-    """A pruning configuration: by ratios (`heads`, `tokens`), or by a MACs `saving` that the
-    ratios are searched for (`by` heads, tokens or both), then a `schedule`."""
+    """A pruning configuration: by ratios (`heads`, `tokens`, `mlp` channels), or by a MACs
+    `saving` that one shared ratio is searched for (`by` a mode of `SAVING_MODES`: heads,
+    tokens, both, mlp or all), then a `schedule`."""
 
     heads: float = 0.0
     tokens: float = 0.0
@@ -28,34 +29,52 @@ class PruneSpec:
     token_policy: str = "amg"
     allocation: str = "global"
     saving: float = 0.0
-    by: str = ""  # with `saving`: heads | tokens | both
+    by: str = ""  # with `saving`: heads | tokens | both | mlp | all
     schedule: Schedule = ONE_SHOT
     seed: int = 0  # of the random policies: other seeds are other draws of the same method
+    mlp: float = 0.0  # MLP hidden channels removed
+    mlp_policy: str = "taylor"
 
     def __post_init__(self) -> None:
         if self.seed and not self.random:
             raise InputError("a seed other than 0 names another draw of a random policy: this configuration has none")
         if bool(self.saving) != bool(self.by):
-            raise InputError("a MACs saving needs `by` (heads, tokens or both), and `by` needs a saving")
-        if self.saving and (self.heads or self.tokens):
+            raise InputError(f"a MACs saving needs `by` ({', '.join(SAVING_MODES)}), and `by` needs a saving")
+        if self.by and self.by not in SAVING_MODES:
+            raise InputError(f"`by` must be one of {', '.join(SAVING_MODES)}, got {self.by!r}")
+        if self.saving and (self.heads or self.tokens or self.mlp):
             raise InputError("give ratios or a MACs saving, not both")
 
     @property
     def random(self) -> bool:
         """Whether a policy it uses draws at random (so its seed matters)."""
-        return (self.uses_heads and self.head_policy == "random") or (self.uses_tokens and self.token_policy == "random")
+        return (self.uses_heads and self.head_policy == "random") or (self.uses_tokens and self.token_policy == "random") \
+            or (self.uses_mlp and self.mlp_policy == "random")
+
+    def _uses(self, axis: str, ratio: float) -> bool:
+        return axis in SAVING_MODES.get(self.by, ()) if self.saving else ratio > 0
 
     @property
     def uses_heads(self) -> bool:
-        return self.by in ("heads", "both") if self.saving else self.heads > 0
+        return self._uses("heads", self.heads)
 
     @property
     def uses_tokens(self) -> bool:
-        return self.by in ("tokens", "both") if self.saving else self.tokens > 0
+        return self._uses("tokens", self.tokens)
+
+    @property
+    def uses_mlp(self) -> bool:
+        return self._uses("mlp", self.mlp)
+
+    @property
+    def prunes(self) -> bool:
+        """Whether it removes anything (the unpruned model fine-tuned does not)."""
+        return self.uses_heads or self.uses_tokens or self.uses_mlp
 
     @property
     def needs_data(self) -> bool:
-        return (needs_calibration(self.uses_heads, self.head_policy, self.uses_tokens, self.token_policy)
+        return (needs_calibration(self.uses_heads, self.head_policy, self.uses_tokens, self.token_policy,
+                                  self.uses_mlp, self.mlp_policy)
                 or self.schedule != ONE_SHOT)
 
     @property
@@ -64,12 +83,15 @@ class PruneSpec:
         (without ratios when planned by a MACs saving: `heads:amg+tokens:amg`)."""
         heads = f"{self.heads:g}" if not self.saving else ""
         tokens = f"{self.tokens:g}" if not self.saving else ""
+        mlp = f"{self.mlp:g}" if not self.saving else ""
+        allocation = "" if self.allocation == "global" else f"/{self.allocation}"
         parts = []
         if self.uses_heads:
-            allocation = "" if self.allocation == "global" else f"/{self.allocation}"
             parts.append(f"heads{heads}:{self.head_policy}{allocation}")
         if self.uses_tokens:
             parts.append(f"tokens{tokens}:{self.token_policy}")
+        if self.uses_mlp:
+            parts.append(f"mlp{mlp}:{self.mlp_policy}{'' if self.uses_heads else allocation}")
         return "+".join(parts) or "unpruned"
 
     @property
@@ -105,20 +127,21 @@ class PruneSpec:
             axes.append(match["axis"])
             if "saving" not in fields:
                 fields[match["axis"]] = match["ratio"]
-            fields[f"{match['axis'][:-1]}_policy"] = match["policy"]
+            fields[_POLICY_FIELD[match["axis"]]] = match["policy"]
             if match["allocation"]:
                 fields["allocation"] = match["allocation"]
         if "saving" in fields:
-            fields["by"] = "both" if len(axes) == 2 else (axes or [""])[0]
+            fields["by"] = next((mode for mode, named in SAVING_MODES.items() if list(named) == axes), "?")
         try:
-            spec = cls(**{k: float(v) if k in ("heads", "tokens", "saving") else v for k, v in fields.items()})
+            spec = cls(**{k: float(v) if k in ("heads", "tokens", "mlp", "saving") else v for k, v in fields.items()})
         except ValueError:
             return None
         return spec if spec.config_id == config_id else None  # only names written as config_id writes them
 
 
 SEED_MARK = "~s"
-_METHOD_PART = re.compile(r"^(?P<axis>heads|tokens)(?P<ratio>[0-9.]*):(?P<policy>[a-z-]+)(?:/(?P<allocation>[a-z-]+))?$")
+_METHOD_PART = re.compile(r"^(?P<axis>heads|tokens|mlp)(?P<ratio>[0-9.]*):(?P<policy>[a-z-]+)(?:/(?P<allocation>[a-z-]+))?$")
+_POLICY_FIELD = {"heads": "head_policy", "tokens": "token_policy", "mlp": "mlp_policy"}
 
 
 UNPRUNED = PruneSpec()
@@ -210,6 +233,27 @@ def equal_macs_specs(savings: Sequence[float] = STUDY_SAVINGS, steps: int = STUD
     return tuple(other for spec in specs for other in _draws(spec))
 
 
+MLP_SAVINGS = (0.3, 0.4, 0.5)
+
+
+def mlp_study_specs(savings: Sequence[float] = MLP_SAVINGS, steps: int = STUDY_STEPS) -> tuple[PruneSpec, ...]:
+    """Beyond heads and tokens: MLP channels alone (Taylor, magnitude, random), AMG heads + tokens
+    + Taylor MLP channels, the same at random, and ToMe, at savings static heads + tokens cannot
+    reach; one-shot and fine-tuned."""
+    finetune = Schedule("finetune", steps)
+    specs: list[PruneSpec] = [PruneSpec(schedule=finetune)]
+    for saving in savings:
+        alone = [PruneSpec(saving=saving, by="mlp", mlp_policy=p) for p in ("taylor", "magnitude", "random")]
+        everything = [PruneSpec(saving=saving, by="all"),
+                      PruneSpec(saving=saving, by="all", head_policy="random", token_policy="random",
+                                mlp_policy="random")]
+        tome = PruneSpec(saving=saving, by="tokens", token_policy="tome")
+        specs += [draw for spec in alone + everything + [tome] for draw in _draws(spec)]
+        # one draw of each random method fine-tuned: the seeds' spread is measured one-shot
+        specs += [replace(s, schedule=finetune) for s in (alone[0], alone[2], *everything, tome)]
+    return tuple(specs)
+
+
 def _draws(spec: PruneSpec) -> list[PruneSpec]:
     return [replace(spec, seed=seed) for seed in RANDOM_SEEDS] if spec.random else [spec]
 
@@ -234,6 +278,10 @@ PROFILES = {
     # first time, for the fine-tuning; then ~20 minutes)
     "equal-macs": Profile(ratios=(), head_policies=(), token_policies=(), batches=(1, 32), backends=("cpu",),
                           paired_rounds=12, rounds=8, specs=equal_macs_specs()),
+    # MLP channel pruning at 30/40/50% of MACs against random and ToMe (about 30 minutes on 2
+    # cores the first time, for 16 fine-tunings, then about 5)
+    "mlp": Profile(ratios=(), head_policies=(), token_policies=(), batches=(1,), backends=("cpu", "openvino"),
+                   paired_rounds=100, rounds=20, memory=False, specs=mlp_study_specs()),
     # pruning vs INT8 vs both on the embedded default, with the accuracy of every quantized
     # model as the runtime runs it; <= 5 minutes on 2 cores once cached
     "int8": Profile(ratios=(0.25, 0.5), head_policies=("amg",), token_policies=("amg",), batches=(1,),

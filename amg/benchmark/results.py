@@ -45,6 +45,8 @@ IDENTITY_COLUMNS = [
     "schedule",  # one-shot | iterative xK ...
     "head_ratio",
     "token_ratio",
+    "mlp_policy",  # none | taylor | magnitude | random
+    "mlp_ratio",  # share of MLP hidden channels removed
 ]
 MEASURE_COLUMNS = [
     "params",
@@ -100,7 +102,8 @@ KEY_COLUMNS = ("config_id", "backend", "precision", "batch")
 # Added after reports were already committed: older files lack them and read as empty.
 OPTIONAL_COLUMNS = ("feature", "run_status", "query_unmatched", "occluded_unmatched", "speedup_ci_low",
                     "speedup_ci_high", "load_avg_1min", "other_cpu_share", "output_max_diff", "output_cosine",
-                    "accuracy_of", "fp32_speedup", "fp32_speedup_ci_low", "fp32_speedup_ci_high")
+                    "accuracy_of", "fp32_speedup", "fp32_speedup_ci_low", "fp32_speedup_ci_high", "mlp_policy",
+                    "mlp_ratio")
 COMPLETE, INTERRUPTED = "complete", "interrupted"
 JOURNAL_SUFFIX = ".journal"  # rows of a run in progress, one JSON line each: `.<run-id>.journal`
 

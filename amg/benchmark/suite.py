@@ -173,9 +173,11 @@ class Suite:
         try:
             if spec.saving:
                 return plan_for_saving(self.model, spec.saving, spec.by, spec.head_policy,
-                                       spec.token_policy, spec.allocation, data, seed=spec.seed)
+                                       spec.token_policy, spec.allocation, data, seed=spec.seed,
+                                       mlp_policy=spec.mlp_policy)
             return make_plan(self.model, spec.heads, spec.tokens, spec.head_policy,
-                             spec.token_policy, spec.allocation, data, seed=spec.seed)
+                             spec.token_policy, spec.allocation, data, seed=spec.seed, mlp=spec.mlp,
+                             mlp_policy=spec.mlp_policy)
         except OutOfReach as error:
             return error
 
@@ -199,7 +201,7 @@ class Suite:
 
     def _trained(self, spec: PruneSpec) -> ReIDViT:
         """Fine-tuned or iterative: minutes of training, so cached by everything that shapes it."""
-        plan = self.plan(spec) if spec.uses_heads or spec.uses_tokens else PrunePlan.unpruned(self.model.config)
+        plan = self.plan(spec) if spec.prunes else PrunePlan.unpruned(self.model.config)
         key = {"base": self.fingerprint(), "plan": plan.to_dict(), "schedule": spec.schedule.__dict__,
                "data": str(self.dataset.root), "calibration": self.calibration().description}
 
@@ -292,6 +294,8 @@ class Suite:
             "token_policy": case.spec.token_policy if case.spec.uses_tokens else "none",
             "allocation": case.spec.allocation, "schedule": case.spec.schedule.description,
             "head_ratio": plan.ratios.get("heads", 0.0), "token_ratio": plan.ratios.get("tokens", 0.0),
+            "mlp_policy": case.spec.mlp_policy if case.spec.uses_mlp else "none",
+            "mlp_ratio": plan.ratios.get("mlp", 0.0),
             "params": params, "param_mb": params * 4 / 2**20, "macs": macs, "gmacs": macs / 1e9,
             "macs_saving": 1 - macs / self._base_macs, "latency_median_ms": stats.median_ms,
             "latency_p90_ms": stats.p90_ms, "latency_p99_ms": stats.p99_ms, "latency_rounds": stats.rounds,

@@ -184,8 +184,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from amg.pruning.schedule import ONE_SHOT, Schedule, fine_tuning_stages
 
     _set_threads(args.threads)
-    if args.macs_saving is not None and (args.heads or args.tokens):
-        raise InputError("--macs-saving chooses the ratios itself: drop --heads/--tokens")
+    if args.macs_saving is not None and (args.heads or args.tokens or args.mlp):
+        raise InputError("--macs-saving chooses the ratios itself: drop --heads/--tokens/--mlp")
     if args.iterative_rounds > 0 and args.finetune:
         raise InputError("--finetune fine-tunes a one-shot plan, --iterative-rounds prunes in rounds: choose one")
     dataset = _load_dataset(args.data, args.layout)
@@ -198,12 +198,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
                                           args.calibration_batch, args.calibration_loss)
     start = time.perf_counter()
     policies = {"head_policy": args.head_policy or args.policy, "token_policy": args.token_policy or args.policy,
-                "allocation": args.allocation}
+                "allocation": args.allocation, "mlp_policy": args.mlp_policy, "mlp_multiple": args.mlp_multiple}
     if args.macs_saving is not None:
         plan = plan_for_saving(model, args.macs_saving, args.saving_by, data=data, seed=args.seed,
                                progress=progress, **policies)
     else:
-        plan = make_plan(model, heads=args.heads, tokens=args.tokens, data=data, seed=args.seed,
+        plan = make_plan(model, heads=args.heads, tokens=args.tokens, mlp=args.mlp, data=data, seed=args.seed,
                          progress=progress, **policies)
     schedule = ONE_SHOT
     if args.iterative_rounds > 0:

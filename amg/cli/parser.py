@@ -14,6 +14,8 @@ from amg.pruning.policies import (
     CALIBRATION_BATCH,
     HEAD_ALLOCATIONS,
     HEAD_POLICIES,
+    MLP_POLICIES,
+    SAVING_MODES,
     TOKEN_POLICIES,
     Policy,
 )
@@ -120,6 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
                             "other presets get random weights); default: the embedded default model")
     prune.add_argument("--heads", type=float, default=0.0, help="fraction of all heads to remove, in [0, 1)")
     prune.add_argument("--tokens", type=float, default=0.0, help="fraction of key/value positions to drop, in [0, 1)")
+    prune.add_argument("--mlp", type=float, default=0.0,
+                       help="fraction of all MLP hidden channels to remove, in [0, 1) (scored on the model with "
+                            "its heads and tokens pruned)")
+    prune.add_argument("--mlp-policy", default="taylor", choices=sorted(MLP_POLICIES), metavar="POLICY",
+                       help="MLP channel policy: " + _policy_help(MLP_POLICIES) + " (default %(default)s)")
+    prune.add_argument("--mlp-multiple", type=positive_int, default=1, metavar="N",
+                       help="round each block's kept MLP channels to a multiple of N, e.g. 8 or 16 for runtimes' "
+                            "kernels (default %(default)s)")
     prune.add_argument("--policy", default="amg", choices=ALL_POLICY_NAMES,
                        help="policy for both heads and tokens (default %(default)s)")
     prune.add_argument("--head-policy", default=None, choices=sorted(HEAD_POLICIES), metavar="POLICY",
@@ -133,8 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "its maximum, one ranking (default %(default)s)")
     prune.add_argument("--macs-saving", type=float, default=None,
                        help="instead of --heads/--tokens: remove about this fraction of the blocks' MACs")
-    prune.add_argument("--saving-by", default="both", choices=["heads", "tokens", "both"],
-                       help="what --macs-saving removes (both: equal head and token ratios)")
+    prune.add_argument("--saving-by", default="both", choices=list(SAVING_MODES),
+                       help="what --macs-saving removes at one shared ratio (both: heads and tokens; all: heads, "
+                            "tokens and MLP channels)")
     prune.add_argument("--finetune", type=non_negative_int, default=0, metavar="STEPS",
                        help="fine-tune the pruned model this many steps, distilled from the unpruned one "
                             "(default 0: one-shot; the equal-MACs study uses 300)")

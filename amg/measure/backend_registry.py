@@ -44,6 +44,9 @@ _BACKENDS = (
     Backend("onnxruntime", "the static-shape model exported to ONNX, run by ONNX Runtime on the CPU "
             "(int8: static QDQ quantization)", ("fp32", "int8"),
             "onnxruntime_availability", "onnx_runner", eager=False),
+    Backend("tensorrt", "the static-shape ONNX export built into a TensorRT engine by ONNX Runtime's TensorRT "
+            "provider (NVIDIA GPU or Jetson; fp16: TensorRT's half kernels)", ("fp32", "fp16"),
+            "tensorrt_availability", "tensorrt_runner", gpu=True, eager=False),
     Backend("openvino", "the static-shape model exported to ONNX, compiled by OpenVINO for the CPU (x86, ARM; "
             "bf16: its precision hint, int8: NNCF quantization)", ("fp32", "bf16", "int8"), "openvino_availability", "openvino_runner", eager=False),
 )

@@ -87,7 +87,8 @@ def quantize_onnx_int8(source: Path, target: Path, calibration: list[dict[str, n
     return target
 
 
-def onnxruntime_session(path: Path, threads: int):
+def onnxruntime_session(path: Path, threads: int, providers: list | None = None):
+    """An ONNX Runtime session of `path`: the CPU provider unless `providers` says otherwise."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -97,7 +98,7 @@ def onnxruntime_session(path: Path, threads: int):
     # to 2.4 for one plan here. Without spinning each pass has the cores to itself.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3  # the QDQ graph's notes on nodes it keeps on float
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
 
 
 def openvino_model(onnx_path: Path, precision: str, calibration: list[dict[str, np.ndarray]] | None = None):

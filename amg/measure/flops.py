@@ -91,10 +91,12 @@ def analytic_block_macs(tokens: int, kv_tokens: int, dim: int, heads: int, head_
     }
 
 
-def analytic_model_macs(tokens: int, dim: int, head_dim: int, mlp_hidden: int, heads_per_block: list[int],
-                        kv_per_block: list[int], patch_macs: int = 0) -> int:
-    """Per-image MACs of all blocks' matmuls (+ `patch_macs` for the patch embedding)."""
+def analytic_model_macs(tokens: int, dim: int, head_dim: int, mlp_hidden: int | list[int],
+                        heads_per_block: list[int], kv_per_block: list[int], patch_macs: int = 0) -> int:
+    """Per-image MACs of all blocks' matmuls (+ `patch_macs` for the patch embedding);
+    `mlp_hidden`: one width for every block, or one per block (MLP channel pruning)."""
+    widths = mlp_hidden if isinstance(mlp_hidden, list) else [mlp_hidden] * len(heads_per_block)
     return patch_macs + sum(
-        sum(analytic_block_macs(tokens, kv, dim, heads, head_dim, mlp_hidden).values())
-        for heads, kv in zip(heads_per_block, kv_per_block)
+        sum(analytic_block_macs(tokens, kv, dim, heads, head_dim, hidden).values())
+        for heads, kv, hidden in zip(heads_per_block, kv_per_block, widths)
     )

@@ -142,16 +142,16 @@ class PrunableAttention(nn.Module):
                              f"(it has heads {list(self.head_ids)})")
         if not original_ids:  # the reference's emptied block: zero-row qkv (as its checkpoints), the bias stays
             nothing = torch.zeros(0, dtype=torch.long)
-            self.qkv = _slice_linear(self.qkv, rows=nothing)
-            self.proj = _slice_linear(self.proj, cols=nothing)
+            self.qkv = slice_linear(self.qkv, rows=nothing)
+            self.proj = slice_linear(self.proj, cols=nothing)
             self.head_ids, self.num_heads, self.kv_index = (), 0, None
             return
         positions = [self.head_ids.index(i) for i in sorted(set(original_ids))]
         dim, inner = self.head_dim, self.inner_dim
         rows = torch.tensor([part * inner + p * dim + j for part in range(3) for p in positions for j in range(dim)])
         cols = torch.tensor([p * dim + j for p in positions for j in range(dim)])
-        self.qkv = _slice_linear(self.qkv, rows=rows)
-        self.proj = _slice_linear(self.proj, cols=cols)
+        self.qkv = slice_linear(self.qkv, rows=rows)
+        self.proj = slice_linear(self.proj, cols=cols)
         self.head_ids = tuple(self.head_ids[p] for p in positions)
         self.num_heads = len(positions)
 
@@ -170,7 +170,7 @@ class PrunableAttention(nn.Module):
         self.kv_index = torch.tensor(index, dtype=torch.long, device=self.qkv.weight.device)
 
 
-def _slice_linear(layer: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
+def slice_linear(layer: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
     weight = layer.weight.detach()
     bias = None if layer.bias is None else layer.bias.detach()
     if rows is not None:

@@ -45,7 +45,7 @@ class ModelConfig:
     @property
     def estimated_parameters(self) -> int:
         """About how many parameters the model has (blocks, patch embedding, position embedding)."""
-        dim, hidden = self.embed_dim, int(self.embed_dim * self.mlp_ratio)
+        dim, hidden = self.embed_dim, self.mlp_hidden
         block = 4 * dim * dim + 2 * dim * hidden
         return self.depth * block + 3 * self.patch_size ** 2 * dim + self.num_tokens * dim
 
@@ -58,6 +58,11 @@ class ModelConfig:
     def num_tokens(self) -> int:
         rows, cols = self.grid_size
         return rows * cols + 1
+
+    @property
+    def mlp_hidden(self) -> int:
+        """Hidden channels of each block's MLP (timm's int(embed_dim * mlp_ratio))."""
+        return int(self.embed_dim * self.mlp_ratio)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

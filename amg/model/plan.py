@@ -33,6 +33,9 @@ class PrunePlan:
     # EViT / ToMe instead of static K/V pruning: {"policy": "evit"|"tome", "amount": ...}
     dynamic_tokens: dict[str, Any] | None = None
     version: int = PLAN_VERSION
+    # per block: original MLP hidden channels kept, None = all (None for the whole list: no MLP pruning;
+    # plans written before MLP pruning existed read so)
+    kept_mlp: list[list[int] | None] | None = None
 
     @classmethod
     def unpruned(cls, config: ModelConfig) -> PrunePlan:
@@ -91,8 +94,24 @@ class PrunePlan:
                 problems.append(f"block {block}: K/V positions are not distinct numbers in [0, {config.num_tokens})")
         if self.dynamic_tokens is not None and any(t is not None for t in self.kept_tokens):
             problems.append("a plan has either static K/V positions or a dynamic token policy, not both")
+        problems += self._mlp_problems(config)
         if problems:
             raise InputError("plan does not fit the model: " + "; ".join(problems))
+
+    def _mlp_problems(self, config: ModelConfig) -> list[str]:
+        if self.kept_mlp is None:
+            return []
+        if len(self.kept_mlp) != config.depth:
+            return [f"plan has MLP channels for {len(self.kept_mlp)} blocks, model has {config.depth}"]
+        hidden = config.mlp_hidden
+        return [f"block {block}: MLP channels are not at least one distinct number in [0, {hidden})"
+                for block, channels in enumerate(self.kept_mlp) if channels is not None and (
+                    not channels or min(channels) < 0 or max(channels) >= hidden or len(set(channels)) != len(channels))]
+
+    def mlp_widths(self, config: ModelConfig) -> list[int]:
+        """Hidden MLP channels per block under this plan."""
+        kept = self.kept_mlp or [None] * config.depth
+        return [config.mlp_hidden if channels is None else len(channels) for channels in kept]
 
     @property
     def heads_kept(self) -> int:

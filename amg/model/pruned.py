@@ -7,6 +7,7 @@ from typing import Any
 
 from amg.model.attention import patch_model
 from amg.model.dynamic import apply_dynamic
+from amg.model.mlp import keep_mlp_channels
 from amg.model.plan import PrunePlan
 from amg.model.vit import ReIDViT, load_model, save_model
 
@@ -18,6 +19,9 @@ def apply_plan(model: ReIDViT, plan: PrunePlan) -> ReIDViT:
         if sorted(heads) != sorted(module.head_ids):
             module.keep_heads(heads)
         module.keep_tokens(tokens, model.config.num_tokens)
+    for block, (layer, channels) in enumerate(zip(model.backbone.blocks, plan.kept_mlp or [])):
+        if channels is not None:
+            keep_mlp_channels(layer.mlp, channels, block)
     if plan.dynamic_tokens is not None:
         apply_dynamic(model, plan.dynamic_tokens["policy"], plan.dynamic_tokens["amount"],
                       plan.dynamic_tokens.get("blocks"))

@@ -54,6 +54,8 @@ class CalibrationImages:
         teacher = default_teacher(self.loss, self.teacher, model)
         return self if teacher is self.teacher else dataclasses.replace(self, teacher=teacher)
 
-    def run(self, model: ReIDViT, progress: Progress | None, gradients: bool = True) -> S.CalibrationStats:
+    def run(self, model: ReIDViT, progress: Progress | None, gradients: bool = True,
+            mlp: bool = False) -> S.CalibrationStats:
         return S.calibrate(model, self.images, self.labels, self.camids, self.loss, self.teacher,
-                           batch_size=self.batch_size, gradients=gradients, progress=progress, seed=self.seed)
+                           batch_size=self.batch_size, gradients=gradients, progress=progress, seed=self.seed,
+                           mlp=mlp)

@@ -116,6 +116,9 @@ def run_schedule(model: ReIDViT, plan: PrunePlan, schedule: Schedule, calibratio
     """
     if schedule.kind != "one-shot" and training is None:
         raise InputError(f"the {schedule.kind} schedule needs training data")
+    if schedule.kind == "iterative" and plan.kept_mlp is not None:
+        raise InputError("iterative pruning re-scores heads and tokens; a plan with MLP channels is pruned "
+                         "one-shot (fine-tune it with the finetune schedule)")
     if schedule.kind == "iterative" and plan.dynamic_tokens is None:
         if calibration is None:
             raise InputError("the iterative schedule needs calibration data to re-score")

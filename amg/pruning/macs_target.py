@@ -11,19 +11,20 @@ from amg.measure.flops import analytic_model_macs, count_macs
 from amg.model.attention import patch_model
 from amg.model.config import ModelConfig
 from amg.model.dynamic import apply_dynamic
+from amg.model.mlp import mlp_channel_ids
 from amg.model.plan import PrunePlan
 from amg.model.vit import ReIDViT
 from amg.pruning.calibration import CalibrationImages, Progress
-from amg.pruning.planner import head_removal_scores, make_plan, token_keep_scores
-from amg.pruning.policies import is_dynamic, needs_calibration, needs_gradients
-from amg.pruning.selection import select_heads, select_tokens
+from amg.pruning.planner import channel_keep_scores, head_removal_scores, make_plan, token_keep_scores
+from amg.pruning.policies import SAVING_MODES, is_dynamic, needs_calibration, needs_gradients
+from amg.pruning.selection import select_channels, select_heads, select_tokens
 
 
 def plan_macs(config: ModelConfig, plan: PrunePlan) -> int:
     """Analytic per-image MACs of the blocks under `plan` (instant; fvcore confirms the final plan)."""
     return analytic_model_macs(
         config.num_tokens, config.embed_dim, config.embed_dim // config.num_heads,
-        int(config.embed_dim * config.mlp_ratio), [len(h) for h in plan.kept_heads],
+        plan.mlp_widths(config), [len(h) for h in plan.kept_heads],
         [config.num_tokens if t is None else len(t) for t in plan.kept_tokens],
     )
 
@@ -52,6 +53,11 @@ def reachable_savings(config: ModelConfig) -> dict[str, float]:
     for mode, (heads, tokens) in limits.items():
         plan = PrunePlan(config.num_heads, config.num_tokens, heads, tokens)
         savings[mode] = (blocks - plan_macs(config, plan)) / total
+    one_channel = [[0] for _ in range(config.depth)]
+    for mode, (heads, tokens) in {"mlp": (unpruned.kept_heads, unpruned.kept_tokens),
+                                  "heads (global) + tokens + mlp": limits["heads (global) + tokens"]}.items():
+        plan = PrunePlan(config.num_heads, config.num_tokens, heads, tokens, kept_mlp=one_channel)
+        savings[mode] = (blocks - plan_macs(config, plan)) / total
     return savings
 
 
@@ -61,8 +67,10 @@ class OutOfReach(InputError):
 
 def plan_for_saving(model: ReIDViT, target: float, mode: str = "both", head_policy: str = "amg",
                     token_policy: str = "amg", allocation: str = "global", data: CalibrationImages | None = None,
-                    seed: int = 0, progress: Progress | None = None) -> PrunePlan:
-    """A plan removing about `target` of the model's fvcore MACs, by heads, tokens or both (equal ratios).
+                    seed: int = 0, progress: Progress | None = None, mlp_policy: str = "taylor",
+                    mlp_multiple: int = 1) -> PrunePlan:
+    """A plan removing about `target` of the model's fvcore MACs by a `SAVING_MODES` mode:
+    heads, tokens, both, MLP channels or all three (equal ratios).
 
     Static plans: the ratio is found by bisection on the analytic block count plus the fixed
     rest of the model (patch embedding, neck), with scores from one calibration of the
@@ -74,22 +82,25 @@ def plan_for_saving(model: ReIDViT, target: float, mode: str = "both", head_poli
     """
     if not 0.0 < target < 1.0:
         raise InputError(f"target MACs saving must be in (0, 1), got {target}")
-    if mode not in ("heads", "tokens", "both"):
-        raise InputError(f"mode must be heads, tokens or both, got {mode!r}")
-    use_heads, use_tokens = mode in ("heads", "both"), mode in ("tokens", "both")
+    if mode not in SAVING_MODES:
+        raise InputError(f"mode must be one of {', '.join(SAVING_MODES)}, got {mode!r}")
+    use_heads, use_tokens, use_mlp = (axis in SAVING_MODES[mode] for axis in ("heads", "tokens", "mlp"))
     if use_tokens and is_dynamic(token_policy):
-        if use_heads:
+        if use_heads or use_mlp:
             raise InputError("a MACs target with a dynamic token policy is searched by tokens alone (mode 'tokens')")
         return _dynamic_plan_for_saving(model, target, token_policy)
     work = copy.deepcopy(model)
     modules = patch_model(work)
-    needs_data = needs_calibration(use_heads, head_policy, use_tokens, token_policy)
+    needs_data = needs_calibration(use_heads, head_policy, use_tokens, token_policy, use_mlp, mlp_policy)
     if needs_data and data is None:
-        raise InputError(f"this plan needs calibration data (head policy {head_policy!r}, token policy {token_policy!r})")
-    gradients = needs_gradients(use_heads, head_policy, use_tokens, token_policy)
-    calibration = data.run(work, progress, gradients=gradients) if needs_data else None
+        raise InputError(f"this plan needs calibration data (head policy {head_policy!r}, token policy "
+                         f"{token_policy!r}, MLP policy {mlp_policy!r})")
+    gradients = needs_gradients(use_heads, head_policy, use_tokens, token_policy, use_mlp, mlp_policy)
+    calibration = data.run(work, progress, gradients=gradients, mlp=use_mlp) if needs_data else None
     head_scores = head_removal_scores(work, head_policy, allocation, calibration, seed) if use_heads else None
     token_scores = token_keep_scores(work, token_policy, calibration, seed) if use_tokens else None
+    mlp_scores = channel_keep_scores(work, mlp_policy, allocation, calibration, seed) if use_mlp else None
+    channel_ids = [mlp_channel_ids(layer.mlp) for layer in work.backbone.blocks]
     blocks = plan_macs(work.config, PrunePlan.unpruned(work.config))
     rest = count_macs(work).total - blocks  # what no plan changes: patch embedding, norms, neck
     candidate = PrunePlan.unpruned(work.config)
@@ -99,6 +110,8 @@ def plan_for_saving(model: ReIDViT, target: float, mode: str = "both", head_poli
             candidate.kept_heads = select_heads(head_scores, [m.head_ids for m in modules], ratio, allocation)
         if token_scores is not None:
             candidate.kept_tokens = select_tokens(token_scores, ratio)
+        if mlp_scores is not None:
+            candidate.kept_mlp = select_channels(mlp_scores, channel_ids, ratio, allocation, multiple=mlp_multiple)
         return 1 - (rest + plan_macs(work.config, candidate)) / (rest + blocks)
 
     reachable = saving(MAX_SEARCH_RATIO)
@@ -111,7 +124,8 @@ def plan_for_saving(model: ReIDViT, target: float, mode: str = "both", head_poli
         low, high = (middle, high) if saving(middle) < target else (low, middle)
     plan = make_plan(model, heads=high if use_heads else 0.0, tokens=high if use_tokens else 0.0,
                      head_policy=head_policy, token_policy=token_policy, allocation=allocation, data=data,
-                     seed=seed, progress=progress, calibration=calibration)
+                     seed=seed, progress=progress, calibration=calibration, mlp=high if use_mlp else 0.0,
+                     mlp_policy=mlp_policy, mlp_multiple=mlp_multiple)
     plan.ratios["target_macs_saving"] = target
     return plan
 

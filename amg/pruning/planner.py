@@ -10,13 +10,14 @@ import torch
 from amg.errors import InputError
 from amg.model.attention import patch_model
 from amg.model.config import ModelConfig
+from amg.model.mlp import mlp_channel_ids
 from amg.model.plan import PrunePlan
 from amg.model.pruned import apply_plan
 from amg.model.vit import ReIDViT
 from amg.pruning import scores as S
 from amg.pruning.calibration import CalibrationImages, Progress
-from amg.pruning.policies import HEAD_ALLOCATIONS, HEADS, TOKENS, needs_calibration, policy
-from amg.pruning.selection import check_ratio, select_heads, select_tokens
+from amg.pruning.policies import HEAD_ALLOCATIONS, HEADS, MLP, TOKENS, needs_calibration, policy
+from amg.pruning.selection import check_ratio, select_channels, select_heads, select_tokens
 
 
 def policy_scores(axis: str, model: ReIDViT, name: str, allocation: str, calibration: S.CalibrationStats | None,
@@ -39,17 +40,27 @@ def token_keep_scores(model: ReIDViT, name: str, calibration: S.CalibrationStats
     return policy_scores(TOKENS, model, name, "global", calibration, seed)
 
 
+def channel_keep_scores(model: ReIDViT, name: str, allocation: str, calibration: S.CalibrationStats | None,
+                        seed: int) -> list[torch.Tensor]:
+    return policy_scores(MLP, model, name, allocation, calibration, seed)
+
+
 def make_plan(model: ReIDViT, heads: float = 0.0, tokens: float = 0.0, head_policy: str = "amg",
               token_policy: str = "amg", allocation: str = "global", data: CalibrationImages | None = None,
               seed: int = 0, progress: Progress | None = None,
-              calibration: S.CalibrationStats | None = None) -> PrunePlan:
-    """Score and select: heads first, then tokens scored on the head-pruned model (as the reference).
+              calibration: S.CalibrationStats | None = None, mlp: float = 0.0, mlp_policy: str = "taylor",
+              mlp_multiple: int = 1) -> PrunePlan:
+    """Score and select: heads first, then tokens scored on the head-pruned model (as the
+    reference), then MLP channels (`mlp` of them, rounded per block to `mlp_multiple`) scored
+    on the model with its heads and tokens pruned.
 
     `calibration`, if given, is a calibration of `model` as it is now (e.g. from a ratio
     search), reused instead of running `data` through the model again before heads go.
     """
     check_ratio("head", heads)
     check_ratio("token", tokens)
+    check_ratio("MLP channel", mlp)
+    mlp_scoring = policy(MLP, mlp_policy) if mlp > 0 else None
     # Only the axes being pruned need a valid policy (`--policy tome` prunes tokens only).
     head_scoring = policy(HEADS, head_policy) if heads > 0 else None
     token_scoring = policy(TOKENS, token_policy) if tokens > 0 else None
@@ -57,18 +68,23 @@ def make_plan(model: ReIDViT, heads: float = 0.0, tokens: float = 0.0, head_poli
         raise InputError(f"unknown head allocation {allocation!r}; choose one of {HEAD_ALLOCATIONS}")
     work = copy.deepcopy(model)
     modules = patch_model(work)
-    needs_data = needs_calibration(heads > 0, head_policy, tokens > 0, token_policy)
+    needs_data = needs_calibration(heads > 0, head_policy, tokens > 0, token_policy, mlp > 0, mlp_policy)
     if needs_data and data is None:
-        raise InputError(f"this plan needs calibration data (head policy {head_policy!r}, token policy {token_policy!r})")
+        raise InputError(f"this plan needs calibration data (head policy {head_policy!r}, token policy "
+                         f"{token_policy!r}, MLP policy {mlp_policy!r})")
     if data is not None and needs_data:  # the reference distils from the model before any head went
         data = data.with_teacher(model)
     plan = PrunePlan.unpruned(work.config)
     # Start from what the model already is (iterative pruning calls this on pruned models).
     plan.kept_heads = [list(m.head_ids) for m in modules]
     plan.kept_tokens = [None if m.kv_index is None else m.kv_index.tolist() for m in modules]
+    plan.kept_mlp = _current_channels(work)
     plan.policy = {"heads": head_policy if heads else "none", "tokens": token_policy if tokens else "none",
                    "allocation": allocation}
     plan.ratios = {"heads": heads, "tokens": tokens}
+    if mlp > 0:
+        plan.policy["mlp"] = mlp_policy
+        plan.ratios["mlp"] = mlp
     plan.calibration = dict(data.description) if data is not None and needs_data else {}
     if heads > 0:
         if calibration is None and head_scoring.needs_data:
@@ -87,7 +103,25 @@ def make_plan(model: ReIDViT, heads: float = 0.0, tokens: float = 0.0, head_poli
             calibration = data.run(work, progress, gradients=token_scoring.gradients)
         scores = token_keep_scores(work, token_policy, calibration, seed)
         plan.kept_tokens = select_tokens([s if m.num_heads else None for s, m in zip(scores, modules)], tokens)
+    if tokens > 0:
+        calibration = None  # it described the model before its tokens went
+    if mlp > 0:
+        apply_plan(work, plan)
+        if mlp_scoring.needs_data and (calibration is None or calibration.mlp_taylor is None):
+            calibration = data.run(work, progress, gradients=True, mlp=True)
+        scores = channel_keep_scores(work, mlp_policy, allocation, calibration, seed)
+        plan.kept_mlp = select_channels(scores, [mlp_channel_ids(layer.mlp) for layer in work.backbone.blocks], mlp,
+                                        allocation, total_channels=work.config.depth * work.config.mlp_hidden,
+                                        multiple=mlp_multiple)
+        plan.ratios["mlp_multiple"] = mlp_multiple
     return plan
+
+
+def _current_channels(model: ReIDViT) -> list[list[int] | None] | None:
+    """The model's MLP channels as a plan states them (None: no block's MLP is pruned)."""
+    kept = [mlp_channel_ids(layer.mlp) for layer in model.backbone.blocks]
+    full = [list(range(model.config.mlp_hidden))] * len(kept)
+    return None if kept == full else [None if k == f else k for k, f in zip(kept, full)]
 
 
 def dynamic_amount(policy: str, ratio: float, config: ModelConfig) -> dict[str, Any]:

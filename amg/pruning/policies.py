@@ -15,11 +15,14 @@ from dataclasses import dataclass
 
 from amg.errors import InputError
 
-HEADS, TOKENS = "heads", "tokens"
+HEADS, TOKENS, MLP = "heads", "tokens", "mlp"
 # "global" is the reference's: one ranking over all blocks, which may empty a block;
 # "keep-one" is the same ranking with one head kept in every block (this project's earlier rule).
 REFERENCE_ALLOCATION = "global"
 HEAD_ALLOCATIONS = (REFERENCE_ALLOCATION, "keep-one", "per-block", "normalized")
+# What a MACs target may be reached by: each mode names the axes it prunes, at one shared ratio.
+SAVING_MODES = {"heads": (HEADS,), "tokens": (TOKENS,), "both": (HEADS, TOKENS), "mlp": (MLP,),
+                "all": (HEADS, TOKENS, MLP)}
 # Calibration images per batch: the reference's 32. AMG's token score adds |mean A x dL/dA| per
 # batch, so the batch size is part of the method, not only of the speed.
 CALIBRATION_BATCH = 32
@@ -28,7 +31,7 @@ CALIBRATION_BATCH = 32
 @dataclass(frozen=True)
 class Policy:
     name: str
-    axis: str  # HEADS or TOKENS
+    axis: str  # HEADS, TOKENS or MLP
     summary: str
     needs_data: bool = False  # scored on calibration images
     gradients: bool = False  # ...with a backward pass
@@ -53,19 +56,27 @@ _POLICIES = (
     Policy("random", TOKENS, "random key/value positions go", scorer="random_token_keep_scores"),
     Policy("evit", TOKENS, "EViT: keep the most class-attended tokens at 1/4, 1/2, 3/4 depth, fuse the rest"),
     Policy("tome", TOKENS, "ToMe: merge the most similar tokens in every block"),
+    Policy("taylor", MLP, "first-order Taylor: MLP channels with the lowest |sum(activation x gradient)| go",
+           needs_data=True, gradients=True, scorer="taylor_channel_keep_scores"),
+    Policy("magnitude", MLP, "MLP channels with the smallest |fc1 row| x |fc2 column| go",
+           scorer="magnitude_channel_keep_scores"),
+    Policy("random", MLP, "random MLP channels go", scorer="random_channel_keep_scores"),
 )
 HEAD_POLICIES = {p.name: p for p in _POLICIES if p.axis == HEADS}
 TOKEN_POLICIES = {p.name: p for p in _POLICIES if p.axis == TOKENS}
+MLP_POLICIES = {p.name: p for p in _POLICIES if p.axis == MLP}
+_BY_AXIS = {HEADS: HEAD_POLICIES, TOKENS: TOKEN_POLICIES, MLP: MLP_POLICIES}
 STATIC_TOKEN_POLICIES = tuple(name for name, p in TOKEN_POLICIES.items() if not p.dynamic)
 DYNAMIC_TOKEN_POLICIES = tuple(name for name, p in TOKEN_POLICIES.items() if p.dynamic)
 ALL_POLICY_NAMES = tuple(dict.fromkeys(p.name for p in _POLICIES))
 
 
 def policy(axis: str, name: str) -> Policy:
-    """The policy `name` for `axis` (heads or tokens); a ValueError lists the choices."""
-    table = HEAD_POLICIES if axis == HEADS else TOKEN_POLICIES
+    """The policy `name` for `axis` (heads, tokens or mlp); a ValueError lists the choices."""
+    table = _BY_AXIS[axis]
     if name not in table:
-        raise InputError(f"unknown {axis[:-1]} policy {name!r}; choose one of {', '.join(table)}")
+        label = "MLP channel" if axis == MLP else axis[:-1]
+        raise InputError(f"unknown {label} policy {name!r}; choose one of {', '.join(table)}")
     return table[name]
 
 
@@ -73,11 +84,16 @@ def is_dynamic(token_policy: str) -> bool:
     return policy(TOKENS, token_policy).dynamic
 
 
-def needs_calibration(heads: bool, head_policy: str, tokens: bool, token_policy: str) -> bool:
-    """Whether pruning heads (if `heads`) and tokens (if `tokens`) by these policies scores on data."""
-    return (heads and policy(HEADS, head_policy).needs_data) or (tokens and policy(TOKENS, token_policy).needs_data)
+def needs_calibration(heads: bool, head_policy: str, tokens: bool, token_policy: str, mlp: bool = False,
+                      mlp_policy: str = "taylor") -> bool:
+    """Whether pruning heads (if `heads`), tokens (if `tokens`) and MLP channels (if `mlp`) by
+    these policies scores on data."""
+    return (heads and policy(HEADS, head_policy).needs_data) or (tokens and policy(TOKENS, token_policy).needs_data) \
+        or (mlp and policy(MLP, mlp_policy).needs_data)
 
 
-def needs_gradients(heads: bool, head_policy: str, tokens: bool, token_policy: str) -> bool:
+def needs_gradients(heads: bool, head_policy: str, tokens: bool, token_policy: str, mlp: bool = False,
+                    mlp_policy: str = "taylor") -> bool:
     """Whether that scoring needs a backward pass (entropy needs the attention maps only)."""
-    return (heads and policy(HEADS, head_policy).gradients) or (tokens and policy(TOKENS, token_policy).gradients)
+    return (heads and policy(HEADS, head_policy).gradients) or (tokens and policy(TOKENS, token_policy).gradients) \
+        or (mlp and policy(MLP, mlp_policy).gradients)

@@ -8,9 +8,10 @@ ToMe keeps its merging math apart from its patching code.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -49,12 +50,15 @@ class CalibrationStats:
     head_taylor: list[torch.Tensor] | None  # [heads]: sum over images of |sum(head output * dL/d output)|
     images: int
     loss: str
+    # [hidden]: sum over images of |sum over tokens of MLP activation * dL/d activation|
+    # (first-order Taylor importance of each hidden channel); None unless asked for
+    mlp_taylor: list[torch.Tensor] | None = None
 
 
 def calibrate(model, images: torch.Tensor, labels: Sequence[int] | None = None,
               camids: Sequence[int] | None = None, loss: str = "id", teacher=None,
               batch_size: int = CALIBRATION_BATCH, gradients: bool = True,
-              progress: Progress | None = None, seed: int = 0) -> CalibrationStats:
+              progress: Progress | None = None, seed: int = 0, mlp: bool = False) -> CalibrationStats:
     """Run uint8 `images` through `model` with attention capture (and backprop).
 
     In batches of `batch_size`, as the reference: token scores take the absolute value per
@@ -67,6 +71,7 @@ def calibrate(model, images: torch.Tensor, labels: Sequence[int] | None = None,
     loss="reference": the reference's training-epoch calibration (`amg.pruning.calibration_loss`);
     `teacher` defaults to the model as it is now, `seed` fixes its flips and dropout.
     gradients=False skips the backward pass: enough for entropy, which needs only the maps.
+    mlp=True (with gradients) also sums the MLP channels' Taylor importance.
     """
     check_loss(loss, teacher)
     teacher = default_teacher(loss, teacher, model)
@@ -81,6 +86,7 @@ def calibrate(model, images: torch.Tensor, labels: Sequence[int] | None = None,
     attention_sums: list[torch.Tensor | float] = [0.0] * len(modules)
     token_taylor: list[torch.Tensor | float] = [0.0] * len(modules)
     head_taylor: list[torch.Tensor | float] = [0.0] * len(modules)
+    mlp_taylor: list[torch.Tensor | float] = [0.0] * len(modules)
     # Only activation gradients are needed: freezing the weights skips every weight-gradient matmul.
     trainable = [p for p in model.parameters() if p.requires_grad]
     for parameter in trainable:
@@ -94,7 +100,8 @@ def calibrate(model, images: torch.Tensor, labels: Sequence[int] | None = None,
                 batch_labels = None if labels is None else torch.as_tensor(labels[start:start + batch_size],
                                                                            device=device)
                 target = teacher_target(loss, teacher, batch.detach(), cams) if gradients else None
-                with torch.set_grad_enabled(gradients), capture_attention(model, retain_grad=gradients) as capture:
+                with torch.set_grad_enabled(gradients), capture_attention(model, retain_grad=gradients) as capture, \
+                        _mlp_activations(model, mlp and gradients) as activations:
                     if gradients:
                         calibration_loss(model, batch, batch_labels, cams, loss, target).backward()
                     else:
@@ -110,6 +117,9 @@ def calibrate(model, images: torch.Tensor, labels: Sequence[int] | None = None,
                         token_taylor[block] = token_taylor[block] + batch_mean.abs()
                         per_image = (output.detach() * output.grad).sum(dim=(2, 3)).abs()  # [B, heads]
                         head_taylor[block] = head_taylor[block] + per_image.sum(dim=0)
+                for block, hidden in activations.items():
+                    per_image = (hidden.detach() * hidden.grad).sum(dim=1).abs()  # [B, channels]
+                    mlp_taylor[block] = mlp_taylor[block] + per_image.sum(dim=0)
                 if progress:
                     progress(f"calibration {min(start + batch_size, used)}/{used} images")
     finally:
@@ -124,7 +134,30 @@ def calibrate(model, images: torch.Tensor, labels: Sequence[int] | None = None,
 
     return CalibrationStats(per_block(attention_sums, (0, tokens, tokens), count),
                             per_block(token_taylor, (tokens,)) if gradients else None,
-                            per_block(head_taylor, (0,)) if gradients else None, count, loss)
+                            per_block(head_taylor, (0,)) if gradients else None, count, loss,
+                            per_block(mlp_taylor, (0,)) if mlp and gradients else None)
+
+
+@contextlib.contextmanager
+def _mlp_activations(model, enabled: bool) -> Iterator[dict[int, torch.Tensor]]:
+    """{block: the MLP's hidden activation [B, N, channels]} of the forward run inside, with its
+    gradient kept for after the backward pass."""
+    found: dict[int, torch.Tensor] = {}
+    handles = []
+
+    def keep(block: int):
+        def hook(module, inputs, output):
+            output.retain_grad()
+            found[block] = output
+        return hook
+
+    if enabled:
+        handles = [layer.mlp.act.register_forward_hook(keep(index)) for index, layer in enumerate(model.backbone.blocks)]
+    try:
+        yield found
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 # ------------------------------------------------------------------------------ head scores
@@ -228,3 +261,28 @@ def random_token_keep_scores(model, calibration: CalibrationStats | None = None,
 def _uniform(counts: Sequence[int], seed: int) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     return [torch.rand(count, generator=generator) for count in counts]
+
+
+# --------------------------------------------------------------------------- MLP channel scores
+# Every MLP scorer returns, per block, a [channels] tensor (the block's current hidden
+# channels) where HIGHER means KEEP.
+
+
+def taylor_channel_keep_scores(model, calibration: CalibrationStats, allocation: str = "global",
+                               seed: int = 0) -> list[torch.Tensor]:
+    """First-order Taylor (Molchanov et al. 2019): E|sum over tokens of activation x gradient|."""
+    if calibration.mlp_taylor is None:
+        raise InputError("Taylor MLP scores need a calibration with gradients and MLP capture")
+    return [taylor / max(calibration.images, 1) for taylor in calibration.mlp_taylor]
+
+
+def magnitude_channel_keep_scores(model, calibration: CalibrationStats | None = None, allocation: str = "global",
+                                  seed: int = 0) -> list[torch.Tensor]:
+    """L2 norm of a channel's fc1 row times that of its fc2 column."""
+    return [layer.mlp.fc1.weight.detach().norm(dim=1) * layer.mlp.fc2.weight.detach().norm(dim=0)
+            for layer in model.backbone.blocks]
+
+
+def random_channel_keep_scores(model, calibration: CalibrationStats | None = None, allocation: str = "global",
+                               seed: int = 0) -> list[torch.Tensor]:
+    return _uniform([layer.mlp.fc1.out_features for layer in model.backbone.blocks], seed)

@@ -86,3 +86,38 @@ def select_tokens(keep_scores: Sequence[torch.Tensor | None], ratio: float,
             left[block] -= 1
     return [None if score is None else [p for p in range(len(score)) if (b, p) not in dropped]
             for b, score in enumerate(keep_scores)]
+
+
+def select_channels(keep_scores: Sequence[torch.Tensor], channel_ids: Sequence[Sequence[int]], ratio: float,
+                    allocation: str = "global", total_channels: int | None = None,
+                    multiple: int = 1) -> list[list[int]]:
+    """Kept original MLP channel numbers per block after removing `ratio` of all channels.
+
+    "per-block" removes the same share in every block; "normalized" ranks all channels
+    together after dividing each block's scores by their mean (so that blocks with larger
+    activations do not keep everything); any other allocation ranks the raw scores together.
+    Every block keeps at least `multiple` channels, and each block's count is rounded to a
+    multiple of `multiple` (runtimes' kernels prefer widths of 8 or 16). `total_channels`
+    (default: those present) is what the ratio is a fraction of. Higher score stays.
+    """
+    check_ratio("MLP channel", ratio)
+    if multiple < 1:
+        raise InputError(f"the channel multiple must be >= 1, got {multiple}")
+    present = [len(ids) for ids in channel_ids]
+    total = total_channels or sum(present)
+    target = max(round((1 - ratio) * total), multiple * len(present))
+    if allocation == "per-block":
+        counts = [target / len(present)] * len(present)
+    else:
+        scores = [s / s.mean().clamp_min(1e-12) for s in keep_scores] if allocation == "normalized" else keep_scores
+        ranked = sorted(((float(s), b, p) for b, score in enumerate(scores) for p, s in enumerate(score)),
+                        key=lambda item: (-item[0], item[1], item[2]))
+        counts = [0] * len(present)
+        for _, block, _ in ranked[:target]:
+            counts[block] += 1
+    kept = []
+    for block, (score, ids) in enumerate(zip(keep_scores, channel_ids)):
+        count = min(present[block], max(multiple, multiple * round(counts[block] / multiple)))
+        best = sorted(torch.argsort(score, descending=True, stable=True)[:count].tolist())
+        kept.append([ids[p] for p in best])
+    return kept

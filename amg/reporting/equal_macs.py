@@ -19,11 +19,11 @@ from amg.pruning.schedule import SCHEDULES, Schedule
 from amg.reporting.tables import MISSING, format_cell, markdown_text, titled_tables
 from amg.statistics import excludes_zero, mean_difference_interval
 
-FAMILIES = ("heads", "tokens", "heads+tokens")
+FAMILIES = ("heads", "tokens", "heads+tokens", "mlp", "heads+tokens+mlp")
 
 
 def _family(method: str) -> str:
-    """`heads`, `tokens` or `heads+tokens` (whatever the policies), from a method name."""
+    """`heads`, `tokens`, `heads+tokens`, `mlp` or `heads+tokens+mlp` (whatever the policies), from a method name."""
     return "+".join(part.split(":")[0] for part in method.split("+"))
 
 
@@ -43,7 +43,7 @@ def study_rows(frame: pd.DataFrame) -> pd.DataFrame:
                          method=specs.map(lambda s: s.method if s is not None else None),
                          schedule_label=specs.map(lambda s: s.schedule.label if s is not None else None),
                          seed=specs.map(lambda s: s.seed if s is not None else 0))
-    is_reference = specs.map(lambda s: s is not None and not (s.uses_heads or s.uses_tokens))
+    is_reference = specs.map(lambda s: s is not None and not s.prunes)
     return study[study["target"].notna() | is_reference]
 
 
@@ -61,7 +61,8 @@ HEADERS = ["method", "schedule", "MACs saved %", "speed-up b1", "speed-up b{larg
            "R1 %", "mAP %", "occ. R1 %", "occ. mAP %", "occ. R1 / unpruned", "occ. mAP / unpruned",
            "occ. mAP − random [95%]"]
 # The random policy of each family: what "AMG beats random" is measured against.
-RANDOM_METHODS = {"heads": "heads:random", "tokens": "tokens:random", "heads+tokens": "heads:random+tokens:random"}
+RANDOM_METHODS = {"heads": "heads:random", "tokens": "tokens:random", "heads+tokens": "heads:random+tokens:random",
+                  "mlp": "mlp:random", "heads+tokens+mlp": "heads:random+tokens:random+mlp:random"}
 
 
 class QueryRecords:

@@ -24,7 +24,7 @@ from amg.benchmark.results import (
     read_csv,
 )
 
-NUMERIC_COLUMNS = ["threads", "batch", "head_ratio", "token_ratio"] + [
+NUMERIC_COLUMNS = ["threads", "batch", "head_ratio", "token_ratio", "mlp_ratio"] + [
     c for c in MEASURE_COLUMNS if c not in TEXT_MEASURE_COLUMNS]
 
 

@@ -64,15 +64,18 @@ def _series_label(device: str, backend: str, precision: str, batch: object) -> s
     return f"{device}/{backend}{precision}, batch {format_cell(batch, 0)}"
 
 
-FAMILIES = ("unpruned", "heads", "tokens", "heads+tokens", "ToMe / EViT", "other")
+FAMILIES = ("unpruned", "heads", "tokens", "heads+tokens", "ToMe / EViT", "MLP channels", "other")
 
 
 def policy_family(config_id: str) -> str:
-    """What a configuration prunes, for colouring: heads, static tokens, both, or dynamic tokens."""
+    """What a configuration prunes, for colouring: heads, static tokens, both, dynamic tokens, or
+    MLP channels (with or without the others)."""
     spec = PruneSpec.from_config_id(str(config_id))
     if spec is None:
         return "other"
-    if not (spec.uses_heads or spec.uses_tokens):
+    if spec.uses_mlp:
+        return "MLP channels"
+    if not spec.prunes:
         return "unpruned"
     if spec.uses_tokens and is_dynamic(spec.token_policy):
         return "ToMe / EViT"

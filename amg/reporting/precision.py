@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from amg.reporting.tables import (MISSING, format_cell, is_unpruned, markdown_table, markdown_text,
-                                  titled_tables)
+from amg.reporting.tables import MISSING, format_cell, is_unpruned, markdown_table, markdown_text, titled_tables
 
 _ACCURACY = (("occluded R1 %", "occluded_rank1"), ("occluded mAP %", "occluded_mAP"),
              ("holistic mAP %", "query_mAP"))

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from amg.reporting.tables import (MISSING, format_cell, is_unpruned, markdown_table, markdown_text,
-                                  titled_tables)
+from amg.reporting.tables import MISSING, format_cell, is_unpruned, markdown_table, markdown_text, titled_tables
 
 
 def saving_ratio(speedup: object, macs_saving: object) -> float:

@@ -136,15 +136,18 @@ def prune_command(config_id: str, checkpoint: str = "default") -> str | None:
     """The `amg prune` command that makes configuration `config_id` (as the suite names it),
     or None for the unpruned model and names it does not know."""
     spec = PruneSpec.from_config_id(config_id)
-    if spec is None or not (spec.uses_heads or spec.uses_tokens):
+    if spec is None or not spec.prunes:
         return None
     args = ["--macs-saving", f"{spec.saving:g}", "--saving-by", spec.by] if spec.saving else []
+    allocation = ["--allocation", spec.allocation] if spec.allocation != "global" else []
     if spec.uses_heads:
         args += ([] if spec.saving else ["--heads", f"{spec.heads:g}"]) + ["--head-policy", spec.head_policy]
-        if spec.allocation != "global":
-            args += ["--allocation", spec.allocation]
+        args += allocation
     if spec.uses_tokens:
         args += ([] if spec.saving else ["--tokens", f"{spec.tokens:g}"]) + ["--token-policy", spec.token_policy]
+    if spec.uses_mlp:
+        args += ([] if spec.saving else ["--mlp", f"{spec.mlp:g}"]) + ["--mlp-policy", spec.mlp_policy]
+        args += [] if spec.uses_heads else allocation
     if spec.seed:
         args += ["--seed", str(spec.seed)]
     schedule = spec.schedule

@@ -51,7 +51,8 @@ def markdown_text(text: object) -> str:
 def is_unpruned(frame: pd.DataFrame) -> pd.Series:
     # By name, or by ratios both 0 for configurations named otherwise (e.g. "heads=0,tokens=0").
     named = frame["config_id"].astype(str).str.lower() == UNPRUNED.config_id
-    return named | ((frame["head_ratio"] == 0) & (frame["token_ratio"] == 0))
+    mlp = frame["mlp_ratio"].fillna(0) if "mlp_ratio" in frame else 0  # older reports have no MLP pruning
+    return named | ((frame["head_ratio"] == 0) & (frame["token_ratio"] == 0) & (mlp == 0))
 
 
 def _unpruned_first(frame: pd.DataFrame, groups: list[str]) -> pd.DataFrame:
