@@ -31,7 +31,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     add("--amg-profile", default="default", choices=sorted(PROFILES),
         help="quick (<= 2 min on 2 CPU cores once cached), ci (what CI gates: quick at 25%% and 50%% on cpu "
              "and onnxruntime), default, full (every policy and ratio), "
-             "or equal-macs (every policy at 10/20/30/40%% MACs saved, one-shot, fine-tuned and iterative)")
+             "equal-macs (every policy at 10/20/30/40%% MACs saved, one-shot, fine-tuned and iterative), "
+             "int8 (pruning vs INT8 vs both on ONNX Runtime and OpenVINO), deploy (ViT-Small, ViT-Base, "
+             "TransReID-Base at 256x128 with plans at 10/20/30%% of MACs, ~20 min), or mlp (MLP channel "
+             "pruning at 30/40/50%% of MACs against random and ToMe)")
     add("--amg-model", default=None, choices=sorted(PRESETS),
         help=f"model preset (default: {DEFAULT_PRESET}, or the deploy profile's vit_small, vit_base and "
              "transreid_base): the default one is trained on the synthetic set and cached; others are "
@@ -47,8 +50,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help=f"comma-separated backends from {','.join(BACKEND_NAMES)} (default: the profile's; unavailable ones skip)")
     add("--amg-batches", default=None, help="comma-separated batch sizes (default: the profile's)")
     add("--amg-precisions", default=None,
-        help="comma-separated fp32,fp16,bf16 (autocast) for every backend (default: fp32, plus fp16 and bf16 "
-             "on cuda/jetson)")
+        help="comma-separated fp32,fp16,bf16,int8 for every backend (PyTorch: fp16/bf16 autocast; runtimes: "
+             "their own; default: fp32, plus fp16 and bf16 on the GPU backends, plus the profile's)")
     add("--amg-threads", type=int, default=None, help="torch / onnxruntime CPU threads (default: all cores)")
     add("--amg-plans", default=None, metavar="DIR",
         help="reuse the pruning plans stored in DIR (one <config_id>.json each) and store the ones this run "

@@ -27,9 +27,9 @@ from amg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
 from amg.errors import InputError
 from amg.measure.export import (
     FEATURES,
-    OPSET,
     calibration_feeds,
     export_onnx,
+    exporter_of,
     input_names,
     load_artifact,
     openvino_model,
@@ -80,6 +80,7 @@ def export_model(model: ReIDViT, out: str | Path, request: ExportRequest, datase
     model = model.eval()
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    staging.chmod(0o755)  # mkdtemp's 0700 would make the finished folder private
     try:
         artifact = _write_artifact(model, staging, request, calibration, progress)
         manifest = _manifest(model, artifact, request, dataset, source, progress)
@@ -100,9 +101,16 @@ def _example(model: ReIDViT, batch: int) -> tuple[torch.Tensor, ...]:
 def _write_artifact(model: ReIDViT, folder: Path, request: ExportRequest, calibration: torch.Tensor | None,
                     progress: Progress) -> Path:
     example_batch = request.batch or 2  # a free axis is traced at 2 so that no size-1 axis is folded away
-    progress(f"exporting to ONNX (opset {OPSET}, batch {request.batch or 'free'})")
-    onnx_path = export_onnx(model, _example(model, example_batch), folder / "model.onnx",
-                            dynamic_batch=request.batch == 0)
+    exporter = exporter_of(model)
+    progress(f"exporting to ONNX ({exporter['name']}, opset {exporter['opset']}, batch {request.batch or 'free'})")
+    try:
+        onnx_path = export_onnx(model, _example(model, example_batch), folder / "model.onnx",
+                                dynamic_batch=request.batch == 0)
+    except Exception as error:
+        if getattr(model, "dynamic_tokens", None) is None:
+            raise  # a static plan that does not export is a bug to see
+        raise InputError(f"the dynamic token policy {model.dynamic_tokens['policy']!r} did not export "
+                         f"({type(error).__name__}: {str(error)[:200]})") from error
     feeds = None
     if request.precision == "int8":
         feeds = calibration_feeds(input_names(model), normalize(calibration), request.batch or 1)
@@ -153,7 +161,7 @@ def _manifest(model: ReIDViT, artifact: Path, request: ExportRequest, dataset: R
         "plan": current_plan(model).to_dict(),
         "macs": macs, "macs_unpruned": base, "macs_saving": 1 - macs / base,
         "params": sum(p.numel() for p in model.parameters()),
-        "exporter": {"name": "torch.onnx.export (TorchScript-based)", "opset": OPSET},
+        "exporter": exporter_of(model),
         "runtime_versions": runtime_versions(),
         "parity": parity,
         "accuracy": {"dataset": dataset.name, "root": str(dataset.root),

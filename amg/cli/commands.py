@@ -232,9 +232,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     request = ExportRequest(args.format, args.precision, args.batch, args.threads or torch.get_num_threads())
     _set_threads(args.threads)
     model = _load_model_arg(args.model)
-    if getattr(model, "dynamic_tokens", None):
-        raise InputError(f"{args.model}: the dynamic token policy {model.dynamic_tokens['policy']!r} merges or drops "
-                         "tokens per image, which the ONNX exporter cannot express: export a static plan")
     dataset = _load_dataset(args.data, args.layout)
     calibration = None
     if args.precision == "int8":

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ import torch
 from amg.errors import InputError
 
 OPSET = 17
+DYNAMO_OPSET = 18  # the dynamo exporter's lowest
 FEATURES = "features"  # the output's name in every exported graph
 INT8_OPS = ("MatMul", "Gemm", "Conv")  # what ONNX Runtime quantizes: the linear layers; norms and softmax stay float
 
@@ -31,15 +32,31 @@ def input_names(model: torch.nn.Module) -> list[str]:
 
 def export_onnx(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], path: str | Path,
                 dynamic_batch: bool = False) -> Path:
-    """`model` as ONNX (opset 17) at the shapes of `inputs`; the batch axis free if `dynamic_batch`."""
+    """`model` as ONNX (opset 17) at the shapes of `inputs`; the batch axis free if `dynamic_batch`.
+
+    Static plans go through the TorchScript-based exporter. Dynamic token policies (EViT, ToMe:
+    per-image gather/scatter on data-dependent indices) go through the dynamo exporter
+    (torch.export + onnxscript), which expresses them."""
     path = Path(path)
     names = input_names(model)
     axes = {name: {0: "batch"} for name in names + [FEATURES]} if dynamic_batch else None
+    dynamic = getattr(model, "dynamic_tokens", None) is not None
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # exporter deprecation and tracer notes
-        torch.onnx.export(model.eval(), inputs, str(path), input_names=names, output_names=[FEATURES],
-                          dynamic_axes=axes, dynamo=False, opset_version=OPSET)
+        if dynamic:
+            torch.onnx.export(model.eval(), inputs, str(path), input_names=names, output_names=[FEATURES],
+                              dynamic_axes=axes, dynamo=True, opset_version=max(OPSET, DYNAMO_OPSET), verbose=False)
+        else:
+            torch.onnx.export(model.eval(), inputs, str(path), input_names=names, output_names=[FEATURES],
+                              dynamic_axes=axes, dynamo=False, opset_version=OPSET)
     return path
+
+
+def exporter_of(model: torch.nn.Module) -> dict[str, Any]:
+    """Which exporter `export_onnx` uses for `model`, and its opset (for manifests)."""
+    if getattr(model, "dynamic_tokens", None) is not None:
+        return {"name": "torch.onnx.export(dynamo=True): torch.export + onnxscript", "opset": max(OPSET, DYNAMO_OPSET)}
+    return {"name": "torch.onnx.export (TorchScript-based)", "opset": OPSET}
 
 
 def feeds(names: Sequence[str], inputs: Sequence[torch.Tensor]) -> dict[str, np.ndarray]:
