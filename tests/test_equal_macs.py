@@ -8,7 +8,8 @@ from amg.reporting.equal_macs import comparison_tables, section, study_rows
 
 
 def _row(config, batch, speedup, occluded_mAP, saving=0.2, device="cpu-2c", run="r1"):
-    return {"device_id": device, "backend": "cpu", "precision": "fp32", "run_id": run, "config_id": config,
+    return {"device_id": device, "model": "small", "backend": "cpu", "precision": "fp32", "run_id": run,
+            "config_id": config,
             "batch": batch, "speedup": speedup, "macs_saving": saving, "peak_rss_mb": 400.0,
             "query_rank1": 0.9, "query_mAP": 0.8, "occluded_rank1": 0.4, "occluded_mAP": occluded_mAP}
 
@@ -44,8 +45,8 @@ def test_study_rows_keep_targets_and_references_only():
 
 def test_one_table_per_target_with_references_families_and_bold_winners():
     tables = dict(comparison_tables(STUDY))
-    assert list(tables) == ["cpu-2c / cpu: 20% of MACs saved", "cpu-2c / cpu: 30% of MACs saved"]
-    body = _body(tables["cpu-2c / cpu: 20% of MACs saved"])
+    assert list(tables) == ["cpu-2c / small / cpu: 20% of MACs saved", "cpu-2c / small / cpu: 30% of MACs saved"]
+    body = _body(tables["cpu-2c / small / cpu: 20% of MACs saved"])
     names = [(row[0], row[1]) for row in body]
     assert names == [("unpruned", "—"), ("unpruned", "ft300"), ("**heads:amg**", "one-shot"),
                      ("heads:random", "one-shot"), ("**heads:amg**", "ft300"), ("**tokens:tome**", "one-shot"),
@@ -81,7 +82,7 @@ def test_against_random_the_difference_is_paired_over_queries_and_a_tie_is_calle
         "save0.2:heads:amg/per-block": {"occluded": {"ap": mixed, "rank1": [0] * queries}},
     })
     body = {row[0].strip("*"): row for row in _body(dict(comparison_tables(load_reports(tmp_path)))[
-        "cpu-2c / cpu: 20% of MACs saved"])}
+        "cpu-2c / small / cpu: 20% of MACs saved"])}
     assert body["heads:amg"][-1] == "+5.0 [+5.0, +5.0]"
     assert body["heads:amg/per-block"][-1].startswith("tie [")
     assert body["heads:random"][-1] == "—"
@@ -91,7 +92,7 @@ def test_seeds_of_a_random_configuration_show_as_their_mean_and_spread():
     study = _frame(_row("unpruned", 1, None, 0.30, saving=0.0),
                    _row("save0.2:heads:random", 1, 1.20, 0.20), _row("save0.2:heads:random~s1", 1, 1.22, 0.26),
                    _row("save0.2:heads:random~s2", 1, 1.24, 0.23), _row("save0.2:heads:amg", 1, 1.21, 0.25))
-    body = _body(dict(comparison_tables(study))["cpu-2c / cpu: 20% of MACs saved"])
+    body = _body(dict(comparison_tables(study))["cpu-2c / small / cpu: 20% of MACs saved"])
     random = next(row for row in body if row[0].strip("*").startswith("heads:random"))
     assert random[0].strip("*") == "heads:random ×3"
     assert random[3] == "1.22" and random[11] == "23.0"  # mean speed-up and mean occluded mAP
@@ -107,3 +108,13 @@ def test_a_seed_names_a_draw_of_a_random_policy_only():
     assert PruneSpec.from_config_id("save0.2:heads:amg~s2") is None
     assert {s.seed for s in equal_macs_specs() if s.random} == {0, 1, 2}
     assert all(s.seed == 0 for s in equal_macs_specs() if not s.random)
+
+
+def test_models_timed_without_data_get_no_equal_macs_table_and_models_do_not_mix():
+    timed_only = [{**row, "model": "vit_base", "occluded_mAP": None, "query_mAP": None, "query_rank1": None,
+                   "occluded_rank1": None} for row in STUDY.to_dict("records")]
+    other = [{**row, "model": "vit_small"} for row in STUDY.to_dict("records")]
+    tables = dict(comparison_tables(pd.concat([STUDY, pd.DataFrame(timed_only), pd.DataFrame(other)])))
+    assert sorted(tables) == ["cpu-2c / small / cpu: 20% of MACs saved", "cpu-2c / small / cpu: 30% of MACs saved",
+                              "cpu-2c / vit_small / cpu: 20% of MACs saved", "cpu-2c / vit_small / cpu: 30% of MACs saved"]
+    assert tables["cpu-2c / small / cpu: 20% of MACs saved"] == tables["cpu-2c / vit_small / cpu: 20% of MACs saved"]

@@ -147,13 +147,16 @@ def _seeds_averaged(group: pd.DataFrame) -> pd.DataFrame:
 
 
 def comparison_tables(frame: pd.DataFrame) -> list[tuple[str, str]]:
-    """[(title, markdown)] per device, backend and target saving. Within a target, rows go by
+    """[(title, markdown)] per device, model, backend and target saving (models measured with data). Within a target, rows go by
     family (heads, tokens, heads+tokens) and schedule; the best occluded mAP of each family
     and schedule is in bold (ties all bold)."""
     study = study_rows(frame)
     records = QueryRecords()
     tables = []
-    for (device, backend, precision), rows in study.groupby(["device_id", "backend", "precision"], sort=True):
+    for (device, model, backend, precision), rows in study.groupby(["device_id", "model", "backend", "precision"],
+                                                                    sort=True):
+        if rows[["occluded_mAP", "query_mAP"]].isna().all().all():
+            continue  # timed without data (random weights): the runtime tables show those
         merged = _merged(rows)
         references = merged[merged["target"].isna()]
         unpruned_rows = references[references["config_id"] == "unpruned"]
@@ -176,7 +179,9 @@ def comparison_tables(frame: pd.DataFrame) -> list[tuple[str, str]]:
                 body.append(_line(row, unpruned, row["method"], row["schedule_label"],
                                   bold=pd.notna(top) and row["occluded_mAP"] == top,
                                   against_random=versus_random(row, group, records)))
-            title = f"{markdown_text(device)} / {markdown_text(backend)}{'' if precision == 'fp32' else ' ' + precision}: {target:.0%} of MACs saved"
+            precision_label = "" if precision == "fp32" else " " + precision
+            title = (f"{markdown_text(device)} / {markdown_text(model)} / {markdown_text(backend)}{precision_label}: "
+                     f"{target:.0%} of MACs saved")
             markdown = tabulate(body, headers=headers, tablefmt="github", disable_numparse=True,
                                 colalign=["left", "left"] + ["right"] * (len(headers) - 2))
             tables.append((title, markdown))
