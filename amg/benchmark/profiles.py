@@ -290,7 +290,8 @@ PROFILES = {
     # deployment sizes at 256x128 with random weights (latency, MACs; no accuracy): every plan
     # reaches 10/20/30% of MACs by heads, tokens or both (random policies: the latency of a plan
     # depends on its shapes, not on which heads go); batch 1 on eager PyTorch and the two CPU
-    # runtimes, batch 8 on OpenVINO (the fastest here) only: ~20 minutes on 2 cores
+    # runtimes, batch 8 on OpenVINO (the fastest here) only: ~20 minutes on 2 cores (inductor
+    # was slower than OpenVINO on ViT-Small: --amg-backends adds it)
     "deploy": Profile(ratios=(), head_policies=(), token_policies=(), batches=(1,),
                       backends=("cpu", "onnxruntime", "openvino"), paired_rounds=10, rounds=5, accuracy=False,
                       backend_batches=(("openvino", (1, 8)),),
