@@ -192,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fixed batch size of the graph; 0 leaves the batch axis free (default %(default)s)")
     export.add_argument("--calibration-images", type=positive_int, default=256,
                         help="training images int8 calibrates on (default %(default)s)")
-    export.add_argument("--out", required=True, type=Path, help="new folder to write the artifact and manifest to")
+    export.add_argument("--out", required=True, type=Path, metavar="DIR",
+                        help="new (or empty) folder to write the artifact and manifest to")
     add_data_options(export)
     export.set_defaults(func=commands.cmd_export)
 
