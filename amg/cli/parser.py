@@ -182,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "with the plan, MACs, input names and shapes, exporter and opset, runtime versions, the largest "
                     "difference from PyTorch on real query images, and Rank-1/mAP of the exported model next to "
                     "PyTorch's on every query set. int8 calibrates on training images of the data set (ONNX "
-                    "Runtime static QDQ for onnx, NNCF for openvino). EViT/ToMe models export through the dynamo exporter.")
+                    "Runtime static QDQ for onnx, NNCF for openvino). EViT/ToMe models export through the dynamo "
+                    "exporter.")
     export.add_argument("model", nargs="?", default=None, help="model file or preset (default: the default model)")
     export.add_argument("--format", required=True, choices=["onnx", "openvino"], help="artifact format")
     export.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"],
