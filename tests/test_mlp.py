@@ -209,3 +209,11 @@ def test_select_prints_the_prune_command_of_an_mlp_configuration():
         "--out pruned.pt"
     assert prune_command("mlp0.3:random/per-block~s2") == \
         "amg prune --mlp 0.3 --mlp-policy random --allocation per-block --seed 2 --out pruned.pt"
+
+
+def test_the_mlp_profile_filters_by_mlp_policy_too():
+    from amg.benchmark.profiles import PROFILES, build_cases
+
+    taylor = {c.spec.config_id for c in build_cases(PROFILES["mlp"], policies=["taylor", "amg"])}
+    assert "save0.4:mlp:taylor" in taylor and "save0.4:heads:amg+tokens:amg+mlp:taylor" in taylor
+    assert not any("random" in config or "magnitude" in config or "tome" in config for config in taylor)

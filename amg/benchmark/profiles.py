@@ -48,8 +48,8 @@ class PruneSpec:
     @property
     def random(self) -> bool:
         """Whether a policy it uses draws at random (so its seed matters)."""
-        return (self.uses_heads and self.head_policy == "random") or (self.uses_tokens and self.token_policy == "random") \
-            or (self.uses_mlp and self.mlp_policy == "random")
+        return any(used and policy == "random" for used, policy in (
+            (self.uses_heads, self.head_policy), (self.uses_tokens, self.token_policy), (self.uses_mlp, self.mlp_policy)))
 
     def _uses(self, axis: str, ratio: float) -> bool:
         return axis in SAVING_MODES.get(self.by, ()) if self.saving else ratio > 0
@@ -313,8 +313,7 @@ def build_cases(profile: Profile, ratios: Sequence[float] | None = None, policie
     if profile.specs:
         if ratios:
             raise InputError("this profile fixes its configurations by MACs saving: ratios do not apply")
-        specs = [UNPRUNED] + [spec for spec in profile.specs if not policies or (
-            (not spec.uses_heads or spec.head_policy in policies) and (not spec.uses_tokens or spec.token_policy in policies))]
+        specs = [UNPRUNED] + [spec for spec in profile.specs if not policies or _uses_only(spec, policies)]
     else:
         specs = _ratio_specs(profile, ratios or profile.ratios, policies)
     return [Case(spec, backend, batch, precision, model) for model in (models or profile.models or ("",))
@@ -322,6 +321,12 @@ def build_cases(profile: Profile, ratios: Sequence[float] | None = None, policie
             for precision in (precisions or profile.precisions + profile.cpu_precisions)
             if precisions or _profile_runs(profile, backend, precision)
             for batch in (batches or profile.batches_on(backend)) for spec in specs]
+
+
+def _uses_only(spec: PruneSpec, policies: Sequence[str]) -> bool:
+    """Whether every axis `spec` prunes does so by one of `policies`."""
+    return all(not used or policy in policies for used, policy in (
+        (spec.uses_heads, spec.head_policy), (spec.uses_tokens, spec.token_policy), (spec.uses_mlp, spec.mlp_policy)))
 
 
 def _profile_runs(profile: Profile, backend: str, precision: str) -> bool:

@@ -152,7 +152,8 @@ def _mlp_activations(model, enabled: bool) -> Iterator[dict[int, torch.Tensor]]:
         return hook
 
     if enabled:
-        handles = [layer.mlp.act.register_forward_hook(keep(index)) for index, layer in enumerate(model.backbone.blocks)]
+        handles = [layer.mlp.act.register_forward_hook(keep(index))
+                   for index, layer in enumerate(model.backbone.blocks)]
     try:
         yield found
     finally:
