@@ -122,10 +122,23 @@ def pytest_configure(config: pytest.Config) -> None:
     # SIGTERM (a scheduler's stop, `kill`) ends the run like Ctrl-C: what was measured is written.
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
+        signal.signal(signal.SIGINT, _interrupt)
+
+
+# Set by Ctrl-C or SIGTERM. The KeyboardInterrupt raised then can land inside library code
+# that turns it into another error (torch.save's zip writer does), which pytest would count
+# as one failed test and go on: the flag stops the run at the next test and marks the report.
+_INTERRUPTED = threading.Event()
 
 
 def _interrupt(signum, frame) -> None:
+    _INTERRUPTED.set()
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if _INTERRUPTED.is_set():
+        raise KeyboardInterrupt("interrupted earlier (the interrupt surfaced as another error)")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -207,7 +220,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if state is None or not state.rows or session.config.getoption("--amg-no-report"):
         return
     results_dir = Path(session.config.getoption("--amg-results-dir"))
-    status = INTERRUPTED if exitstatus == pytest.ExitCode.INTERRUPTED else COMPLETE
+    status = INTERRUPTED if exitstatus == pytest.ExitCode.INTERRUPTED or _INTERRUPTED.is_set() else COMPLETE
     rows = [{**row, "run_status": status} for row in state.rows]
     path = write_csv(rows, results_dir, state.metadata["device_id"], state.metadata["run_id"])
     if state.query_values:  # per-query accuracy for paired comparisons in `amg report`
