@@ -162,10 +162,10 @@ def progress_printer(config: pytest.Config) -> Callable[[str], None]:
 def suite(request: pytest.FixtureRequest):
     from amg.benchmark.plan_store import PlanStore, PlanStoreError
     from amg.benchmark.results import journal_path
-    from amg.benchmark.suite import Suite
+    from amg.benchmark.suite import Suite, untrained_model
     from amg.data.layout import load_dataset
     from amg.model.pruned import load_pruned
-    from amg.model.vit import build_model, set_neck_feat
+    from amg.model.vit import set_neck_feat
     from amg.train.cache import default_model, synthetic_root
 
     config = request.config
@@ -183,8 +183,7 @@ def suite(request: pytest.FixtureRequest):
     elif preset == DEFAULT_PRESET:
         model, source = default_model(preset, progress=progress)[0], "default"
     else:
-        torch.manual_seed(0)
-        model, source = build_model(preset).eval(), f"{preset} (random weights)"
+        model, source = untrained_model(preset)
     if config.getoption("--amg-neck-feat"):
         set_neck_feat(model, config.getoption("--amg-neck-feat"))
     trained = bool(checkpoint) or preset == DEFAULT_PRESET

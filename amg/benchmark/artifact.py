@@ -28,10 +28,12 @@ from amg.errors import InputError
 from amg.measure.export import (
     FEATURES,
     calibration_feeds,
+    example_inputs,
     export_onnx,
     exporter_of,
     input_names,
     load_artifact,
+    model_inputs,
     openvino_model,
     quantize_onnx_int8,
     runtime_versions,
@@ -93,19 +95,14 @@ def export_model(model: ReIDViT, out: str | Path, request: ExportRequest, datase
     return manifest
 
 
-def _example(model: ReIDViT, batch: int) -> tuple[torch.Tensor, ...]:
-    images = torch.randn(batch, 3, *model.config.img_size, generator=torch.Generator().manual_seed(0))
-    return (images,) if model.sie_embed is None else (images, torch.zeros(batch, dtype=torch.long))
-
-
 def _write_artifact(model: ReIDViT, folder: Path, request: ExportRequest, calibration: torch.Tensor | None,
                     progress: Progress) -> Path:
     example_batch = request.batch or 2  # a free axis is traced at 2 so that no size-1 axis is folded away
     exporter = exporter_of(model)
     progress(f"exporting to ONNX ({exporter['name']}, opset {exporter['opset']}, batch {request.batch or 'free'})")
     try:
-        onnx_path = export_onnx(model, _example(model, example_batch), folder / "model.onnx",
-                                dynamic_batch=request.batch == 0)
+        inputs = model_inputs(*example_inputs(model, example_batch))
+        onnx_path = export_onnx(model, inputs, folder / "model.onnx", dynamic_batch=request.batch == 0)
     except Exception as error:
         if getattr(model, "dynamic_tokens", None) is None:
             raise  # a static plan that does not export is a bug to see

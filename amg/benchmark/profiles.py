@@ -48,8 +48,13 @@ class PruneSpec:
     @property
     def random(self) -> bool:
         """Whether a policy it uses draws at random (so its seed matters)."""
-        return any(used and policy == "random" for used, policy in (
-            (self.uses_heads, self.head_policy), (self.uses_tokens, self.token_policy), (self.uses_mlp, self.mlp_policy)))
+        return "random" in self.used_policies
+
+    @property
+    def used_policies(self) -> list[str]:
+        """The policy of every axis it prunes (heads, tokens, MLP channels, in that order)."""
+        return [policy for used, policy in ((self.uses_heads, self.head_policy), (self.uses_tokens, self.token_policy),
+                                            (self.uses_mlp, self.mlp_policy)) if used]
 
     def _uses(self, axis: str, ratio: float) -> bool:
         return axis in SAVING_MODES.get(self.by, ()) if self.saving else ratio > 0
@@ -204,10 +209,8 @@ DEPLOY_SAVINGS = (0.1, 0.2, 0.3)
 
 
 def _random_by(saving: float, by: str) -> PruneSpec:
-    """The random policy on the axes `by` names (the other axis keeps its default, as config ids read back)."""
-    policies = {"head_policy": "random"} if by == "heads" else {"token_policy": "random"} if by == "tokens" else \
-        {"head_policy": "random", "token_policy": "random"}
-    return PruneSpec(saving=saving, by=by, **policies)
+    """The random policy on the axes `by` names (the others keep their defaults, as config ids read back)."""
+    return PruneSpec(saving=saving, by=by, **{_POLICY_FIELD[axis]: "random" for axis in SAVING_MODES[by]})
 
 
 def equal_macs_specs(savings: Sequence[float] = STUDY_SAVINGS, steps: int = STUDY_STEPS) -> tuple[PruneSpec, ...]:
@@ -244,9 +247,7 @@ def mlp_study_specs(savings: Sequence[float] = MLP_SAVINGS, steps: int = STUDY_S
     specs: list[PruneSpec] = [PruneSpec(schedule=finetune)]
     for saving in savings:
         alone = [PruneSpec(saving=saving, by="mlp", mlp_policy=p) for p in ("taylor", "magnitude", "random")]
-        everything = [PruneSpec(saving=saving, by="all"),
-                      PruneSpec(saving=saving, by="all", head_policy="random", token_policy="random",
-                                mlp_policy="random")]
+        everything = [PruneSpec(saving=saving, by="all"), _random_by(saving, "all")]
         tome = PruneSpec(saving=saving, by="tokens", token_policy="tome")
         specs += [draw for spec in alone + everything + [tome] for draw in _draws(spec)]
         # one draw of each random method fine-tuned: the seeds' spread is measured one-shot
@@ -313,7 +314,8 @@ def build_cases(profile: Profile, ratios: Sequence[float] | None = None, policie
     if profile.specs:
         if ratios:
             raise InputError("this profile fixes its configurations by MACs saving: ratios do not apply")
-        specs = [UNPRUNED] + [spec for spec in profile.specs if not policies or _uses_only(spec, policies)]
+        specs = [UNPRUNED] + [spec for spec in profile.specs
+                              if not policies or all(policy in policies for policy in spec.used_policies)]
     else:
         specs = _ratio_specs(profile, ratios or profile.ratios, policies)
     return [Case(spec, backend, batch, precision, model) for model in (models or profile.models or ("",))
@@ -321,12 +323,6 @@ def build_cases(profile: Profile, ratios: Sequence[float] | None = None, policie
             for precision in (precisions or profile.precisions + profile.cpu_precisions)
             if precisions or _profile_runs(profile, backend, precision)
             for batch in (batches or profile.batches_on(backend)) for spec in specs]
-
-
-def _uses_only(spec: PruneSpec, policies: Sequence[str]) -> bool:
-    """Whether every axis `spec` prunes does so by one of `policies`."""
-    return all(not used or policy in policies for used, policy in (
-        (spec.uses_heads, spec.head_policy), (spec.uses_tokens, spec.token_policy), (spec.uses_mlp, spec.mlp_policy)))
 
 
 def _profile_runs(profile: Profile, backend: str, precision: str) -> bool:

@@ -94,6 +94,12 @@ def run_metadata() -> dict[str, Any]:
     }
 
 
+def untrained_model(preset: str) -> tuple[ReIDViT, str]:
+    """Preset `preset` with seeded random weights (the same model on every run), and its source label."""
+    torch.manual_seed(0)
+    return build_model(preset).eval(), f"{preset} (random weights)"
+
+
 @dataclass
 class Suite:
     """State shared by a session's cases: the base model, data, pruned models, references."""
@@ -128,9 +134,7 @@ class Suite:
     @classmethod
     def untrained(cls, preset: str, profile: Profile, threads: int, progress: Progress, **shared: Any) -> Suite:
         """A suite of preset `preset` with seeded random weights: latency and MACs, no accuracy."""
-        torch.manual_seed(0)
-        return cls(build_model(preset).eval(), f"{preset} (random weights)", profile, None, threads, progress,
-                   **shared)
+        return cls(*untrained_model(preset), profile, None, threads, progress, **shared)
 
     def at(self, case: Case) -> Suite:
         """The suite measuring `case`'s model: this one, or (profiles spanning presets) the other
@@ -139,7 +143,7 @@ class Suite:
         if not case.model or case.model == self.model.config.name:
             return self
         if self._other_model is None or self._other_model.model.config.name != case.model:
-            self._other_model = None
+            self._other_model = None  # let the previous preset's models go before the next one is built
             self.progress(f"measuring {case.model} with random weights")
             self._other_model = Suite.untrained(case.model, self.profile, self.threads, self.progress,
                                                 metadata=self.metadata, rows=self.rows, query_values=self.query_values,
@@ -243,18 +247,19 @@ class Suite:
             self._references[key] = self.runner(Case(UNPRUNED, case.backend, case.batch, case.precision))
         return self._references[key]
 
-    def accuracy(self, spec: PruneSpec, case: Case | None = None, runner: Runner | None = None) -> dict[str, Any]:
-        """Re-ID metrics of `spec`'s model in PyTorch fp32, or, for a reduced-precision `case`,
+    def accuracy(self, case: Case, runner: Runner) -> dict[str, Any]:
+        """Re-ID metrics of `case`'s model in PyTorch fp32, or, for a reduced-precision `case`,
         of what its `runner` runs (an INT8 model is another model: its accuracy is measured)."""
         if self.dataset is None or not self.profile.accuracy:
             return {}
-        runtime = case is not None and runner is not None and runner.features is not None and case.precision != "fp32"
+        spec = case.spec
+        runtime = runner.features is not None and case.precision != "fp32"
         key = (spec, case.backend, case.precision) if runtime else spec
         if key not in self._accuracy:
             if self._evaluator is None:
                 self._evaluator = Evaluator(self.dataset, self.model.config.img_size, self.progress)
             if runtime:
-                self.progress(f"accuracy of {case.spec.config_id} as {case.backend} runs it at {case.precision}")
+                self.progress(f"accuracy of {spec.config_id} as {case.backend} runs it at {case.precision}")
             results = self._evaluator.evaluate(self.pruned(spec), compiled=(runner.features, runner.batch)
                                                if runtime else None)
             synthetic = (self.dataset.root / MANIFEST).is_file()  # amg.data.synthetic writes it
@@ -312,7 +317,7 @@ class Suite:
                    output_cosine=runner.output_cosine)
         if self.profile.memory and case.backend in EAGER_BACKENDS:  # an export backend's child would measure the exporter
             row.update(self._memory(case, model))
-        row.update(self.accuracy(case.spec, case, runner))
+        row.update(self.accuracy(case, runner))
         self.rows.append(row)
         if self.journal is not None:
             append_journal(self.journal, row)

@@ -28,11 +28,14 @@ from amg.measure.backend_registry import PRECISIONS, backend
 from amg.measure.device import is_jetson, is_raspberry_pi
 from amg.measure.export import (
     calibration_feeds,
+    example_inputs,
     export_onnx,
-    feeds,
     input_names,
+    model_inputs,
+    onnxruntime_features,
     onnxruntime_session,
     openvino_compiled,
+    openvino_features,
     openvino_model,
     quantize_onnx_int8,
 )
@@ -173,7 +176,7 @@ def torchscript_runner(model: torch.nn.Module, batch: Batch) -> Compiled:
 
     def features(images: torch.Tensor, camids: torch.Tensor | None) -> torch.Tensor:
         with torch.no_grad():
-            return frozen(*_inputs(images, camids))
+            return frozen(*model_inputs(images, camids))
 
     return Compiled(features, note="torch.jit.trace + freeze + optimize_for_inference")
 
@@ -201,11 +204,7 @@ class Batch:
 
     @property
     def inputs(self) -> tuple[torch.Tensor, ...]:
-        return _inputs(self.images, self.camids)
-
-
-def _inputs(images: torch.Tensor, camids: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-    return (images,) if camids is None else (images, camids)
+        return model_inputs(self.images, self.camids)
 
 
 @contextlib.contextmanager
@@ -223,8 +222,8 @@ def _onnx_file(model: torch.nn.Module, batch: Batch, backend_name: str) -> Itera
         dynamic = getattr(model, "dynamic_tokens", None)
         if dynamic is None:
             raise
-        # Per-image token merging/dropping (gather/scatter on data-dependent indices) does
-        # not survive the TorchScript-based exporter: say so instead of timing nothing.
+        # Per-image token merging/dropping (gather/scatter on data-dependent indices) goes
+        # through the dynamo exporter; should it fail, say so instead of timing nothing.
         raise BackendUnavailable(f"{backend_name}: the dynamic token policy {dynamic['policy']!r} does not "
                                  f"export to ONNX here ({type(error).__name__}: {str(error)[:160]})") from error
 
@@ -248,49 +247,33 @@ def _calibration_note(batch: Batch) -> str:
 
 
 def onnx_runner(model: torch.nn.Module, batch: Batch) -> Compiled:
-    names = input_names(model)
     with _onnx_file(model, batch, "onnxruntime") as path:
         session = onnxruntime_session(path, batch.threads)
-
-    def features(images: torch.Tensor, camids: torch.Tensor | None) -> torch.Tensor:
-        return torch.from_numpy(session.run(None, feeds(names, _inputs(images, camids)))[0])
-
-    return Compiled(features, note="ONNX Runtime" + _calibration_note(batch))
+    return Compiled(onnxruntime_features(session), note="ONNX Runtime" + _calibration_note(batch))
 
 
 def tensorrt_runner(model: torch.nn.Module, batch: Batch) -> Compiled:
     """The ONNX export built into a TensorRT engine by ONNX Runtime's TensorRT provider (fp16:
     TensorRT's half-precision kernels); the engine is built by `prepare`'s first pass, untimed."""
-    names = input_names(model)
     provider = ("TensorrtExecutionProvider", {"trt_fp16_enable": batch.precision == "fp16"})
     with _onnx_file(model, batch, "tensorrt") as path:
         session = onnxruntime_session(path, batch.threads, [provider, "CUDAExecutionProvider"])
     if session.get_providers()[0] != "TensorrtExecutionProvider":
         raise BackendUnavailable(f"tensorrt: ONNX Runtime fell back to {session.get_providers()[0]}")
-
-    def features(images: torch.Tensor, camids: torch.Tensor | None) -> torch.Tensor:
-        return torch.from_numpy(session.run(None, feeds(names, _inputs(images, camids)))[0])
-
-    return Compiled(features, note=f"ONNX Runtime TensorRT provider {batch.precision}")  # host arrays in and out
+    # host arrays in and out: the runner's device stays "cpu"
+    return Compiled(onnxruntime_features(session), note=f"ONNX Runtime TensorRT provider {batch.precision}")
 
 
 def openvino_runner(model: torch.nn.Module, batch: Batch) -> Compiled:
     reason = batch.precision == "int8" and _installed("nncf", "pip install nncf")
     if reason:
         raise BackendUnavailable(f"openvino int8: {reason}")
-    names = input_names(model)
     with _onnx_file(model, batch, "openvino") as path:
         calibration = _calibration_feeds(model, batch) if batch.precision == "int8" else None
         compiled = openvino_compiled(openvino_model(path, batch.precision, calibration), batch.precision,
                                      batch.threads)
-    request = compiled.create_infer_request()
-    output = compiled.output(0)
-
-    def features(images: torch.Tensor, camids: torch.Tensor | None) -> torch.Tensor:
-        return torch.from_numpy(request.infer(feeds(names, _inputs(images, camids)))[output].copy())
-
     note = {"int8": "OpenVINO INT8 by NNCF", "bf16": "OpenVINO bf16 hint"}.get(batch.precision, "OpenVINO f32 hint")
-    return Compiled(features, note=note + _calibration_note(batch))
+    return Compiled(openvino_features(compiled), note=note + _calibration_note(batch))
 
 
 def _compare(compiled: Compiled, reference: torch.Tensor, batch: Batch, name: str,
@@ -324,9 +307,7 @@ def prepare(name: str, model: torch.nn.Module, batch: int, precision: str = "fp3
         raise InputError(f"unknown precision {precision!r}; choose from {PRECISIONS}")
     if precision not in spec.precisions:
         raise BackendUnavailable(f"{name} runs {', '.join(spec.precisions)} here, not {precision}")
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randn(batch, 3, *model.config.img_size, generator=generator)
-    camids = torch.zeros(batch, dtype=torch.long) if model.sie_embed is not None else None
+    images, camids = example_inputs(model, batch)
     fixed = Batch(images, camids, precision, threads or torch.get_num_threads(), calibration)
     if compare:
         with torch.no_grad():

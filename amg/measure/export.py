@@ -25,42 +25,75 @@ FEATURES = "features"  # the output's name in every exported graph
 INT8_OPS = ("MatMul", "Gemm", "Conv")  # what ONNX Runtime quantizes: the linear layers; norms and softmax stay float
 
 
+INPUT_NAMES = ("images", "camids")  # a model without SIE has the first only: `feeds` stops there
+
+
 def input_names(model: torch.nn.Module) -> list[str]:
     """The exported graph's inputs: images, plus camera ids for a model with SIE."""
-    return ["images"] if getattr(model, "sie_embed", None) is None else ["images", "camids"]
+    return list(INPUT_NAMES if getattr(model, "sie_embed", None) is not None else INPUT_NAMES[:1])
+
+
+def model_inputs(images: torch.Tensor, camids: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """A model's positional inputs: images, plus camera ids for a model with SIE."""
+    return (images,) if camids is None else (images, camids)
+
+
+def example_inputs(model: torch.nn.Module, batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Seeded random images for `model` and, with SIE, camera 0: what is traced, timed and compared on."""
+    images = torch.randn(batch, 3, *model.config.img_size, generator=torch.Generator().manual_seed(0))
+    return images, (torch.zeros(batch, dtype=torch.long) if getattr(model, "sie_embed", None) is not None else None)
 
 
 def export_onnx(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], path: str | Path,
                 dynamic_batch: bool = False) -> Path:
-    """`model` as ONNX (opset 17) at the shapes of `inputs`; the batch axis free if `dynamic_batch`.
+    """`model` as ONNX at the shapes of `inputs`; the batch axis free if `dynamic_batch`.
 
-    Static plans go through the TorchScript-based exporter. Dynamic token policies (EViT, ToMe:
-    per-image gather/scatter on data-dependent indices) go through the dynamo exporter
-    (torch.export + onnxscript), which expresses them."""
+    Static plans go through the TorchScript-based exporter (opset 17). Dynamic token policies
+    (EViT, ToMe: per-image gather/scatter on data-dependent indices) go through the dynamo
+    exporter (torch.export + onnxscript, opset 18), which expresses them."""
     path = Path(path)
     names = input_names(model)
     axes = {name: {0: "batch"} for name in names + [FEATURES]} if dynamic_batch else None
-    dynamic = getattr(model, "dynamic_tokens", None) is not None
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # exporter deprecation and tracer notes
-        if dynamic:
-            torch.onnx.export(model.eval(), inputs, str(path), input_names=names, output_names=[FEATURES],
-                              dynamic_axes=axes, dynamo=True, opset_version=max(OPSET, DYNAMO_OPSET), verbose=False)
-        else:
-            torch.onnx.export(model.eval(), inputs, str(path), input_names=names, output_names=[FEATURES],
-                              dynamic_axes=axes, dynamo=False, opset_version=OPSET)
+        torch.onnx.export(model.eval(), inputs, str(path), input_names=names, output_names=[FEATURES],
+                          dynamic_axes=axes, dynamo=_dynamic(model), opset_version=exporter_of(model)["opset"],
+                          verbose=False)
     return path
+
+
+def _dynamic(model: torch.nn.Module) -> bool:
+    return getattr(model, "dynamic_tokens", None) is not None
 
 
 def exporter_of(model: torch.nn.Module) -> dict[str, Any]:
     """Which exporter `export_onnx` uses for `model`, and its opset (for manifests)."""
-    if getattr(model, "dynamic_tokens", None) is not None:
+    if _dynamic(model):
         return {"name": "torch.onnx.export(dynamo=True): torch.export + onnxscript", "opset": max(OPSET, DYNAMO_OPSET)}
     return {"name": "torch.onnx.export (TorchScript-based)", "opset": OPSET}
 
 
 def feeds(names: Sequence[str], inputs: Sequence[torch.Tensor]) -> dict[str, np.ndarray]:
     return {name: tensor.cpu().numpy() for name, tensor in zip(names, inputs)}
+
+
+def onnxruntime_features(session):
+    """The features function of an ONNX Runtime session: normalised images and camera ids in."""
+    def features(images: torch.Tensor, camids: torch.Tensor | None) -> torch.Tensor:
+        return torch.from_numpy(session.run(None, feeds(INPUT_NAMES, model_inputs(images, camids)))[0])
+
+    return features
+
+
+def openvino_features(compiled):
+    """The features function of an OpenVINO compiled model (one infer request, reused)."""
+    request = compiled.create_infer_request()
+    output = compiled.output(0)
+
+    def features(images: torch.Tensor, camids: torch.Tensor | None) -> torch.Tensor:
+        return torch.from_numpy(request.infer(feeds(INPUT_NAMES, model_inputs(images, camids)))[output].copy())
+
+    return features
 
 
 def calibration_feeds(names: Sequence[str], images: torch.Tensor, batch: int) -> list[dict[str, np.ndarray]]:
@@ -169,22 +202,8 @@ def save_openvino(model, path: Path, precision: str) -> Path:
 def load_artifact(path: Path, precision: str, threads: int):
     """Features of a saved ONNX or OpenVINO artifact: a function of normalised images (any batch
     when exported with a free batch axis) and camera ids (None without SIE)."""
-    names = ["images", "camids"]
     if path.suffix == ".onnx":
-        session = onnxruntime_session(path, threads)
-
-        def onnx_features(images: torch.Tensor, camids: torch.Tensor | None) -> torch.Tensor:
-            inputs = (images,) if camids is None else (images, camids)
-            return torch.from_numpy(session.run(None, feeds(names, inputs))[0])
-
-        return onnx_features
+        return onnxruntime_features(onnxruntime_session(path, threads))
     import openvino as ov
 
-    compiled = openvino_compiled(ov.Core().read_model(str(path)), precision, threads)
-    output = compiled.output(0)
-
-    def openvino_features(images: torch.Tensor, camids: torch.Tensor | None) -> torch.Tensor:
-        inputs = (images,) if camids is None else (images, camids)
-        return torch.from_numpy(compiled(feeds(names, inputs))[output].copy())
-
-    return openvino_features
+    return openvino_features(openvino_compiled(ov.Core().read_model(str(path)), precision, threads))

@@ -21,6 +21,11 @@ def mlp_channel_ids(mlp: nn.Module) -> list[int]:
     return list(getattr(mlp, "channel_ids", range(mlp.fc1.out_features)))
 
 
+def channel_ids_per_block(model: nn.Module) -> list[list[int]]:
+    """`mlp_channel_ids` of every block of a ReIDViT."""
+    return [mlp_channel_ids(layer.mlp) for layer in model.backbone.blocks]
+
+
 def keep_mlp_channels(mlp: nn.Module, original_ids: Sequence[int], block: int) -> None:
     """Slice `mlp` (a timm Mlp: fc1, activation, fc2) to the hidden channels `original_ids`."""
     current = mlp_channel_ids(mlp)

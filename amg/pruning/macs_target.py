@@ -11,7 +11,7 @@ from amg.measure.flops import analytic_model_macs, count_macs
 from amg.model.attention import patch_model
 from amg.model.config import ModelConfig
 from amg.model.dynamic import apply_dynamic
-from amg.model.mlp import mlp_channel_ids
+from amg.model.mlp import channel_ids_per_block
 from amg.model.plan import PrunePlan
 from amg.model.vit import ReIDViT
 from amg.pruning.calibration import CalibrationImages, Progress
@@ -100,7 +100,8 @@ def plan_for_saving(model: ReIDViT, target: float, mode: str = "both", head_poli
     head_scores = head_removal_scores(work, head_policy, allocation, calibration, seed) if use_heads else None
     token_scores = token_keep_scores(work, token_policy, calibration, seed) if use_tokens else None
     mlp_scores = channel_keep_scores(work, mlp_policy, allocation, calibration, seed) if use_mlp else None
-    channel_ids = [mlp_channel_ids(layer.mlp) for layer in work.backbone.blocks]
+    channel_ids = channel_ids_per_block(work)
+    total_channels = work.config.depth * work.config.mlp_hidden  # as make_plan counts the ratio
     blocks = plan_macs(work.config, PrunePlan.unpruned(work.config))
     rest = count_macs(work).total - blocks  # what no plan changes: patch embedding, norms, neck
     candidate = PrunePlan.unpruned(work.config)
@@ -111,7 +112,8 @@ def plan_for_saving(model: ReIDViT, target: float, mode: str = "both", head_poli
         if token_scores is not None:
             candidate.kept_tokens = select_tokens(token_scores, ratio)
         if mlp_scores is not None:
-            candidate.kept_mlp = select_channels(mlp_scores, channel_ids, ratio, allocation, multiple=mlp_multiple)
+            candidate.kept_mlp = select_channels(mlp_scores, channel_ids, ratio, allocation, total_channels,
+                                                 mlp_multiple)
         return 1 - (rest + plan_macs(work.config, candidate)) / (rest + blocks)
 
     reachable = saving(MAX_SEARCH_RATIO)

@@ -10,7 +10,7 @@ import torch
 from amg.errors import InputError
 from amg.model.attention import patch_model
 from amg.model.config import ModelConfig
-from amg.model.mlp import mlp_channel_ids
+from amg.model.mlp import channel_ids_per_block
 from amg.model.plan import PrunePlan
 from amg.model.pruned import apply_plan
 from amg.model.vit import ReIDViT
@@ -110,8 +110,8 @@ def make_plan(model: ReIDViT, heads: float = 0.0, tokens: float = 0.0, head_poli
         if mlp_scoring.needs_data and (calibration is None or calibration.mlp_taylor is None):
             calibration = data.run(work, progress, gradients=True, mlp=True)
         scores = channel_keep_scores(work, mlp_policy, allocation, calibration, seed)
-        plan.kept_mlp = select_channels(scores, [mlp_channel_ids(layer.mlp) for layer in work.backbone.blocks], mlp,
-                                        allocation, total_channels=work.config.depth * work.config.mlp_hidden,
+        plan.kept_mlp = select_channels(scores, channel_ids_per_block(work), mlp, allocation,
+                                        total_channels=work.config.depth * work.config.mlp_hidden,
                                         multiple=mlp_multiple)
         plan.ratios["mlp_multiple"] = mlp_multiple
     return plan
@@ -119,7 +119,7 @@ def make_plan(model: ReIDViT, heads: float = 0.0, tokens: float = 0.0, head_poli
 
 def _current_channels(model: ReIDViT) -> list[list[int] | None] | None:
     """The model's MLP channels as a plan states them (None: no block's MLP is pruned)."""
-    kept = [mlp_channel_ids(layer.mlp) for layer in model.backbone.blocks]
+    kept = channel_ids_per_block(model)
     full = [list(range(model.config.mlp_hidden))] * len(kept)
     return None if kept == full else [None if k == f else k for k, f in zip(kept, full)]
 

@@ -10,35 +10,35 @@ from __future__ import annotations
 
 import pandas as pd
 
-from amg.reporting.tables import MISSING, format_cell, is_unpruned, markdown_table, markdown_text, titled_tables
+from amg.reporting.tables import (
+    MISSING,
+    format_cell,
+    format_interval,
+    group_heading,
+    is_unpruned,
+    markdown_table,
+    markdown_text,
+    titled_tables,
+)
 
 _ACCURACY = (("occluded R1 %", "occluded_rank1"), ("occluded mAP %", "occluded_mAP"),
              ("holistic mAP %", "query_mAP"))
 
 
-def _interval(ratio: object, low: object, high: object) -> str:
-    if pd.isna(ratio):
-        return MISSING
-    if pd.isna(low) or pd.isna(high):
-        return format_cell(ratio, 2)
-    return f"{float(ratio):.2f} [{float(low):.2f}, {float(high):.2f}]"
-
-
 def _versus_fp32(row: pd.Series) -> str:
     if row["precision"] != "fp32":
-        return _interval(row["fp32_speedup"], row["fp32_speedup_ci_low"], row["fp32_speedup_ci_high"])
-    if is_unpruned(row.to_frame().T).iloc[0]:
+        return format_interval(row["fp32_speedup"], row["fp32_speedup_ci_low"], row["fp32_speedup_ci_high"])
+    if not row["_pruned"]:
         return "1.00 (reference)"
-    return _interval(row["speedup"], row["speedup_ci_low"], row["speedup_ci_high"])
+    return format_interval(row["speedup"], row["speedup_ci_low"], row["speedup_ci_high"])
 
 
 def precision_tables(latest: pd.DataFrame) -> list[tuple[str, str]]:
     """(title, Markdown table) per device / model / backend / batch that has reduced-precision rows."""
-    reduced = latest[(latest["precision"] != "fp32") & latest["fp32_speedup"].notna()]
     tables = []
-    keys = ["device_id", "model", "backend", "batch"]
-    for key, _ in reduced.groupby(keys, sort=True):
-        group = latest[(latest[keys] == pd.Series(key, index=keys)).all(axis=1)]
+    for key, group in latest.groupby(["device_id", "model", "backend", "batch"], sort=True):
+        if not ((group["precision"] != "fp32") & group["fp32_speedup"].notna()).any():
+            continue
         group = group.assign(_pruned=~is_unpruned(group)).sort_values(["_pruned", "config_id", "precision"])
         body = [[markdown_text(row["config_id"]), markdown_text(row["precision"]),
                  format_cell(row["macs_saving"], 1, 100.0), _versus_fp32(row)]
@@ -48,8 +48,8 @@ def precision_tables(latest: pd.DataFrame) -> list[tuple[str, str]]:
         headers = ["config", "precision", "MACs saved %", "speed-up vs unpruned fp32 [95%]"] \
             + [header for header, _ in _ACCURACY] + ["accuracy of"]
         device, model, backend, batch = key
-        title = f"{markdown_text(device)} · {markdown_text(model)} · {markdown_text(backend)} · batch {batch:.0f}"
-        tables.append((title, markdown_table(body, headers, numeric_from=2)))
+        heading = group_heading(device, model, backend, batch=batch)
+        tables.append((heading, markdown_table(body, headers, numeric_from=2)))
     return tables
 
 

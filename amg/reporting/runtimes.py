@@ -11,7 +11,16 @@ from __future__ import annotations
 
 import pandas as pd
 
-from amg.reporting.tables import MISSING, format_cell, is_unpruned, markdown_table, markdown_text, titled_tables
+from amg.reporting.tables import (
+    MISSING,
+    format_cell,
+    format_interval,
+    group_heading,
+    is_unpruned,
+    markdown_table,
+    markdown_text,
+    titled_tables,
+)
 
 
 def saving_ratio(speedup: object, macs_saving: object) -> float:
@@ -26,7 +35,7 @@ def _ratio_cell(row: pd.Series) -> str:
     if pd.isna(ratio):
         return MISSING
     low, high = (saving_ratio(row[c], row["macs_saving"]) for c in ("speedup_ci_low", "speedup_ci_high"))
-    return f"{ratio:.2f}" if pd.isna(low) or pd.isna(high) else f"{ratio:.2f} [{low:.2f}, {high:.2f}]"
+    return format_interval(ratio, low, high)
 
 
 def runtime_tables(latest: pd.DataFrame) -> list[tuple[str, str]]:
@@ -38,8 +47,8 @@ def runtime_tables(latest: pd.DataFrame) -> list[tuple[str, str]]:
             continue
         medians = group.pivot_table(index="config_id", columns="backend", values="latency_median_ms", aggfunc="first")
         facts = group.groupby("config_id").first()
-        order = sorted(medians.index, key=lambda c: (not is_unpruned(facts.loc[[c]].reset_index()).iloc[0],
-                                                     facts.loc[c, "macs_saving"], c))
+        unpruned = set(group.loc[is_unpruned(group), "config_id"])
+        order = sorted(medians.index, key=lambda c: (c not in unpruned, facts.loc[c, "macs_saving"], c))
         body = []
         for config in order:
             times = medians.loc[config].dropna()
@@ -51,8 +60,7 @@ def runtime_tables(latest: pd.DataFrame) -> list[tuple[str, str]]:
                            _ratio_cell(on_fastest.iloc[0]) if len(on_fastest) else MISSING])
         headers = ["config", "MACs saved %"] + [f"{b} ms" for b in backends] + [
             "fastest", "latency saving / MACs saving there [95%]"]
-        title = f"{markdown_text(device)} · {markdown_text(model)} · batch {batch:.0f}"
-        tables.append((title, markdown_table(body, headers, numeric_from=1)))
+        tables.append((group_heading(device, model, batch=batch), markdown_table(body, headers, numeric_from=1)))
     return tables
 
 

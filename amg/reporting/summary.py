@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from amg.reporting.tables import MISSING, format_cell, is_unpruned, markdown_table, markdown_text
+from amg.reporting.tables import MISSING, format_cell, format_interval, is_unpruned, markdown_table, markdown_text
 
 SUMMARY_SAVINGS = (0.1, 0.2, 0.3)
 # A configuration counts "at 20%" when it saves at least 18%: MACs targets land within a point
@@ -22,12 +22,7 @@ def _accuracy_metric(frame: pd.DataFrame) -> str | None:
 
 
 def _speedup(row: pd.Series) -> str:
-    if pd.isna(row.get("speedup")):
-        return MISSING
-    interval = ""
-    if pd.notna(row.get("speedup_ci_low")) and pd.notna(row.get("speedup_ci_high")):
-        interval = f" [{row['speedup_ci_low']:.2f}, {row['speedup_ci_high']:.2f}]"
-    return f"{row['speedup']:.2f}{interval}"
+    return format_interval(row.get("speedup"), row.get("speedup_ci_low"), row.get("speedup_ci_high"))
 
 
 def summary_table(latest: pd.DataFrame) -> tuple[str, str] | None:

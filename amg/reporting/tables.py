@@ -38,6 +38,13 @@ def format_cell(value: object, decimals: int, scale: float = 1.0) -> str:
     return f"{float(value) * scale:.{decimals}f}"
 
 
+def format_interval(value: object, low: object, high: object, decimals: int = 2) -> str:
+    """`value [low, high]`, or the value alone when its interval was not measured."""
+    if pd.isna(low) or pd.isna(high) or pd.isna(value):
+        return format_cell(value, decimals)
+    return f"{float(value):.{decimals}f} [{float(low):.{decimals}f}, {float(high):.{decimals}f}]"
+
+
 _MARKDOWN_SPECIAL = re.compile(r"([\\\[\]<>|!])")
 
 
@@ -115,6 +122,11 @@ def cross_device_table(frame: pd.DataFrame) -> str:
     ]
     headers = ["model", "config", "batch", "MACs saved %"] + [markdown_text(t) for t in targets]
     return markdown_table(body, headers, numeric_from=2)
+
+
+def group_heading(*labels: object, batch: object) -> str:
+    """The heading of one group's table: `device · model · … · batch N`."""
+    return " · ".join([markdown_text(label) for label in labels] + [f"batch {float(batch):.0f}"])
 
 
 def titled_tables(heading: str, intro: str, tables: list[tuple[str, str]]) -> str:
