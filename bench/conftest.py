@@ -17,7 +17,7 @@ from typing import Callable
 import pytest
 import torch
 
-from amg.benchmark.profiles import PROFILES, build_cases
+from amg.benchmark.profiles import LAST_BLOCKS, PROFILES, build_cases
 from amg.measure.backend_registry import BACKEND_NAMES, PRECISIONS
 from amg.model.config import DEFAULT_PRESET, NECK_FEATS, PRESETS
 from amg.pruning.policies import ALL_POLICY_NAMES
@@ -52,6 +52,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     add("--amg-precisions", default=None,
         help="comma-separated fp32,fp16,bf16,int8 for every backend (PyTorch: fp16/bf16 autocast; runtimes: "
              "their own; default: fp32, plus fp16 and bf16 on the GPU backends, plus the profile's)")
+    add("--amg-last-block", default=None, choices=LAST_BLOCKS,
+        help="class-token: every configuration computes its last block for the class token only (lossless; "
+             "the unpruned full model is measured too, as the reference of every speed-up); full: the whole "
+             "last block, as the model is defined; both (default: the profile's, class-token except the studies)")
     add("--amg-threads", type=int, default=None, help="torch / onnxruntime CPU threads (default: all cores)")
     add("--amg-plans", default=None, metavar="DIR",
         help="reuse the pruning plans stored in DIR (one <config_id>.json each) and store the ones this run "
@@ -95,7 +99,7 @@ def _cases(config: pytest.Config):
         # an explicit model (or a checkpoint) replaces the presets a multi-model profile spans
         model = "" if config.getoption("--amg-checkpoint") else config.getoption("--amg-model")
         return build_cases(PROFILES[config.getoption("--amg-profile")], ratios, policies, backends, batches,
-                           precisions, None if model is None else [model])
+                           precisions, None if model is None else [model], config.getoption("--amg-last-block"))
     except ValueError as error:
         raise pytest.UsageError(f"--amg-profile {config.getoption('--amg-profile')}: {error}") from error
 

@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 
 from amg.benchmark.results import COLUMNS
+from amg.errors import Unplannable
 from amg.measure.backends import BackendUnavailable
-from amg.pruning.macs_target import OutOfReach
 
 
 def test_configuration(benchmark, suite, case):
     suite = suite.at(case)
     try:
         runner = suite.runner(case)
-    except (BackendUnavailable, OutOfReach) as reason:
+    except (BackendUnavailable, Unplannable) as reason:
         pytest.skip(str(reason))
     benchmark.pedantic(runner, rounds=suite.profile.rounds, warmup_rounds=2, iterations=1)
     macs, unpruned_macs = suite.macs(case.spec)

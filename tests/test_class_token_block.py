@@ -7,11 +7,12 @@ import copy
 import pytest
 import torch
 
+from amg.errors import InputError
 from amg.measure.flops import count_macs
 from amg.model.attention import capture_attention
 from amg.model.config import ModelConfig
 from amg.model.plan import PrunePlan
-from amg.model.pruned import apply_plan
+from amg.model.pruned import apply_plan, load_pruned, save_pruned
 from amg.model.vit import ReIDViT
 from amg.pruning.planner import make_plan
 
@@ -73,3 +74,25 @@ def test_capture_and_dynamic_blocks_get_the_whole_last_block():
     reference.class_token_only = False
     with torch.no_grad():
         assert torch.equal(tome(images, cams), reference(images, cams))
+    assert model.class_token_block_active and not tome.class_token_block_active  # as the CSV says
+
+
+def test_the_choice_travels_in_the_model_file(tmp_path):
+    model, images, cams = _model_and_inputs("d4-w48-h6-sie")
+    apply_plan(model, _plans(model.config)["heads+tokens"])
+    fast = load_pruned(save_pruned(copy.deepcopy(model).use_class_token_last_block(), tmp_path / "fast.pt"))
+    full = load_pruned(save_pruned(model, tmp_path / "full.pt"))
+    assert fast.class_token_block_active and not full.class_token_block_active
+    assert count_macs(fast).total < count_macs(full).total
+    with torch.no_grad():
+        assert torch.allclose(fast(images, cams), full(images, cams), atol=1e-5)
+
+
+def test_a_model_reading_patch_tokens_keeps_its_last_block():
+    class PartBased(ReIDViT):
+        reads_patch_tokens = True
+
+    model = PartBased(CONFIGS["d3-w48-h4"])
+    with pytest.raises(InputError, match="patch tokens"):
+        model.use_class_token_last_block()
+    assert not model.use_class_token_last_block(False).class_token_block_active

@@ -13,7 +13,8 @@ import pytest
 from amg.benchmark.results import write_csv
 from amg.model.dynamic import IMPLEMENTED
 from amg.pruning import scores
-from amg.pruning.policies import DYNAMIC_TOKEN_POLICIES, HEAD_POLICIES, TOKEN_POLICIES
+from amg.pruning.peer import IMPORTANCE
+from amg.pruning.policies import DYNAMIC_TOKEN_POLICIES, HEAD_POLICIES, MLP_POLICIES, TOKEN_POLICIES
 
 ROOT = Path(__file__).resolve().parents[1]
 LINT = shutil.which("lint-imports")
@@ -75,8 +76,9 @@ assert main(['select', '--budget-ms', '20', '--backend', 'cpu', '--device-id', '
     assert (tmp_path / "report" / "README.md").is_file()
 
 
-def test_every_policy_has_its_scorer_or_its_dynamic_blocks():
-    for table in (HEAD_POLICIES, TOKEN_POLICIES):
+def test_every_policy_has_its_scorer_its_dynamic_blocks_or_its_peer():
+    for table in (HEAD_POLICIES, TOKEN_POLICIES, MLP_POLICIES):
         for policy in table.values():
-            assert policy.dynamic or callable(getattr(scores, policy.scorer)), policy
+            assert policy.dynamic or policy.peer or callable(getattr(scores, policy.scorer)), policy
+    assert {p.name for p in HEAD_POLICIES.values() if p.peer} == set(IMPORTANCE)
     assert set(DYNAMIC_TOKEN_POLICIES) == set(IMPLEMENTED)

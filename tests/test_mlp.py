@@ -10,13 +10,13 @@ import torch
 
 from amg.benchmark.profiles import PruneSpec
 from amg.errors import InputError
-from amg.measure.flops import count_macs
+from amg.measure.flops import count_macs, plan_macs
 from amg.model.config import ModelConfig
 from amg.model.mlp import mlp_channel_ids
 from amg.model.plan import PrunePlan
 from amg.model.pruned import apply_plan, load_pruned, save_pruned
 from amg.model.vit import ReIDViT
-from amg.pruning.macs_target import plan_for_saving, plan_macs, reachable_savings
+from amg.pruning.macs_target import plan_for_saving, reachable_savings
 from amg.pruning.planner import make_plan
 from amg.pruning.selection import select_channels
 

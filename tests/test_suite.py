@@ -21,12 +21,21 @@ def test_profiles_expand_to_unique_cases_with_the_unpruned_reference():
         cases = build_cases(profile)
         assert len({c.id for c in cases}) == len(cases), name
         assert any(c.spec == UNPRUNED for c in cases)
-    quick = build_cases(PROFILES["quick"])
+    quick = build_cases(PROFILES["quick"], last_block="full")
     assert [c.spec.config_id for c in quick] == [
         "unpruned", "heads0.25:amg", "heads0.25:random", "tokens0.25:amg", "tokens0.25:random",
         "heads0.25:amg+tokens0.25:amg"]
+    # by default every configuration has the class-token last block, next to the full unpruned reference
+    assert [c.spec.config_id for c in build_cases(PROFILES["quick"])] == ["unpruned", "cls-block"] + [
+        f"{c.spec.config_id}+cls-block" for c in quick[1:]]
+    both = build_cases(PROFILES["quick"], last_block="both")
+    assert len(both) == 2 * len(quick) and both[:len(quick)] == quick
     custom = build_cases(PROFILES["quick"], ratios=[0.5], policies=["tome"], backends=["onnxruntime"], batches=[4])
-    assert [c.id for c in custom] == ["unpruned-onnxruntime-fp32-b4", "tokens0.5:tome-onnxruntime-fp32-b4"]
+    # ToMe chooses tokens from every row of every block: it keeps the whole last block
+    assert [c.id for c in custom] == ["unpruned-onnxruntime-fp32-b4", "cls-block-onnxruntime-fp32-b4",
+                                      "tokens0.5:tome-onnxruntime-fp32-b4"]
+    with pytest.raises(ValueError, match="last block"):
+        build_cases(PROFILES["quick"], last_block="half")
 
 
 def test_config_ids_name_allocation_and_both_axes():
@@ -60,6 +69,23 @@ def test_measured_rows_fill_the_schema_and_survive_the_csv(tiny_suite, tmp_path)
     assert [r["config_id"] for r in written] == ["unpruned", "heads0.34:amg+tokens0.25:amg"]
     assert int(written[1]["macs"]) == pruned["macs"]
     assert gate(path, path).passed
+
+
+def test_the_class_token_block_saves_macs_and_time_at_the_same_accuracy(tiny_suite):
+    rows = {}
+    for spec in (UNPRUNED, PruneSpec(class_token_block=True), PruneSpec(heads=0.34),
+                 PruneSpec(heads=0.34, class_token_block=True)):
+        case = Case(spec, "cpu", 2)
+        rows[spec.config_id] = tiny_suite.measure(case, tiny_suite.runner(case), [0.002, 0.003])
+    full, fast = rows["unpruned"], rows["cls-block"]
+    assert (full["last_block"], fast["last_block"]) == ("full", "class-token")
+    assert fast["macs"] < full["macs"] and fast["macs_saving"] > 0 and fast["speedup"] > 0
+    pruned, combined = rows["heads0.34:amg"], rows["heads0.34:amg+cls-block"]
+    assert combined["macs_saving"] > pruned["macs_saving"]  # both savings, over the full unpruned model
+    assert combined["head_ratio"] == pruned["head_ratio"]  # the same plan
+    for metric in ("query_mAP", "occluded_mAP", "occluded_rank1"):  # lossless
+        assert fast[metric] == full[metric] and combined[metric] == pruned[metric]
+    assert tiny_suite.query_values["heads0.34:amg+cls-block"] == tiny_suite.query_values["heads0.34:amg"]
 
 
 def test_injected_slowdown_really_slows_the_runner():

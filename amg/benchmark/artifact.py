@@ -156,6 +156,7 @@ def _manifest(model: ReIDViT, artifact: Path, request: ExportRequest, dataset: R
         "model": {"preset": model.config.name, "img_size": [height, width], "embed_dim": model.config.embed_dim,
                   "depth": model.config.depth, "num_heads": model.config.num_heads},
         "plan": current_plan(model).to_dict(),
+        "last_block": "class-token" if model.class_token_block_active else "full",
         "macs": macs, "macs_unpruned": base, "macs_saving": 1 - macs / base,
         "params": sum(p.numel() for p in model.parameters()),
         "exporter": exporter_of(model),

@@ -13,7 +13,14 @@ from typing import Sequence
 
 from amg.errors import InputError
 from amg.measure.backend_registry import BACKENDS, GPU_BACKENDS
-from amg.pruning.policies import HEAD_POLICIES, SAVING_MODES, TOKEN_POLICIES, needs_calibration
+from amg.pruning.policies import (
+    HEAD_POLICIES,
+    SAVING_MODES,
+    TOKEN_POLICIES,
+    is_dynamic,
+    needs_calibration,
+    peer_policy,
+)
 from amg.pruning.schedule import ONE_SHOT, Schedule
 
 
@@ -34,6 +41,8 @@ class PruneSpec:
     seed: int = 0  # of the random policies: other seeds are other draws of the same method
     mlp: float = 0.0  # MLP hidden channels removed
     mlp_policy: str = "taylor"
+    # the last block computed for the class token only (lossless; `ReIDViT.use_class_token_last_block`)
+    class_token_block: bool = False
 
     def __post_init__(self) -> None:
         if self.seed and not self.random:
@@ -44,6 +53,7 @@ class PruneSpec:
             raise InputError(f"`by` must be one of {', '.join(SAVING_MODES)}, got {self.by!r}")
         if self.saving and (self.heads or self.tokens or self.mlp):
             raise InputError("give ratios or a MACs saving, not both")
+        peer_policy(self.axis_policies)
 
     @property
     def random(self) -> bool:
@@ -51,10 +61,16 @@ class PruneSpec:
         return "random" in self.used_policies
 
     @property
+    def axis_policies(self) -> dict[str, str]:
+        """{axis: policy} of every axis it prunes (heads, tokens, MLP channels, in that order)."""
+        return {axis: policy for axis, used, policy in (("heads", self.uses_heads, self.head_policy),
+                                                        ("tokens", self.uses_tokens, self.token_policy),
+                                                        ("mlp", self.uses_mlp, self.mlp_policy)) if used}
+
+    @property
     def used_policies(self) -> list[str]:
         """The policy of every axis it prunes (heads, tokens, MLP channels, in that order)."""
-        return [policy for used, policy in ((self.uses_heads, self.head_policy), (self.uses_tokens, self.token_policy),
-                                            (self.uses_mlp, self.mlp_policy)) if used]
+        return list(self.axis_policies.values())
 
     def _uses(self, axis: str, ratio: float) -> bool:
         return axis in SAVING_MODES.get(self.by, ()) if self.saving else ratio > 0
@@ -97,12 +113,21 @@ class PruneSpec:
             parts.append(f"tokens{tokens}:{self.token_policy}")
         if self.uses_mlp:
             parts.append(f"mlp{mlp}:{self.mlp_policy}{'' if self.uses_heads else allocation}")
+        if self.class_token_block:
+            parts.append(CLASS_TOKEN_PART)
         return "+".join(parts) or "unpruned"
+
+    @property
+    def pruning(self) -> PruneSpec:
+        """The same pruning with the full last block: what plans, fine-tunings and accuracy belong to
+        (the class-token block changes neither the weights nor the features)."""
+        return replace(self, class_token_block=False)
 
     @property
     def config_id(self) -> str:
         """e.g. `heads0.25:amg`, `heads0.5:amg/per-block+tokens0.5:amg`, `save0.3:heads:amg+tokens:amg@ft300`,
-        `save0.2:heads:random~s2` (seed 2 of a random policy)."""
+        `save0.2:heads:random~s2` (seed 2 of a random policy), `heads0.25:amg+cls-block` (with the
+        class-token-only last block), `cls-block` (the unpruned model with it)."""
         name = f"save{self.saving:g}:{self.method}" if self.saving else self.method
         name = name if self.seed == 0 else f"{name}{SEED_MARK}{self.seed}"
         return name if self.schedule == ONE_SHOT else f"{name}@{self.schedule.label}"
@@ -125,7 +150,11 @@ class PruneSpec:
             target, _, name = name[len("save"):].partition(":")
             fields["saving"] = target
         axes = []
-        for part in [] if name == "unpruned" else name.split("+"):
+        parts = [] if name == "unpruned" else name.split("+")
+        if parts and parts[-1] == CLASS_TOKEN_PART:
+            fields["class_token_block"] = True
+            parts.pop()
+        for part in parts:
             match = _METHOD_PART.match(part)
             if match is None:
                 return None
@@ -145,6 +174,7 @@ class PruneSpec:
 
 
 SEED_MARK = "~s"
+CLASS_TOKEN_PART = "cls-block"
 _METHOD_PART = re.compile(r"^(?P<axis>heads|tokens|mlp)(?P<ratio>[0-9.]*):(?P<policy>[a-z-]+)(?:/(?P<allocation>[a-z-]+))?$")
 _POLICY_FIELD = {"heads": "head_policy", "tokens": "token_policy", "mlp": "mlp_policy"}
 
@@ -187,6 +217,9 @@ class Profile:
     models: tuple[str, ...] = ()
     # (backend, batches) pairs replacing `batches` for that backend, e.g. large batches only on the fastest one
     backend_batches: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    # every configuration with the class-token-only last block (the unpruned full model stays, as the
+    # reference of every speed-up), with the full one, or both (`LAST_BLOCKS`)
+    last_block: str = "class-token"
 
     def batches_on(self, backend: str) -> tuple[int, ...]:
         return dict(self.backend_batches).get(backend, self.batches)
@@ -194,7 +227,8 @@ class Profile:
 
 # The equal-MACs study: every policy at the same fvcore MACs savings, one-shot, fine-tuned
 # and iterative at the same fine-tuning cost (300 distilled steps, ~1.5 min each on 2 cores,
-# cached). Savings a mode cannot reach on the model skip with the reachable maximum.
+# cached). Savings a mode cannot reach on the model skip with the reachable maximum. The
+# studies measure the full last block: their savings are the pruning's own.
 STUDY_SAVINGS = (0.1, 0.2, 0.3, 0.4)
 STUDY_STEPS = 300
 RANDOM_SEEDS = (0, 1, 2)  # draws of every random configuration: the table shows their mean and spread
@@ -206,6 +240,7 @@ _BOTH_METHODS = [("amg", "amg", "global"), ("amg", "amg", "keep-one"), ("amg", "
 
 
 DEPLOY_SAVINGS = (0.1, 0.2, 0.3)
+LAST_BLOCKS = ("class-token", "full", "both")
 
 
 def _random_by(saving: float, by: str) -> PruneSpec:
@@ -237,22 +272,42 @@ def equal_macs_specs(savings: Sequence[float] = STUDY_SAVINGS, steps: int = STUD
 
 
 MLP_SAVINGS = (0.3, 0.4, 0.5)
+LONG_STEPS = 800  # the longer fine-tuning budget the MLP study is also stated at
 
 
 def mlp_study_specs(savings: Sequence[float] = MLP_SAVINGS, steps: int = STUDY_STEPS) -> tuple[PruneSpec, ...]:
     """Beyond heads and tokens: MLP channels alone (Taylor, magnitude, random), AMG heads + tokens
-    + Taylor MLP channels, the same at random, and ToMe, at savings static heads + tokens cannot
-    reach; one-shot and fine-tuned."""
+    + Taylor MLP channels, the same at random, ToMe, and on Torch-Pruning's axes (heads + MLP
+    channels) Torch-Pruning's Group-Taylor and magnitude next to AMG heads + Taylor MLP, at
+    savings static heads + tokens cannot reach; one-shot and fine-tuned."""
     finetune = Schedule("finetune", steps)
     specs: list[PruneSpec] = [PruneSpec(schedule=finetune)]
     for saving in savings:
         alone = [PruneSpec(saving=saving, by="mlp", mlp_policy=p) for p in ("taylor", "magnitude", "random")]
         everything = [PruneSpec(saving=saving, by="all"), _random_by(saving, "all")]
         tome = PruneSpec(saving=saving, by="tokens", token_policy="tome")
-        specs += [draw for spec in alone + everything + [tome] for draw in _draws(spec)]
+        peer_axes = [PruneSpec(saving=saving, by="heads-mlp"), *_peer_specs(saving)]
+        specs += [draw for spec in alone + everything + [tome] + peer_axes for draw in _draws(spec)]
         # one draw of each random method fine-tuned: the seeds' spread is measured one-shot
-        specs += [replace(s, schedule=finetune) for s in (alone[0], alone[2], *everything, tome)]
+        specs += [replace(s, schedule=finetune) for s in (alone[0], alone[2], *everything, tome, *peer_axes)]
     return tuple(specs)
+
+
+def _peer_specs(saving: float) -> list[PruneSpec]:
+    """Torch-Pruning's policies at `saving`, on the axes they prune (heads and MLP channels)."""
+    return [PruneSpec(saving=saving, by="heads-mlp", head_policy=name, mlp_policy=name)
+            for name in ("tp-taylor", "tp-magnitude")]
+
+
+def long_finetune_specs(savings: Sequence[float] = MLP_SAVINGS, steps: int = LONG_STEPS) -> tuple[PruneSpec, ...]:
+    """The MLP study's contenders (AMG heads + tokens + Taylor MLP, all at random, ToMe, Torch-Pruning's
+    Group-Taylor) and the unpruned model, fine-tuned `steps` distilled steps: whether a longer
+    budget closes the gap."""
+    finetune = Schedule("finetune", steps)
+    contenders = [spec for saving in savings for spec in (PruneSpec(saving=saving, by="all"), _random_by(saving, "all"),
+                                                          PruneSpec(saving=saving, by="tokens", token_policy="tome"),
+                                                          _peer_specs(saving)[0])]
+    return tuple(replace(spec, schedule=finetune) for spec in [UNPRUNED, *contenders])
 
 
 def _draws(spec: PruneSpec) -> list[PruneSpec]:
@@ -278,11 +333,15 @@ PROFILES = {
     # the equal-MACs study behind the README's results tables (~2 hours on 2 cores the
     # first time, for the fine-tuning; then ~20 minutes)
     "equal-macs": Profile(ratios=(), head_policies=(), token_policies=(), batches=(1, 32), backends=("cpu",),
-                          paired_rounds=12, rounds=8, specs=equal_macs_specs()),
-    # MLP channel pruning at 30/40/50% of MACs against random and ToMe (about 30 minutes on 2
-    # cores the first time, for 16 fine-tunings, then about 5)
+                          paired_rounds=12, rounds=8, specs=equal_macs_specs(), last_block="full"),
+    # MLP channel pruning at 30/40/50% of MACs against random, ToMe and Torch-Pruning (about 45
+    # minutes on 2 cores the first time, for 25 fine-tunings, then about 8)
     "mlp": Profile(ratios=(), head_policies=(), token_policies=(), batches=(1,), backends=("cpu", "openvino"),
-                   paired_rounds=100, rounds=20, memory=False, specs=mlp_study_specs()),
+                   paired_rounds=100, rounds=20, memory=False, specs=mlp_study_specs(), last_block="full"),
+    # the main contenders fine-tuned 800 steps (about an hour on 2 cores the first time, for 13
+    # fine-tunings of about 4 minutes each)
+    "mlp-long": Profile(ratios=(), head_policies=(), token_policies=(), batches=(1,), backends=("cpu",),
+                        paired_rounds=50, rounds=10, memory=False, specs=long_finetune_specs(), last_block="full"),
     # pruning vs INT8 vs both on the embedded default, with the accuracy of every quantized
     # model as the runtime runs it; <= 5 minutes on 2 cores once cached
     "int8": Profile(ratios=(0.25, 0.5), head_policies=("amg",), token_policies=("amg",), batches=(1,),
@@ -308,9 +367,10 @@ PROFILES = {
 
 def build_cases(profile: Profile, ratios: Sequence[float] | None = None, policies: Sequence[str] | None = None,
                 backends: Sequence[str] | None = None, batches: Sequence[int] | None = None,
-                precisions: Sequence[str] | None = None, models: Sequence[str] | None = None) -> list[Case]:
-    """The profile's cases; explicit `ratios`/`policies`/`backends`/`batches`/`precisions`/`models`
-    replace its own."""
+                precisions: Sequence[str] | None = None, models: Sequence[str] | None = None,
+                last_block: str | None = None) -> list[Case]:
+    """The profile's cases; explicit `ratios`/`policies`/`backends`/`batches`/`precisions`/`models`/
+    `last_block` replace its own."""
     if profile.specs:
         if ratios:
             raise InputError("this profile fixes its configurations by MACs saving: ratios do not apply")
@@ -318,11 +378,28 @@ def build_cases(profile: Profile, ratios: Sequence[float] | None = None, policie
                               if not policies or all(policy in policies for policy in spec.used_policies)]
     else:
         specs = _ratio_specs(profile, ratios or profile.ratios, policies)
+    specs = with_last_block(specs, last_block or profile.last_block)
     return [Case(spec, backend, batch, precision, model) for model in (models or profile.models or ("",))
             for backend in (backends or profile.backends)
             for precision in (precisions or profile.precisions + profile.cpu_precisions)
             if precisions or _profile_runs(profile, backend, precision)
             for batch in (batches or profile.batches_on(backend)) for spec in specs]
+
+
+def with_last_block(specs: Sequence[PruneSpec], last_block: str) -> list[PruneSpec]:
+    """`specs` with the class-token-only last block ("class-token"; the unpruned full model is kept:
+    every speed-up is over it), without ("full"), or both. Dynamic token policies choose tokens
+    from every row of every block: they keep the full block."""
+    if last_block not in LAST_BLOCKS:
+        raise InputError(f"the last block is one of {', '.join(LAST_BLOCKS)}, got {last_block!r}")
+    fast = [replace(spec, class_token_block=True) for spec in specs
+            if not (spec.uses_tokens and is_dynamic(spec.token_policy))]
+    dynamic = [spec for spec in specs if spec.uses_tokens and is_dynamic(spec.token_policy)]
+    if last_block == "full":
+        return list(specs)
+    if last_block == "both":
+        return list(specs) + fast
+    return [UNPRUNED, *fast, *dynamic]
 
 
 def _profile_runs(profile: Profile, backend: str, precision: str) -> bool:

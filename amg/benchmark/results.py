@@ -47,6 +47,7 @@ IDENTITY_COLUMNS = [
     "token_ratio",
     "mlp_policy",  # none | taylor | magnitude | random
     "mlp_ratio",  # share of MLP hidden channels removed
+    "last_block",  # class-token (computed for the class token only, lossless) | full
 ]
 MEASURE_COLUMNS = [
     "params",
@@ -100,7 +101,7 @@ COLUMNS = IDENTITY_COLUMNS + MEASURE_COLUMNS + VERSION_COLUMNS
 TEXT_MEASURE_COLUMNS = ("dataset", "accuracy_of")  # the other measures are numbers
 KEY_COLUMNS = ("config_id", "backend", "precision", "batch")
 # Added after reports were already committed: older files lack them and read as empty.
-OPTIONAL_COLUMNS = ("feature", "run_status", "query_unmatched", "occluded_unmatched", "speedup_ci_low",
+OPTIONAL_COLUMNS = ("feature", "last_block", "run_status", "query_unmatched", "occluded_unmatched", "speedup_ci_low",
                     "speedup_ci_high", "load_avg_1min", "other_cpu_share", "output_max_diff", "output_cosine",
                     "accuracy_of", "fp32_speedup", "fp32_speedup_ci_low", "fp32_speedup_ci_high", "mlp_policy",
                     "mlp_ratio")

@@ -28,7 +28,7 @@ from amg.benchmark.results import append_journal
 from amg.data.layout import ReIDDataset
 from amg.data.synthetic import MANIFEST
 from amg.data.transforms import normalize
-from amg.errors import InputError
+from amg.errors import InputError, Unplannable
 from amg.measure.backend_registry import EAGER_BACKENDS
 from amg.measure.backends import Runner, prepare
 from amg.measure.contention import CpuWatch
@@ -41,7 +41,7 @@ from amg.model.pruned import apply_plan, current_plan, save_pruned
 from amg.model.vit import ReIDViT, build_model
 from amg.pruning.calibration import CalibrationImages
 from amg.pruning.iterative import TrainingSet, run_schedule
-from amg.pruning.macs_target import OutOfReach, plan_for_saving
+from amg.pruning.macs_target import plan_for_saving
 from amg.pruning.planner import make_plan
 from amg.pruning.schedule import ONE_SHOT
 from amg.train.cache import cached_pruned, model_fingerprint
@@ -121,7 +121,7 @@ class Suite:
     # Each measured row is appended here at once, so a killed run keeps what it measured.
     journal: Path | None = None
     _pruned: dict[PruneSpec, ReIDViT] = field(default_factory=dict)
-    _plans: dict[PruneSpec, PrunePlan | OutOfReach] = field(default_factory=dict)
+    _plans: dict[PruneSpec, PrunePlan | Unplannable] = field(default_factory=dict)
     _training: TrainingSet | None = None
     _fingerprint: str | None = None
     _accuracy: dict[PruneSpec | tuple[PruneSpec, str, str], dict[str, Any]] = field(default_factory=dict)
@@ -159,19 +159,19 @@ class Suite:
         return self._calibration
 
     def plan(self, spec: PruneSpec) -> PrunePlan:
-        """The one-shot plan of `spec` (shared by its schedules); OutOfReach is remembered too."""
-        key = replace(spec, schedule=ONE_SHOT)
+        """The one-shot plan of `spec` (shared by its schedules); why it cannot be made is remembered too."""
+        key = replace(spec.pruning, schedule=ONE_SHOT)
         if key not in self._plans:
             stored = self.plan_store.load(key.config_id, self.model.config, self.fingerprint()) \
                 if self.plan_store else None
             self._plans[key] = stored or self._make_plan(key)
             if self.plan_store and not stored and isinstance(self._plans[key], PrunePlan):
                 self.plan_store.save(key.config_id, self._plans[key], self.fingerprint())
-        if isinstance(self._plans[key], OutOfReach):
+        if isinstance(self._plans[key], Unplannable):
             raise self._plans[key]
         return self._plans[key]
 
-    def _make_plan(self, spec: PruneSpec) -> PrunePlan | OutOfReach:
+    def _make_plan(self, spec: PruneSpec) -> PrunePlan | Unplannable:
         data = self.calibration() if spec.needs_data else None
         self.progress(f"planning {spec.config_id}")
         try:
@@ -182,7 +182,7 @@ class Suite:
             return make_plan(self.model, spec.heads, spec.tokens, spec.head_policy,
                              spec.token_policy, spec.allocation, data, seed=spec.seed, mlp=spec.mlp,
                              mlp_policy=spec.mlp_policy)
-        except OutOfReach as error:
+        except Unplannable as error:  # out of reach, or a peer library not installed
             return error
 
     def fingerprint(self) -> str:
@@ -193,7 +193,11 @@ class Suite:
 
     def pruned(self, spec: PruneSpec) -> ReIDViT:
         if spec not in self._pruned:
-            if spec == UNPRUNED:
+            if spec.class_token_block:  # the same weights, another forward: a copy of the plain model
+                plain = self.pruned(spec.pruning)
+                self._pruned[spec] = copy.deepcopy(plain).use_class_token_last_block()
+                self._pruned.pop(spec.pruning)  # (rebuilt if asked for: ViT-Base copies take gigabytes)
+            elif spec == UNPRUNED:
                 self._pruned[spec] = self.model
             elif spec.schedule == ONE_SHOT:
                 self._pruned[spec] = apply_plan(copy.deepcopy(self.model), copy.deepcopy(self.plan(spec)))
@@ -254,7 +258,10 @@ class Suite:
             return {}
         spec = case.spec
         runtime = runner.features is not None and case.precision != "fp32"
-        key = (spec, case.backend, case.precision) if runtime else spec
+        # the class-token block changes no feature: its accuracy is the pruning's
+        key = (spec.pruning, case.backend, case.precision) if runtime else spec.pruning
+        if not runtime and key in self._accuracy:  # its per-query values, under this configuration's name too
+            self.query_values[spec.config_id] = self.query_values[key.config_id]
         if key not in self._accuracy:
             if self._evaluator is None:
                 self._evaluator = Evaluator(self.dataset, self.model.config.img_size, self.progress)
@@ -274,6 +281,8 @@ class Suite:
                         continue
                     self.query_values.setdefault(spec.config_id, {})[name] = per_query_values(
                         metrics.query_ap, metrics.query_first_rank)
+            if not runtime:
+                self.query_values[key.config_id] = self.query_values[spec.config_id]
             self._accuracy[key] = row
         return self._accuracy[key]
 
@@ -301,6 +310,7 @@ class Suite:
             "head_ratio": plan.ratios.get("heads", 0.0), "token_ratio": plan.ratios.get("tokens", 0.0),
             "mlp_policy": case.spec.mlp_policy if case.spec.uses_mlp else "none",
             "mlp_ratio": plan.ratios.get("mlp", 0.0),
+            "last_block": "class-token" if model.class_token_block_active else "full",
             "params": params, "param_mb": params * 4 / 2**20, "macs": macs, "gmacs": macs / 1e9,
             "macs_saving": 1 - macs / self._base_macs, "latency_median_ms": stats.median_ms,
             "latency_p90_ms": stats.p90_ms, "latency_p99_ms": stats.p99_ms, "latency_rounds": stats.rounds,

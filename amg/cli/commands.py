@@ -231,7 +231,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     request = ExportRequest(args.format, args.precision, args.batch, args.threads or torch.get_num_threads())
     _set_threads(args.threads)
-    model = _load_model_arg(args.model)
+    model = _load_model_arg(args.model).use_class_token_last_block(not args.full_last_block)
     dataset = _load_dataset(args.data, args.layout)
     calibration = None
     if args.precision == "int8":

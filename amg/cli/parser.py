@@ -144,8 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--macs-saving", type=float, default=None,
                        help="instead of --heads/--tokens: remove about this fraction of the blocks' MACs")
     prune.add_argument("--saving-by", default="both", choices=list(SAVING_MODES),
-                       help="what --macs-saving removes at one shared ratio (both: heads and tokens; all: heads, "
-                            "tokens and MLP channels)")
+                       help="what --macs-saving removes at one shared ratio (both: heads and tokens; heads-mlp: heads "
+                            "and MLP channels, the axes of the tp-* policies; all: heads, tokens and MLP channels)")
     prune.add_argument("--finetune", type=non_negative_int, default=0, metavar="STEPS",
                        help="fine-tune the pruned model this many steps, distilled from the unpruned one "
                             "(default 0: one-shot; the equal-MACs study uses 300)")
@@ -193,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fixed batch size of the graph; 0 leaves the batch axis free (default %(default)s)")
     export.add_argument("--calibration-images", type=positive_int, default=256,
                         help="training images int8 calibrates on (default %(default)s)")
+    export.add_argument("--full-last-block", action="store_true",
+                        help="export the whole last block; by default it is computed for the class token only "
+                             "(the same features, fewer MACs: a Re-ID model's feature is its class token)")
     export.add_argument("--out", required=True, type=Path, metavar="DIR",
                         help="new (or empty) folder to write the artifact and manifest to")
     add_data_options(export)

@@ -17,6 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from amg.model.config import ModelConfig
+from amg.model.plan import PrunePlan
+
 with warnings.catch_warnings():  # fvcore's import calls torch.jit.script, which torch now deprecates
     warnings.simplefilter("ignore", FutureWarning)
     from fvcore.nn import FlopCountAnalysis
@@ -99,4 +102,13 @@ def analytic_model_macs(tokens: int, dim: int, head_dim: int, mlp_hidden: int | 
     return patch_macs + sum(
         sum(analytic_block_macs(tokens, kv, dim, heads, head_dim, hidden).values())
         for heads, kv, hidden in zip(heads_per_block, kv_per_block, widths)
+    )
+
+
+def plan_macs(config: ModelConfig, plan: PrunePlan) -> int:
+    """Analytic per-image MACs of the blocks under `plan` (instant; fvcore confirms a final plan)."""
+    return analytic_model_macs(
+        config.num_tokens, config.embed_dim, config.embed_dim // config.num_heads,
+        plan.mlp_widths(config), [len(h) for h in plan.kept_heads],
+        [config.num_tokens if t is None else len(t) for t in plan.kept_tokens],
     )

@@ -37,13 +37,16 @@ def current_plan(model: ReIDViT) -> PrunePlan:
 
 
 def save_pruned(model: ReIDViT, path: str | Path, **meta: Any) -> Path:
-    """An amg model file with the plan inside; `load_pruned` rebuilds the shapes from it."""
-    return save_model(model, path, extra={"plan": current_plan(model).to_dict()}, **meta)
+    """An amg model file with the plan inside (and whether the last block is computed for the
+    class token only); `load_pruned` rebuilds the shapes and that choice from it."""
+    extra = {"plan": current_plan(model).to_dict(), "class_token_block": model.class_token_only}
+    return save_model(model, path, extra=extra, **meta)
 
 
 def _apply_saved_plan(model: ReIDViT, payload: dict[str, Any]) -> None:
     if payload.get("plan") is not None:
         apply_plan(model, PrunePlan.from_dict(payload["plan"]))
+    model.use_class_token_last_block(bool(payload.get("class_token_block")))
 
 
 def load_pruned(path: str | Path) -> ReIDViT:

@@ -72,6 +72,10 @@ class ReIDViT(nn.Module):
     the neck when `neck_feat` is "before" (saved with the model).
     """
 
+    # A subclass whose head reads the patch tokens after the last block (part-based features)
+    # sets this: its last block cannot be computed for the class token alone.
+    reads_patch_tokens = False
+
     def __init__(self, config: ModelConfig, num_classes: int = 0) -> None:
         super().__init__()
         self.config = config
@@ -115,10 +119,19 @@ class ReIDViT(nn.Module):
     def use_class_token_last_block(self, on: bool = True) -> ReIDViT:
         """Compute the last block for the class token only in `forward` (lossless: a ReIDViT's
         features are its class token); `forward_tokens` still returns every token."""
+        if on and self.reads_patch_tokens:
+            raise InputError(f"{type(self).__name__} reads patch tokens after the last block (a part-based "
+                             "head): its last block must stay whole for every token")
         if on:
             patch_model(self)
         self.class_token_only = on
         return self
+
+    @property
+    def class_token_block_active(self) -> bool:
+        """Whether `forward` computes the last block for the class token only (it falls back to
+        the whole block for EViT/ToMe blocks and while attention is being recorded)."""
+        return self.class_token_only and _class_token_block_applies(self.backbone.blocks[-1])
 
     def forward_class_token(self, images: torch.Tensor, camids: torch.Tensor | None = None) -> torch.Tensor:
         """The class token after the final norm, `[B, D]`, with the last block computed for it alone:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import copy
 import math
 
-from amg.errors import InputError
-from amg.measure.flops import analytic_model_macs, count_macs
+from amg.errors import InputError, OutOfReach
+from amg.measure.flops import count_macs, plan_macs
 from amg.model.attention import patch_model
 from amg.model.config import ModelConfig
 from amg.model.dynamic import apply_dynamic
@@ -15,19 +15,10 @@ from amg.model.mlp import channel_ids_per_block
 from amg.model.plan import PrunePlan
 from amg.model.vit import ReIDViT
 from amg.pruning.calibration import CalibrationImages, Progress
+from amg.pruning.peer import peer_plan_for_saving
 from amg.pruning.planner import channel_keep_scores, head_removal_scores, make_plan, token_keep_scores
-from amg.pruning.policies import SAVING_MODES, is_dynamic, needs_calibration, needs_gradients
+from amg.pruning.policies import SAVING_MODES, is_dynamic, needs_calibration, needs_gradients, peer_policy
 from amg.pruning.selection import select_channels, select_heads, select_tokens
-
-
-def plan_macs(config: ModelConfig, plan: PrunePlan) -> int:
-    """Analytic per-image MACs of the blocks under `plan` (instant; fvcore confirms the final plan)."""
-    return analytic_model_macs(
-        config.num_tokens, config.embed_dim, config.embed_dim // config.num_heads,
-        plan.mlp_widths(config), [len(h) for h in plan.kept_heads],
-        [config.num_tokens if t is None else len(t) for t in plan.kept_tokens],
-    )
-
 
 MAX_SEARCH_RATIO = 0.95
 
@@ -61,10 +52,6 @@ def reachable_savings(config: ModelConfig) -> dict[str, float]:
     return savings
 
 
-class OutOfReach(InputError):
-    """A MACs saving that a pruning mode cannot reach on this model (not a bug: a limit)."""
-
-
 def plan_for_saving(model: ReIDViT, target: float, mode: str = "both", head_policy: str = "amg",
                     token_policy: str = "amg", allocation: str = "global", data: CalibrationImages | None = None,
                     seed: int = 0, progress: Progress | None = None, mlp_policy: str = "taylor",
@@ -85,6 +72,11 @@ def plan_for_saving(model: ReIDViT, target: float, mode: str = "both", head_poli
     if mode not in SAVING_MODES:
         raise InputError(f"mode must be one of {', '.join(SAVING_MODES)}, got {mode!r}")
     use_heads, use_tokens, use_mlp = (axis in SAVING_MODES[mode] for axis in ("heads", "tokens", "mlp"))
+    used = {axis: name for axis, used, name in (("heads", use_heads, head_policy), ("tokens", use_tokens, token_policy),
+                                                ("mlp", use_mlp, mlp_policy)) if used}
+    peer = peer_policy(used)
+    if peer:
+        return peer_plan_for_saving(model, target, peer, data, progress, heads=use_heads, mlp=use_mlp)
     if use_tokens and is_dynamic(token_policy):
         if use_heads or use_mlp:
             raise InputError("a MACs target with a dynamic token policy is searched by tokens alone (mode 'tokens')")

@@ -4,6 +4,8 @@ Adding a policy is one entry here plus its scorer in `amg.pruning.scores`, with 
 `scorer(model, calibration, allocation, seed) -> list[Tensor]`: per block, one score per head
 (higher = removed first) or per key/value position (higher = kept). Dynamic token policies
 (EViT, ToMe) have no scorer: their blocks (`amg.model.dynamic`) choose tokens at run time.
+Peer policies (Torch-Pruning's) have no scorer either: the peer library chooses heads and MLP
+channels together, in one pass (`amg.pruning.peer`).
 
 Torch-free on purpose: profiles, the command line's choices and the reports read it on a
 machine that only collects CSVs.
@@ -22,7 +24,7 @@ REFERENCE_ALLOCATION = "global"
 HEAD_ALLOCATIONS = (REFERENCE_ALLOCATION, "keep-one", "per-block", "normalized")
 # What a MACs target may be reached by: each mode names the axes it prunes, at one shared ratio.
 SAVING_MODES = {"heads": (HEADS,), "tokens": (TOKENS,), "both": (HEADS, TOKENS), "mlp": (MLP,),
-                "all": (HEADS, TOKENS, MLP)}
+                "heads-mlp": (HEADS, MLP), "all": (HEADS, TOKENS, MLP)}
 # Calibration images per batch: the reference's 32. AMG's token score adds |mean A x dL/dA| per
 # batch, so the batch size is part of the method, not only of the speed.
 CALIBRATION_BATCH = 32
@@ -35,12 +37,20 @@ class Policy:
     summary: str
     needs_data: bool = False  # scored on calibration images
     gradients: bool = False  # ...with a backward pass
-    scorer: str | None = None  # function name in amg.pruning.scores; None: dynamic token policy
+    scorer: str | None = None  # function name in amg.pruning.scores; None: dynamic token policy or peer
+    peer: str | None = None  # the library that plans heads and MLP channels together (amg.pruning.peer)
 
     @property
     def dynamic(self) -> bool:
-        return self.scorer is None
+        return self.scorer is None and self.peer is None
 
+
+TORCH_PRUNING = "torch-pruning"
+_PEER_POLICIES = (
+    ("tp-taylor", "Torch-Pruning: Group-Taylor importance |w x dL/dw| of heads and MLP channels, one global "
+                  "ranking", True),
+    ("tp-magnitude", "Torch-Pruning: group L2 magnitude of heads and MLP channels, one global ranking", False),
+)
 
 _POLICIES = (
     Policy("amg", HEADS, "AMG: heads with the highest attention-map entropy go", needs_data=True,
@@ -61,6 +71,8 @@ _POLICIES = (
     Policy("magnitude", MLP, "MLP channels with the smallest |fc1 row| x |fc2 column| go",
            scorer="magnitude_channel_keep_scores"),
     Policy("random", MLP, "random MLP channels go", scorer="random_channel_keep_scores"),
+    *(Policy(name, axis, summary, needs_data=gradients, gradients=gradients, peer=TORCH_PRUNING)
+      for name, summary, gradients in _PEER_POLICIES for axis in (HEADS, MLP)),
 )
 HEAD_POLICIES = {p.name: p for p in _POLICIES if p.axis == HEADS}
 TOKEN_POLICIES = {p.name: p for p in _POLICIES if p.axis == TOKENS}
@@ -97,3 +109,15 @@ def needs_gradients(heads: bool, head_policy: str, tokens: bool, token_policy: s
     """Whether that scoring needs a backward pass (entropy needs the attention maps only)."""
     return (heads and policy(HEADS, head_policy).gradients) or (tokens and policy(TOKENS, token_policy).gradients) \
         or (mlp and policy(MLP, mlp_policy).gradients)
+
+
+def peer_policy(used: dict[str, str]) -> str | None:
+    """The peer policy a configuration prunes by ({axis: policy} of the axes it prunes), or None.
+    A peer plans heads and MLP channels in one pass: it cannot share a plan with other policies."""
+    peers = {name for axis, name in used.items() if policy(axis, name).peer}
+    if not peers:
+        return None
+    if len(peers) > 1 or len(set(used.values())) > 1 or TOKENS in used:
+        raise InputError(f"{', '.join(sorted(peers))} plans heads and MLP channels together: use it on every "
+                         f"pruned axis and prune no tokens (got {', '.join(f'{a}: {p}' for a, p in used.items())})")
+    return peers.pop()
