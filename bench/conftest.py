@@ -23,6 +23,7 @@ from amg.model.config import DEFAULT_PRESET, NECK_FEATS, PRESETS
 from amg.pruning.policies import ALL_POLICY_NAMES
 
 _SUITE_KEY = pytest.StashKey()
+_JOURNAL_KEY = pytest.StashKey()  # the open, locked journal of this run
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -165,7 +166,7 @@ def progress_printer(config: pytest.Config) -> Callable[[str], None]:
 @pytest.fixture(scope="session")
 def suite(request: pytest.FixtureRequest):
     from amg.benchmark.plan_store import PlanStore, PlanStoreError
-    from amg.benchmark.results import journal_path
+    from amg.benchmark.results import claim_journal, journal_path
     from amg.benchmark.suite import Suite, untrained_model
     from amg.data.layout import load_dataset
     from amg.model.pruned import load_pruned
@@ -211,6 +212,7 @@ def suite(request: pytest.FixtureRequest):
     if not config.getoption("--amg-no-report"):
         state.journal = journal_path(config.getoption("--amg-results-dir"), state.metadata["device_id"],
                                      state.metadata["run_id"])
+        config.stash[_JOURNAL_KEY] = claim_journal(state.journal)  # released when the process ends
     config.stash[_SUITE_KEY] = state
     return state
 
@@ -220,6 +222,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     from amg.benchmark.results import COMPLETE, INTERRUPTED, write_csv
 
     state = session.config.stash.get(_SUITE_KEY, None)
+    if state is not None and state.journal is not None and not state.rows:
+        state.journal.unlink(missing_ok=True)  # nothing measured: nothing to report or recover
     if state is None or not state.rows or session.config.getoption("--amg-no-report"):
         return
     results_dir = Path(session.config.getoption("--amg-results-dir"))

@@ -21,7 +21,16 @@ import pytest
 from conftest import TINY_DATA
 
 from amg.benchmark.query_record import load_query_record
-from amg.benchmark.results import COMPLETE, INTERRUPTED, find_csvs, read_csv, recover_journals
+from amg.benchmark.results import (
+    COMPLETE,
+    INTERRUPTED,
+    append_journal,
+    claim_journal,
+    find_csvs,
+    journal_path,
+    read_csv,
+    recover_journals,
+)
 from amg.data.synthetic import generate
 from amg.model.pruned import save_pruned
 from amg.model.vit import build_model
@@ -100,6 +109,7 @@ def test_a_killed_runs_rows_come_back_as_an_interrupted_report(tiny_inputs, tmp_
     results = tmp_path / "results"
     process = _start_bench(tiny_inputs, results)
     _wait_for_a_row(process, results)
+    assert not recover_journals(results)  # a second run starting now leaves the live run's journal alone
     children = _descendants(process)
     process.kill()
     process.communicate(timeout=60)
@@ -112,6 +122,19 @@ def test_a_killed_runs_rows_come_back_as_an_interrupted_report(tiny_inputs, tmp_
     rows = read_csv(report).rows
     assert rows and {row["run_status"] for row in rows} == {INTERRUPTED}
     assert not list(results.glob("*/.*.journal"))
+
+
+def test_a_live_runs_journal_is_not_recovered_by_another_run(tmp_path):
+    """Two `pytest bench/` on one results folder: the second one's start must not turn the first
+    one's journal into a report (the first would then fail to write its own)."""
+    journal = journal_path(tmp_path, "device", "run-1")
+    handle = claim_journal(journal)
+    append_journal(journal, {"config_id": "unpruned", "backend": "cpu", "precision": "fp32", "batch": 1,
+                             "device_id": "device", "run_id": "run-1"})
+    assert recover_journals(tmp_path) == [] and journal.is_file()
+    handle.close()  # the run died: its lock went with it
+    [report] = recover_journals(tmp_path)
+    assert report.name == "run-1.csv" and not journal.exists()
 
 
 def test_an_interrupt_that_surfaces_as_another_error_still_stops_the_run():

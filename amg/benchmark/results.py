@@ -11,6 +11,7 @@ whole, under their own run id.
 from __future__ import annotations
 
 import csv
+import fcntl
 import io
 import json
 import math
@@ -18,7 +19,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import IO, Any, Iterable, Mapping
 
 from amg.errors import InputError
 from amg.files import write_text_atomic
@@ -224,20 +225,39 @@ def append_journal(path: Path, row: Mapping[str, Any]) -> None:
         os.fsync(stream.fileno())
 
 
+def claim_journal(path: Path) -> IO[str]:
+    """Create the run's (empty) journal holding a lock on it, and return the handle to keep open
+    while the run lives: another run's `recover_journals` leaves a locked journal alone. The lock
+    dies with the process, so a killed run's journal is free to recover. The file appears under
+    its name already locked (made under another name, renamed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    claim = path.with_name(path.name + ".claim")
+    handle = open(claim, "a", encoding="utf-8")
+    fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.replace(claim, path)
+    return handle
+
+
 def recover_journals(results_dir: str | Path) -> list[Path]:
     """Turn the journals of runs that were killed (no CSV written) into interrupted reports;
-    returns the reports written. A journal whose report exists is only removed."""
+    returns the reports written. A journal whose report exists is only removed; the journal of
+    a run still measuring (locked: `claim_journal`) is left alone."""
     written = []
     for journal in sorted(Path(results_dir).glob(f"*/.*{JOURNAL_SUFFIX}")):
-        run_id = journal.name[1:-len(JOURNAL_SUFFIX)]
-        if not (journal.parent / f"{run_id}.csv").exists():
-            rows = []
-            for line in journal.read_text(encoding="utf-8").splitlines():
-                try:
-                    rows.append({**json.loads(line), "run_status": INTERRUPTED})
-                except json.JSONDecodeError:
-                    break  # the line being written when the run was killed
-            if rows:
-                written.append(write_csv(rows, results_dir, journal.parent.name, run_id))
-        journal.unlink()
+        with open(journal, encoding="utf-8") as handle:
+            try:  # held until the journal is gone, so that no run can claim it meanwhile
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live run's
+            run_id = journal.name[1:-len(JOURNAL_SUFFIX)]
+            if not (journal.parent / f"{run_id}.csv").exists():
+                rows = []
+                for line in handle.read().splitlines():
+                    try:
+                        rows.append({**json.loads(line), "run_status": INTERRUPTED})
+                    except json.JSONDecodeError:
+                        break  # the line being written when the run was killed
+                if rows:
+                    written.append(write_csv(rows, results_dir, journal.parent.name, run_id))
+            journal.unlink()
     return written

@@ -19,11 +19,12 @@ from amg.pruning.schedule import SCHEDULES, Schedule
 from amg.reporting.tables import MISSING, format_cell, markdown_text, titled_tables
 from amg.statistics import excludes_zero, mean_difference_interval
 
-FAMILIES = ("heads", "tokens", "heads+tokens", "mlp", "heads+tokens+mlp")
+FAMILIES = ("heads", "tokens", "heads+tokens", "mlp", "heads+mlp", "heads+tokens+mlp")
 
 
 def _family(method: str) -> str:
-    """`heads`, `tokens`, `heads+tokens`, `mlp` or `heads+tokens+mlp` (whatever the policies), from a method name."""
+    """`heads`, `tokens`, `heads+tokens`, `mlp`, `heads+mlp` or `heads+tokens+mlp` (whatever the policies),
+    from a method name."""
     return "+".join(part.split(":")[0] for part in method.split("+"))
 
 
@@ -62,7 +63,8 @@ HEADERS = ["method", "schedule", "MACs saved %", "speed-up b1", "speed-up b{larg
            "occ. mAP − random [95%]"]
 # The random policy of each family: what "AMG beats random" is measured against.
 RANDOM_METHODS = {"heads": "heads:random", "tokens": "tokens:random", "heads+tokens": "heads:random+tokens:random",
-                  "mlp": "mlp:random", "heads+tokens+mlp": "heads:random+tokens:random+mlp:random"}
+                  "mlp": "mlp:random", "heads+mlp": "heads:random+mlp:random",
+                  "heads+tokens+mlp": "heads:random+tokens:random+mlp:random"}
 
 
 class QueryRecords:
