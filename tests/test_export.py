@@ -102,6 +102,12 @@ def test_the_export_command_writes_the_artifact_and_prints_the_accuracy(tiny_tra
     assert "exported Rank-1" in out and str(tmp_path / "deploy" / "model.onnx") in out
     manifest = json.loads((tmp_path / "deploy" / MANIFEST).read_text())
     assert manifest["precision"] == "int8" and manifest["source"] == str(path)
+    assert manifest["last_block"] == "class-token"  # on by default: the same features, fewer MACs
+    assert main(["export", str(path), "--format", "onnx", "--full-last-block", "--data", str(dataset.root),
+                 "--out", str(tmp_path / "full"), "--threads", "1"]) == 0
+    full = json.loads((tmp_path / "full" / MANIFEST).read_text())
+    assert full["last_block"] == "full" and full["macs"] > manifest["macs"]
+    assert full["parity"]["max_abs_diff"] < 1e-4
 
 
 @pytest.mark.parametrize("policy", ["tome", "evit"])

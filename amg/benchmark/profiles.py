@@ -324,9 +324,10 @@ PROFILES = {
     # what CI gates on: the quick profile's policies at 25% and 50%, in eager PyTorch and ONNX
     # Runtime, so that some savings (heads 50%: ~15% of latency) are several times the
     # run-to-run drift (~3%) and losing them fails the gate; 600 interleaved pairs keep the
-    # intervals of the 1.5 ms ONNX Runtime passes narrow; <= 6 minutes on 2 cores
+    # intervals of the 1.5 ms ONNX Runtime passes narrow; every configuration with the full last
+    # block and with the class-token one, so that losing either saving fails; <= 10 minutes on 2 cores
     "ci": Profile(ratios=(0.25, 0.5), head_policies=("amg", "random"), token_policies=("amg", "random"),
-                  batches=(1,), backends=("cpu", "onnxruntime"), paired_rounds=600, rounds=50),
+                  batches=(1,), backends=("cpu", "onnxruntime"), paired_rounds=600, rounds=50, last_block="both"),
     # <= 5 minutes once cached: two ratios, the main baselines, batch 1 and 32, deployment backends
     "default": Profile(ratios=(0.25, 0.5), head_policies=("amg", "random", "magnitude", "gradient"),
                        token_policies=("amg", "random", "tome"), batches=(1, 32),
