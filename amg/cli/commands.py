@@ -208,7 +208,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     schedule = ONE_SHOT
     if args.iterative_rounds > 0:
         stages = fine_tuning_stages(args.iterative_rounds, plan.ratios.get("heads", 0) > 0,
-                                    plan.ratios.get("tokens", 0) > 0)
+                                    plan.ratios.get("tokens", 0) > 0, plan.ratios.get("mlp", 0) > 0)
         schedule = Schedule("iterative", args.finetune_steps * stages, rounds=args.iterative_rounds)
     elif args.finetune:
         schedule = Schedule("finetune", args.finetune)

@@ -3,8 +3,9 @@
 The reference removes 67% of LA-Tiny's heads in 24 small steps with an epoch of fine-tuning
 between them; here the number of rounds and the fine-tuning steps per round are parameters.
 Heads go first over the rounds; key/value tokens are then scored once on the head-pruned,
-fine-tuned model and removed, followed by a last fine-tuning round. The teacher throughout
-is the unpruned model (soft distillation, `TrainConfig.distill_alpha` / `distill_tau`).
+fine-tuned model and removed, followed by a fine-tuning round; MLP channels likewise, last.
+The teacher throughout is the unpruned model (soft distillation, `TrainConfig.distill_alpha`
+/ `distill_tau`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from amg.model.pruned import apply_plan
 from amg.model.vit import ReIDViT
 from amg.pruning.calibration import CalibrationImages, Progress
 from amg.pruning.planner import make_plan
+from amg.pruning.policies import HEAD_POLICIES
 from amg.pruning.schedule import Schedule, fine_tuning_stages
 from amg.train.config import TrainConfig
 from amg.train.reid_training import train_reid
@@ -74,7 +76,8 @@ def iterative_prune(model: ReIDViT, heads: float, tokens: float, calibration: Ca
                     training: TrainingSet, config: IterativeConfig = IterativeConfig(),
                     head_policy: str = "amg", token_policy: str = "amg", allocation: str = "global",
                     base: TrainConfig = TrainConfig(), seed: int = 0,
-                    progress: Progress | None = None) -> tuple[ReIDViT, PrunePlan]:
+                    progress: Progress | None = None, mlp: float = 0.0,
+                    mlp_policy: str = "taylor") -> tuple[ReIDViT, PrunePlan]:
     """A pruned, fine-tuned copy of `model` and its plan; `model` itself is left untouched."""
     teacher = copy.deepcopy(model).eval()
     student = copy.deepcopy(model)
@@ -94,11 +97,20 @@ def iterative_prune(model: ReIDViT, heads: float, tokens: float, calibration: Ca
                          progress=progress)
         apply_plan(student, plan)
         finetune_distilled(student, teacher, training, config.finetune_steps, config, base, progress)
+    if mlp > 0:
+        if progress:
+            progress(f"MLP channels: {mlp:.0%} removed")
+        plan = make_plan(student, mlp=mlp, mlp_policy=mlp_policy, allocation=allocation, data=calibration,
+                         seed=seed, progress=progress)
+        apply_plan(student, plan)
+        finetune_distilled(student, teacher, training, config.finetune_steps, config, base, progress)
     plan = plan or PrunePlan.unpruned(model.config)
     plan.policy = {"heads": head_policy if heads else "none", "tokens": token_policy if tokens else "none",
                    "allocation": allocation,
                    "schedule": f"iterative x{config.rounds}, {config.finetune_steps} fine-tune steps, distilled"}
     plan.ratios = {"heads": heads, "tokens": tokens}
+    if mlp > 0:
+        plan.policy["mlp"], plan.ratios["mlp"] = mlp_policy, mlp
     student.plan = plan
     return student.eval(), plan
 
@@ -116,18 +128,22 @@ def run_schedule(model: ReIDViT, plan: PrunePlan, schedule: Schedule, calibratio
     """
     if schedule.kind != "one-shot" and training is None:
         raise InputError(f"the {schedule.kind} schedule needs training data")
-    if schedule.kind == "iterative" and plan.kept_mlp is not None:
-        raise InputError("iterative pruning re-scores heads and tokens; a plan with MLP channels is pruned "
-                         "one-shot (fine-tune it with the finetune schedule)")
+    peer = [name for name in plan.policy.values() if name in HEAD_POLICIES and HEAD_POLICIES[name].peer]
+    if schedule.kind == "iterative" and peer:
+        raise InputError(f"{peer[0]} plans start from the unpruned model, so it cannot re-score between rounds: "
+                         "fine-tune its plan (the finetune schedule)")
     if schedule.kind == "iterative" and plan.dynamic_tokens is None:
         if calibration is None:
             raise InputError("the iterative schedule needs calibration data to re-score")
-        stages = fine_tuning_stages(schedule.rounds, bool(plan.ratios.get("heads")), bool(plan.ratios.get("tokens")))
+        ratios = plan.ratios
+        stages = fine_tuning_stages(schedule.rounds, bool(ratios.get("heads")), bool(ratios.get("tokens")),
+                                    bool(ratios.get("mlp")))
         per_stage = max(1, schedule.steps // stages)
         pruned, new_plan = iterative_prune(
-            model, plan.ratios.get("heads", 0.0), plan.ratios.get("tokens", 0.0), calibration, training,
+            model, ratios.get("heads", 0.0), ratios.get("tokens", 0.0), calibration, training,
             IterativeConfig(schedule.rounds, per_stage, schedule.lr), plan.policy.get("heads", "amg"),
-            plan.policy.get("tokens", "amg"), plan.policy.get("allocation", "global"), progress=progress)
+            plan.policy.get("tokens", "amg"), plan.policy.get("allocation", "global"), progress=progress,
+            mlp=ratios.get("mlp", 0.0), mlp_policy=plan.policy.get("mlp", "taylor"))
         new_plan.ratios = dict(plan.ratios)
         new_plan.policy["schedule"] = schedule.description
         return pruned

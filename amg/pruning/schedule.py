@@ -63,7 +63,7 @@ class Schedule:
 ONE_SHOT = Schedule()
 
 
-def fine_tuning_stages(rounds: int, heads: bool, tokens: bool) -> int:
+def fine_tuning_stages(rounds: int, heads: bool, tokens: bool, mlp: bool = False) -> int:
     """How many fine-tuning stages share an iterative schedule's steps: one after each head
-    round, one after the tokens (at least one)."""
-    return max(1, rounds * heads + tokens)
+    round, one after the tokens, one after the MLP channels (at least one)."""
+    return max(1, rounds * heads + tokens + mlp)

@@ -154,7 +154,7 @@ def prune_command(config_id: str, checkpoint: str = "default") -> str | None:
     if schedule.kind == "finetune":
         args += ["--finetune", str(schedule.steps)]
     elif schedule.kind == "iterative":  # the suite spreads the total steps over the head rounds and the token stage
-        stages = fine_tuning_stages(schedule.rounds, spec.uses_heads, spec.uses_tokens)
+        stages = fine_tuning_stages(schedule.rounds, spec.uses_heads, spec.uses_tokens, spec.uses_mlp)
         args += ["--iterative-rounds", str(schedule.rounds), "--finetune-steps", str(schedule.steps // stages)]
     model = [] if checkpoint == "default" else ["--model", checkpoint]
     return shlex.join(["amg", "prune", *model, *args, "--out", "pruned.pt"])  # copy-paste safe
