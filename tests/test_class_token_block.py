@@ -13,7 +13,7 @@ from amg.model.attention import capture_attention
 from amg.model.config import ModelConfig
 from amg.model.plan import PrunePlan
 from amg.model.pruned import apply_plan, load_pruned, save_pruned
-from amg.model.vit import ReIDViT
+from amg.model.vit import ReIDViT, build_model
 from amg.pruning.planner import make_plan
 
 CONFIGS = {
@@ -96,3 +96,19 @@ def test_a_model_reading_patch_tokens_keeps_its_last_block():
     with pytest.raises(InputError, match="patch tokens"):
         model.use_class_token_last_block()
     assert not model.use_class_token_last_block(False).class_token_block_active
+
+
+@pytest.mark.parametrize("preset", ["vit_small", "transreid_base"])
+def test_deployment_presets_keep_their_features_pruned_or_not(preset):
+    torch.manual_seed(0)
+    model = build_model(preset).eval()
+    config = model.config
+    images = torch.randn(2, 3, *config.img_size)
+    cams = torch.tensor([0, 1]) if config.num_cameras else None
+    plan = make_plan(model, heads=0.3, tokens=0.3, mlp=0.3, head_policy="random", token_policy="random",
+                     mlp_policy="random")
+    for candidate in (model, apply_plan(copy.deepcopy(model), plan)):
+        fast = copy.deepcopy(candidate).use_class_token_last_block()
+        with torch.no_grad():
+            expected, got = candidate(images, cams), fast(images, cams)
+        assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
