@@ -185,10 +185,8 @@ def test_config_ids_of_mlp_configurations_read_back():
         PruneSpec(saving=0.3, by="channels")
 
 
-def test_the_prune_command_rounds_channels_and_iterative_refuses_mlp(tiny_trained, tmp_path):
+def test_the_prune_command_rounds_channels_and_prunes_them_iteratively(tiny_trained, tmp_path):
     from amg.cli import main
-    from amg.pruning.iterative import run_schedule
-    from amg.pruning.schedule import Schedule
 
     dataset, model = tiny_trained
     model_file = save_pruned(model, tmp_path / "model.pt")
@@ -197,8 +195,14 @@ def test_the_prune_command_rounds_channels_and_iterative_refuses_mlp(tiny_traine
                  "--plan-out", str(tmp_path / "plan.json")]) == 0
     plan = PrunePlan.load(tmp_path / "plan.json")
     assert all(len(c) % 8 == 0 for c in plan.kept_mlp if c is not None)
-    with pytest.raises(InputError, match="iterative pruning re-scores heads and tokens"):
-        run_schedule(model, plan, Schedule("iterative", 2, rounds=2), None, object())
+    # iterative: heads over the rounds, then the MLP channels, each stage fine-tuned
+    assert main(["prune", "--model", str(model_file), "--heads", "0.3", "--mlp", "0.4", "--mlp-policy", "magnitude",
+                 "--iterative-rounds", "2", "--finetune-steps", "1", "--data", str(dataset.root),
+                 "--out", str(tmp_path / "iterative.pt"), "--plan-out", str(tmp_path / "iterative.json")]) == 0
+    iterative = PrunePlan.load(tmp_path / "iterative.json")
+    assert iterative.policy["schedule"].startswith("iterative x2") and iterative.policy["mlp"] == "magnitude"
+    hidden = model.config.depth * model.config.mlp_hidden
+    assert sum(iterative.mlp_widths(model.config)) == hidden - round(0.4 * hidden)
 
 
 def test_select_prints_the_prune_command_of_an_mlp_configuration():
