@@ -20,7 +20,7 @@ def _frame(*rows):
 
 STUDY = _frame(
     _row("unpruned", 1, None, 0.30, saving=0.0), _row("unpruned", 32, None, 0.30, saving=0.0),
-    _row("unpruned@ft300", 1, 1.0, 0.33, saving=0.0),
+    _row("unpruned@ft800", 1, 1.0, 0.36, saving=0.0), _row("unpruned@ft300", 1, 1.0, 0.33, saving=0.0),
     _row("save0.2:heads:random", 1, 1.20, 0.20), _row("save0.2:heads:random", 32, 1.10, 0.20),
     _row("save0.2:heads:amg", 1, 1.21, 0.25), _row("save0.2:heads:amg", 32, 1.15, 0.25),
     _row("save0.2:heads:amg@ft300", 1, 1.19, 0.31),
@@ -28,6 +28,7 @@ STUDY = _frame(
     _row("save0.2:tokens:tome", 1, 0.95, 0.29),
     _row("save0.3:tokens:tome", 1, 1.05, 0.27, saving=0.3),
     _row("heads0.25:amg", 1, 1.1, 0.28, saving=0.08),  # a ratio configuration: not in the study
+    _row("cls-block", 1, 1.04, 0.30, saving=0.129),  # the class-token block alone: not a reference
 )
 
 
@@ -48,15 +49,15 @@ def test_one_table_per_target_with_references_families_and_bold_winners():
     assert list(tables) == ["cpu-2c / small / cpu: 20% of MACs saved", "cpu-2c / small / cpu: 30% of MACs saved"]
     body = _body(tables["cpu-2c / small / cpu: 20% of MACs saved"])
     names = [(row[0], row[1]) for row in body]
-    assert names == [("unpruned", "—"), ("unpruned", "ft300"), ("**heads:amg**", "one-shot"),
+    assert names == [("unpruned", "—"), ("unpruned", "ft300"), ("unpruned", "ft800"), ("**heads:amg**", "one-shot"),
                      ("heads:random", "one-shot"), ("**heads:amg**", "ft300"), ("**tokens:tome**", "one-shot"),
                      ("**heads:amg+tokens:amg**", "one-shot")]
-    amg = body[2]
+    amg = body[3]
     # MACs saved, speed-up b1 and b32, latency saving / MACs saving (1 - 1/1.21 = 17.4% of 20%), memory
     assert amg[2:8] == ["20.0", "1.21", "1.15", "0.87", "0.65", "400"]
     assert amg[-3:-1] == ["100%", "83%"]  # occluded R1 and mAP as a share of the unpruned model's
     assert amg[-1] == "—"  # no per-query record behind these rows: no paired comparison
-    assert body[5][4] == body[5][6] == "—"  # tome has no batch-32 row here
+    assert body[6][4] == body[6][6] == "—"  # tome has no batch-32 row here
 
 
 def test_section_is_empty_without_a_study():

@@ -33,8 +33,10 @@ def _family_rank(method: str) -> int:
     return FAMILIES.index(family) if family in FAMILIES else len(FAMILIES)
 
 
-def _schedule_rank(label: str) -> int:
-    return SCHEDULES.index(Schedule.from_label(label).kind)
+def _schedule_rank(label: str) -> tuple[int, int]:
+    """One-shot, then fine-tuned (shorter budgets first), then iterative."""
+    schedule = Schedule.from_label(label)
+    return SCHEDULES.index(schedule.kind), schedule.steps
 
 
 def study_rows(frame: pd.DataFrame) -> pd.DataFrame:
@@ -44,7 +46,8 @@ def study_rows(frame: pd.DataFrame) -> pd.DataFrame:
                          method=specs.map(lambda s: s.method if s is not None else None),
                          schedule_label=specs.map(lambda s: s.schedule.label if s is not None else None),
                          seed=specs.map(lambda s: s.seed if s is not None else 0))
-    is_reference = specs.map(lambda s: s is not None and not s.prunes)
+    # the unpruned model and its fine-tunings (not the class-token block: the studies' savings are the pruning's own)
+    is_reference = specs.map(lambda s: s is not None and not s.prunes and not s.class_token_block)
     return study[study["target"].notna() | is_reference]
 
 
@@ -169,7 +172,9 @@ def comparison_tables(frame: pd.DataFrame) -> list[tuple[str, str]]:
         headers = [h.format(large=int(large.iloc[0]) if len(large) else "32") for h in HEADERS]
         for target, group in merged[merged["target"].notna()].groupby("target", sort=True):
             body = [_line(unpruned, unpruned, "unpruned", "—")]
-            for _, control in references[references["config_id"] != "unpruned"].iterrows():
+            controls = references[references["config_id"] != "unpruned"]
+            controls = controls.assign(_schedule=controls["schedule_label"].map(_schedule_rank)).sort_values("_schedule")
+            for _, control in controls.iterrows():
                 body.append(_line(control, unpruned, "unpruned", control["schedule_label"]))
             group = _seeds_averaged(group)
             group = group.assign(_family=group["base_method"].map(_family_rank),
