@@ -341,8 +341,8 @@ PROFILES = {
     # minutes on 2 cores the first time, for 28 fine-tunings, then about 10)
     "mlp": Profile(ratios=(), head_policies=(), token_policies=(), batches=(1,), backends=("cpu", "openvino"),
                    paired_rounds=100, rounds=20, memory=False, specs=mlp_study_specs(), last_block="full"),
-    # the main contenders fine-tuned 800 steps (about an hour on 2 cores the first time, for 9
-    # fine-tunings of about 6 minutes each)
+    # the main contenders fine-tuned 800 steps (about 40 minutes on 2 cores the first time, for 9
+    # fine-tunings of about 4.3 minutes each)
     "mlp-long": Profile(ratios=(), head_policies=(), token_policies=(), batches=(1,), backends=("cpu",),
                         paired_rounds=50, rounds=10, memory=False, specs=long_finetune_specs(), last_block="full"),
     # pruning vs INT8 vs both on the embedded default, with the accuracy of every quantized
