@@ -17,6 +17,7 @@ from amg.pruning.policies import (
     HEAD_POLICIES,
     SAVING_MODES,
     TOKEN_POLICIES,
+    axis_policies,
     is_dynamic,
     needs_calibration,
     peer_policy,
@@ -63,9 +64,8 @@ class PruneSpec:
     @property
     def axis_policies(self) -> dict[str, str]:
         """{axis: policy} of every axis it prunes (heads, tokens, MLP channels, in that order)."""
-        return {axis: policy for axis, used, policy in (("heads", self.uses_heads, self.head_policy),
-                                                        ("tokens", self.uses_tokens, self.token_policy),
-                                                        ("mlp", self.uses_mlp, self.mlp_policy)) if used}
+        return axis_policies(self.uses_heads, self.head_policy, self.uses_tokens, self.token_policy, self.uses_mlp,
+                             self.mlp_policy)
 
     @property
     def used_policies(self) -> list[str]:
@@ -395,9 +395,8 @@ def with_last_block(specs: Sequence[PruneSpec], last_block: str) -> list[PruneSp
     from every row of every block: they keep the full block."""
     if last_block not in LAST_BLOCKS:
         raise InputError(f"the last block is one of {', '.join(LAST_BLOCKS)}, got {last_block!r}")
-    fast = [replace(spec, class_token_block=True) for spec in specs
-            if not (spec.uses_tokens and is_dynamic(spec.token_policy))]
     dynamic = [spec for spec in specs if spec.uses_tokens and is_dynamic(spec.token_policy)]
+    fast = [replace(spec, class_token_block=True) for spec in specs if spec not in dynamic]
     if last_block == "full":
         return list(specs)
     if last_block == "both":

@@ -260,8 +260,6 @@ class Suite:
         runtime = runner.features is not None and case.precision != "fp32"
         # the class-token block changes no feature: its accuracy is the pruning's
         key = (spec.pruning, case.backend, case.precision) if runtime else spec.pruning
-        if not runtime and key in self._accuracy:  # its per-query values, under this configuration's name too
-            self.query_values[spec.config_id] = self.query_values[key.config_id]
         if key not in self._accuracy:
             if self._evaluator is None:
                 self._evaluator = Evaluator(self.dataset, self.model.config.img_size, self.progress)
@@ -279,11 +277,11 @@ class Suite:
                     row[f"{name}_unmatched"] = metrics.num_skipped  # left out by the protocol: said, not hidden
                     if runtime:  # the per-query record pairs PyTorch models with each other
                         continue
-                    self.query_values.setdefault(spec.config_id, {})[name] = per_query_values(
+                    self.query_values.setdefault(spec.pruning.config_id, {})[name] = per_query_values(
                         metrics.query_ap, metrics.query_first_rank)
-            if not runtime:
-                self.query_values[key.config_id] = self.query_values[spec.config_id]
             self._accuracy[key] = row
+        if not runtime and spec.pruning.config_id in self.query_values:  # under this configuration's name too
+            self.query_values[spec.config_id] = self.query_values[spec.pruning.config_id]
         return self._accuracy[key]
 
     def macs(self, spec: PruneSpec) -> tuple[int, int]:

@@ -17,7 +17,15 @@ from amg.model.vit import ReIDViT
 from amg.pruning.calibration import CalibrationImages, Progress
 from amg.pruning.peer import peer_plan_for_saving
 from amg.pruning.planner import channel_keep_scores, head_removal_scores, make_plan, token_keep_scores
-from amg.pruning.policies import SAVING_MODES, is_dynamic, needs_calibration, needs_gradients, peer_policy
+from amg.pruning.policies import (
+    SAVING_MODES,
+    axis_policies,
+    is_dynamic,
+    needs_calibration,
+    needs_gradients,
+    peer_policy,
+)
+from amg.pruning.ratio_search import plan_saving, smallest_ratio
 from amg.pruning.selection import select_channels, select_heads, select_tokens
 
 MAX_SEARCH_RATIO = 0.95
@@ -72,9 +80,7 @@ def plan_for_saving(model: ReIDViT, target: float, mode: str = "both", head_poli
     if mode not in SAVING_MODES:
         raise InputError(f"mode must be one of {', '.join(SAVING_MODES)}, got {mode!r}")
     use_heads, use_tokens, use_mlp = (axis in SAVING_MODES[mode] for axis in ("heads", "tokens", "mlp"))
-    used = {axis: name for axis, used, name in (("heads", use_heads, head_policy), ("tokens", use_tokens, token_policy),
-                                                ("mlp", use_mlp, mlp_policy)) if used}
-    peer = peer_policy(used)
+    peer = peer_policy(axis_policies(use_heads, head_policy, use_tokens, token_policy, use_mlp, mlp_policy))
     if peer:
         return peer_plan_for_saving(model, target, peer, data, progress, heads=use_heads, mlp=use_mlp)
     if use_tokens and is_dynamic(token_policy):
@@ -94,8 +100,7 @@ def plan_for_saving(model: ReIDViT, target: float, mode: str = "both", head_poli
     mlp_scores = channel_keep_scores(work, mlp_policy, allocation, calibration, seed) if use_mlp else None
     channel_ids = channel_ids_per_block(work)
     total_channels = work.config.depth * work.config.mlp_hidden  # as make_plan counts the ratio
-    blocks = plan_macs(work.config, PrunePlan.unpruned(work.config))
-    rest = count_macs(work).total - blocks  # what no plan changes: patch embedding, norms, neck
+    saving_of = plan_saving(work)
     candidate = PrunePlan.unpruned(work.config)
 
     def saving(ratio: float) -> float:
@@ -106,16 +111,9 @@ def plan_for_saving(model: ReIDViT, target: float, mode: str = "both", head_poli
         if mlp_scores is not None:
             candidate.kept_mlp = select_channels(mlp_scores, channel_ids, ratio, allocation, total_channels,
                                                  mlp_multiple)
-        return 1 - (rest + plan_macs(work.config, candidate)) / (rest + blocks)
+        return saving_of(candidate)
 
-    reachable = saving(MAX_SEARCH_RATIO)
-    if reachable < target:
-        raise OutOfReach(f"a {target:.0%} MACs saving is out of reach by {mode}: at ratio {MAX_SEARCH_RATIO} "
-                         f"the saving is {reachable:.1%}")
-    low, high = 0.0, MAX_SEARCH_RATIO
-    for _ in range(30):
-        middle = (low + high) / 2
-        low, high = (middle, high) if saving(middle) < target else (low, middle)
+    high = smallest_ratio(saving, target, mode, MAX_SEARCH_RATIO, steps=30)
     plan = make_plan(model, heads=high if use_heads else 0.0, tokens=high if use_tokens else 0.0,
                      head_policy=head_policy, token_policy=token_policy, allocation=allocation, data=data,
                      seed=seed, progress=progress, calibration=calibration, mlp=high if use_mlp else 0.0,

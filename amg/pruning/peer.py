@@ -17,14 +17,14 @@ import copy
 import torch
 
 from amg.data.transforms import normalize
-from amg.errors import InputError, OutOfReach, Unplannable
-from amg.measure.flops import count_macs, plan_macs
+from amg.errors import InputError, Unplannable
 from amg.model.plan import PrunePlan
 from amg.model.pruned import current_plan
 from amg.model.vit import ReIDViT
 from amg.pruning.calibration import CalibrationImages, Progress
 from amg.pruning.calibration_loss import augment, calibration_loss, calibration_mode, teacher_target
 from amg.pruning.policies import HEADS, TORCH_PRUNING, policy
+from amg.pruning.ratio_search import plan_saving, smallest_ratio
 from amg.pruning.selection import check_ratio
 
 # Torch-Pruning's importance class behind each peer policy
@@ -61,29 +61,17 @@ def peer_plan_for_saving(model: ReIDViT, target: float, name: str, data: Calibra
     """The plan removing about `target` of the model's fvcore MACs by one ratio for the head and
     channel ratios (those of `heads` and `mlp` that are pruned), found by bisection; or OutOfReach."""
     work = _scoring_copy(model, name, data, progress)
-    blocks = plan_macs(model.config, PrunePlan.unpruned(model.config))
-    rest = count_macs(work).total - blocks
+    saving_of = plan_saving(work)
 
-    def plan_at(ratio: float) -> tuple[PrunePlan, float]:
-        plan = _plan_from_pruner(work, ratio if heads else 0.0, ratio if mlp else 0.0, name, data)
-        return plan, 1 - (rest + plan_macs(model.config, plan)) / (rest + blocks)
+    def plan_at(ratio: float) -> PrunePlan:
+        return _plan_from_pruner(work, ratio if heads else 0.0, ratio if mlp else 0.0, name, data)
 
     if progress:
         progress(f"searching the {name} ratio that saves {target:.0%} of MACs")
-    best, reachable = plan_at(MAX_PEER_RATIO)
-    if reachable < target:
-        raise OutOfReach(f"a {target:.0%} MACs saving is out of reach by {name}: at ratio {MAX_PEER_RATIO} "
-                         f"the saving is {reachable:.1%}")
-    low, high = 0.0, MAX_PEER_RATIO
-    for _ in range(SEARCH_STEPS):
-        middle = (low + high) / 2
-        plan, saving = plan_at(middle)
-        if saving < target:
-            low = middle
-        else:
-            high, best = middle, plan
-    best.ratios["target_macs_saving"] = target
-    return best
+    ratio = smallest_ratio(lambda r: saving_of(plan_at(r)), target, name, MAX_PEER_RATIO, SEARCH_STEPS)
+    plan = plan_at(ratio)  # the pruner is deterministic: the plan the search ended on
+    plan.ratios["target_macs_saving"] = target
+    return plan
 
 
 def _scoring_copy(model: ReIDViT, name: str, data: CalibrationImages | None, progress: Progress | None) -> ReIDViT:

@@ -17,7 +17,16 @@ from amg.model.vit import ReIDViT
 from amg.pruning import scores as S
 from amg.pruning.calibration import CalibrationImages, Progress
 from amg.pruning.peer import peer_plan
-from amg.pruning.policies import HEAD_ALLOCATIONS, HEADS, MLP, TOKENS, needs_calibration, peer_policy, policy
+from amg.pruning.policies import (
+    HEAD_ALLOCATIONS,
+    HEADS,
+    MLP,
+    TOKENS,
+    axis_policies,
+    needs_calibration,
+    peer_policy,
+    policy,
+)
 from amg.pruning.selection import check_ratio, select_channels, select_heads, select_tokens
 
 
@@ -61,9 +70,7 @@ def make_plan(model: ReIDViT, heads: float = 0.0, tokens: float = 0.0, head_poli
     check_ratio("head", heads)
     check_ratio("token", tokens)
     check_ratio("MLP channel", mlp)
-    used = {axis: name for axis, ratio, name in ((HEADS, heads, head_policy), (TOKENS, tokens, token_policy),
-                                                 (MLP, mlp, mlp_policy)) if ratio > 0}
-    peer = peer_policy(used)
+    peer = peer_policy(axis_policies(heads > 0, head_policy, tokens > 0, token_policy, mlp > 0, mlp_policy))
     if peer:
         return peer_plan(model, heads, mlp, peer, data, progress)
     mlp_scoring = policy(MLP, mlp_policy) if mlp > 0 else None

@@ -96,19 +96,26 @@ def is_dynamic(token_policy: str) -> bool:
     return policy(TOKENS, token_policy).dynamic
 
 
+def axis_policies(heads: bool, head_policy: str, tokens: bool, token_policy: str, mlp: bool = False,
+                  mlp_policy: str = "taylor") -> dict[str, str]:
+    """{axis: policy} of the axes pruned (heads if `heads`, tokens if `tokens`, MLP channels if `mlp`)."""
+    return {axis: name for axis, used, name in ((HEADS, heads, head_policy), (TOKENS, tokens, token_policy),
+                                                (MLP, mlp, mlp_policy)) if used}
+
+
 def needs_calibration(heads: bool, head_policy: str, tokens: bool, token_policy: str, mlp: bool = False,
                       mlp_policy: str = "taylor") -> bool:
     """Whether pruning heads (if `heads`), tokens (if `tokens`) and MLP channels (if `mlp`) by
     these policies scores on data."""
-    return (heads and policy(HEADS, head_policy).needs_data) or (tokens and policy(TOKENS, token_policy).needs_data) \
-        or (mlp and policy(MLP, mlp_policy).needs_data)
+    used = axis_policies(heads, head_policy, tokens, token_policy, mlp, mlp_policy)
+    return any(policy(axis, name).needs_data for axis, name in used.items())
 
 
 def needs_gradients(heads: bool, head_policy: str, tokens: bool, token_policy: str, mlp: bool = False,
                     mlp_policy: str = "taylor") -> bool:
     """Whether that scoring needs a backward pass (entropy needs the attention maps only)."""
-    return (heads and policy(HEADS, head_policy).gradients) or (tokens and policy(TOKENS, token_policy).gradients) \
-        or (mlp and policy(MLP, mlp_policy).gradients)
+    used = axis_policies(heads, head_policy, tokens, token_policy, mlp, mlp_policy)
+    return any(policy(axis, name).gradients for axis, name in used.items())
 
 
 def peer_policy(used: dict[str, str]) -> str | None:
