@@ -66,3 +66,22 @@ def test_evaluation_on_the_gpu_ranks_as_on_the_cpu(tiny_trained):
     on_gpu = evaluator.evaluate(copy.deepcopy(model).cuda())
     for name, metrics in on_cpu.items():
         assert on_gpu[name].as_dict()["mAP"] == pytest.approx(metrics.as_dict()["mAP"], abs=1e-3)
+
+
+def test_torchrun_fine_tunes_on_the_gpu_with_nccl(tiny_trained, tmp_path):
+    """One process per GPU (one here): NCCL, the model on its GPU while it trains, a loadable file after."""
+    import subprocess
+    import sys
+
+    from amg.model.pruned import load_pruned
+    from amg.model.vit import save_model
+
+    dataset, model = tiny_trained
+    out = tmp_path / "pruned.pt"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+                             "-m", "amg.cli", "prune", "--model", str(save_model(model, tmp_path / "tiny.pt")),
+                             "--data", str(dataset.root), "--heads", "0.34", "--finetune", "3",
+                             "--calibration-images", "6", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "data parallel over 1 processes (nccl)" in result.stderr
+    assert not torch.equal(load_pruned(out).classifier.weight, model.classifier.weight)

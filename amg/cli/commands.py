@@ -60,8 +60,16 @@ def _training_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from amg.train.distributed import session
+
+    with session():  # under torchrun, one of the processes that train together
+        return _train(args)
+
+
+def _train(args: argparse.Namespace) -> int:
     from amg.model.vit import read_checkpoint, save_model
     from amg.train.cache import default_model, resume_path, train_on_dataset
+    from amg.train.distributed import is_main, main_first
 
     _set_threads(args.threads)
     training = _training_config(args)
@@ -70,12 +78,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     weights_dtype = torch.float16 if args.weights_dtype == "fp16" else None
     if args.data is None and not (args.img_size or args.sie):  # the embedded default: cached, copied if asked
         model, path = default_model(args.preset, training=training, progress=progress)
-        print(save_model(model, args.out, weights_dtype=weights_dtype, **read_checkpoint(path).get("meta", {}))
-              if args.out else path)
+        if is_main():
+            print(save_model(model, args.out, weights_dtype=weights_dtype, **read_checkpoint(path).get("meta", {}))
+                  if args.out else path)
         return 0
     if args.out is None:
         raise InputError("--out is required when training on --data")
-    dataset = _load_dataset(args.data, args.layout)
+    with main_first():  # one process generates the synthetic set, if it must be
+        dataset = _load_dataset(args.data, args.layout)
     overrides = {"num_cameras": dataset.num_cameras} if args.sie else {}
     img_size = tuple(args.img_size) if args.img_size else None
     checkpoint = resume_path(Path(args.out))
@@ -84,7 +94,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                          "or delete it to start over")
     model, summary = train_on_dataset(args.preset, dataset, training, img_size, progress, checkpoint=checkpoint,
                                       **overrides)
-    print(save_model(model, args.out, weights_dtype=weights_dtype, **summary))
+    if is_main():
+        print(save_model(model, args.out, weights_dtype=weights_dtype, **summary))
     return 0
 
 
@@ -169,6 +180,13 @@ def _print_comparison(args: argparse.Namespace, model_results: dict, other_resul
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    from amg.train.distributed import session
+
+    with session():  # under torchrun, one of the processes that fine-tune together
+        return _prune(args)
+
+
+def _prune(args: argparse.Namespace) -> int:
     import time
 
     from amg.data.layout import relabel_pids
@@ -177,6 +195,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from amg.pruning.iterative import TrainingSet, run_schedule
     from amg.pruning.macs_target import plan_for_saving
     from amg.pruning.planner import make_plan
+    from amg.train.distributed import is_main, main_first
 
     for option, path in (("--out", args.out), ("--plan-out", args.plan_out)):
         if path is not None and Path(path).is_dir():  # found now, not after minutes of scoring
@@ -188,7 +207,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise InputError("--macs-saving chooses the ratios itself: drop --heads/--tokens/--mlp")
     if args.iterative_rounds > 0 and args.finetune:
         raise InputError("--finetune fine-tunes a one-shot plan, --iterative-rounds prunes in rounds: choose one")
-    dataset = _load_dataset(args.data, args.layout)
+    with main_first():  # one process generates the synthetic set, if it must be
+        dataset = _load_dataset(args.data, args.layout)
     labels, _ = relabel_pids(dataset.train)
     model = _load_model_arg(args.model, num_classes=max(labels) + 1)
     if model.classifier is not None and model.num_classes != max(labels) + 1:
@@ -217,9 +237,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     plan = current_plan(model)
     progress(f"scored and pruned in {time.perf_counter() - start:.1f}s: "
              f"{plan.heads_kept}/{plan.num_heads * len(plan.kept_heads)} heads kept")
-    print(save_pruned(model, args.out, source=str(args.model or "default")))
-    if args.plan_out:
-        plan.save(args.plan_out)
+    if is_main():
+        print(save_pruned(model, args.out, source=str(args.model or "default")))
+        if args.plan_out:
+            plan.save(args.plan_out)
     return 0
 
 

@@ -64,3 +64,15 @@ class PKSampler(Sampler[int]):
             for identity in group:
                 pool = self._pools[identity]
                 yield from (int(i) for i in rng.choice(pool, k, replace=len(pool) < k))
+
+
+def rank_share(num_identities: int, num_instances: int, rank: int, world_size: int) -> list[int]:
+    """Positions in a P x K batch that process `rank` of `world_size` trains on (data parallel):
+    identities rank, rank + W, ... with all K instances each. Every share is itself a PK batch
+    of P/W identities (the triplet loss finds positives in it); the shares are disjoint and
+    together make the batch."""
+    if num_identities % world_size:
+        raise InputError(f"a PK batch of P={num_identities} identities cannot be split evenly over "
+                         f"{world_size} processes: P must be a multiple of the number of processes")
+    return [identity * num_instances + instance for identity in range(rank, num_identities, world_size)
+            for instance in range(num_instances)]

@@ -10,11 +10,12 @@ from typing import Callable
 
 import torch
 
-from amg.data.sampler import PKSampler
+from amg.data.sampler import PKSampler, rank_share
 from amg.data.transforms import BatchAugment, normalize
 from amg.errors import InputError
 from amg.files import write_atomic
 from amg.model.vit import ReIDViT
+from amg.train import distributed
 from amg.train.config import TrainConfig
 from amg.train.losses import batch_hard_triplet, id_loss, soft_distillation
 
@@ -66,38 +67,48 @@ def train_reid(model: ReIDViT, images: torch.Tensor, labels: list[int], camids: 
     With a `checkpoint` path, the state is saved there every `checkpoint_every` steps and a
     run finding one there continues from it, to the same final weights as an uninterrupted
     run (the file is removed when training ends).
+    Under torchrun every process calls this with the same arguments: together they train one
+    model on the global PK batch (`amg.train.distributed`); rank 0 alone reports and checkpoints.
     """
     _check_training_inputs(model, images, labels, camids, teacher)
+    world = distributed.join()
+    share = torch.tensor(rank_share(config.num_identities, config.num_instances, world.rank, world.size))
+    progress = progress if world.is_main else None  # one process reports for all
+    if progress and world.backend:
+        progress(f"data parallel over {world.size} processes ({world.backend}): {config.num_identities} identities "
+                 f"per batch, {config.num_identities // world.size} per process")
     if teacher is not None:
         teacher.eval()
-    optimizer = _adamw(model, config)
-    batches = _training_batches(model, images, labels, camids, config)
-    log, window = TrainLog(), _LogWindow()
-    first = _resume(checkpoint, model, optimizer, config, log, window, progress) if checkpoint else 0
-    for _ in range(first):  # the batches already trained on: same sampler and augmentation draws
-        next(batches)
-    start = time.perf_counter()
-    model.train()
-    for step in range(first, config.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, config)
-        batch, batch_labels, batch_camids = next(batches)
-        loss, logits = _reid_loss(model, batch, batch_labels, batch_camids, config, teacher)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        window.add(loss.item(), logits, batch_labels)
-        if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
-            window.record(log)
-            window = _LogWindow()
-        if checkpoint and (step + 1) % checkpoint_every == 0 and step + 1 < config.steps:
-            _save_checkpoint(checkpoint, step + 1, model, optimizer, config, log, window)
-        if progress and ((step + 1) % config.log_every == 0 or step + 1 == config.steps):
-            _report_progress(progress, log, step, config, elapsed=time.perf_counter() - start, first=first)
+    with distributed.data_parallel(model, teacher) as student:
+        optimizer = _adamw(model, config)
+        batches = _training_batches(model, images, labels, camids, config, share)
+        log, window = TrainLog(), _LogWindow()
+        first = _resume(checkpoint, model, optimizer, config, log, window, progress) if checkpoint else 0
+        for _ in range(first):  # the batches already trained on: same sampler and augmentation draws
+            next(batches)
+        start = time.perf_counter()
+        student.train()
+        for step in range(first, config.steps):
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, config)
+            batch, batch_labels, batch_camids = next(batches)
+            batch_labels = distributed.gather_rows(batch_labels)  # the losses are over the global batch
+            loss, logits = _reid_loss(student, batch, batch_labels, batch_camids, config, teacher)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            window.add(loss.item(), logits, batch_labels)
+            if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+                window.record(log)
+                window = _LogWindow()
+            if checkpoint and world.is_main and (step + 1) % checkpoint_every == 0 and step + 1 < config.steps:
+                _save_checkpoint(checkpoint, step + 1, model, optimizer, config, log, window)
+            if progress and ((step + 1) % config.log_every == 0 or step + 1 == config.steps):
+                _report_progress(progress, log, step, config, elapsed=time.perf_counter() - start, first=first)
     log.steps = config.steps
     log.seconds = time.perf_counter() - start
     model.eval()
-    if checkpoint:
+    if checkpoint and world.is_main:
         Path(checkpoint).unlink(missing_ok=True)
     return log
 
@@ -158,29 +169,38 @@ def _adamw(model: ReIDViT, config: TrainConfig) -> torch.optim.AdamW:
 
 
 def _training_batches(model: ReIDViT, images: torch.Tensor, labels: list[int], camids: list[int],
-                      config: TrainConfig):
-    """Endless (augmented images, labels, camids or None) PK batches."""
+                      config: TrainConfig, share: torch.Tensor):
+    """Endless (augmented images, labels, camids or None) PK batches: the `share` positions of each
+    (this process's identities), on the model's device."""
     # A private generator: the augmentation draws must not depend on (or disturb) the global RNG.
     generator = torch.Generator().manual_seed(config.seed)
     augment = BatchAugment(model.config.img_size, erase_p=config.erase_p)
     label_tensor = torch.tensor(labels)
     camid_tensor = torch.tensor(camids)
     needs_camids = model.sie_embed is not None
+    device = next(model.parameters()).device
     for index in _pk_batches(labels, config):
-        batch = augment(normalize(images[index]), generator)
-        yield batch, label_tensor[index], camid_tensor[index] if needs_camids else None
+        # Augmented whole, so that every process draws what a single process would, then cut.
+        batch = augment(normalize(images[index]), generator)[share].to(device)
+        index = index[share]
+        yield batch, label_tensor[index].to(device), camid_tensor[index].to(device) if needs_camids else None
 
 
 def _reid_loss(model: ReIDViT, batch: torch.Tensor, batch_labels: torch.Tensor, batch_camids: torch.Tensor | None,
                config: TrainConfig, teacher: ReIDViT | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, logits): ID + triplet loss, blended with the teacher's soft targets when there is one."""
+    """(loss, logits): ID + triplet loss, blended with the teacher's soft targets when there is one.
+
+    `batch_labels` are the global batch's: under data parallelism the model's logits are (its
+    neck sees the gathered features), and the features and the teacher's logits are gathered here.
+    """
     logits, features = model(batch, batch_camids)
+    features = distributed.gather_rows(features)
     loss = id_loss(logits, batch_labels, config.label_smoothing) + batch_hard_triplet(
         features, batch_labels, config.triplet_margin
     )
     if teacher is not None:
         with torch.no_grad():
-            teacher_logits = teacher_classify(teacher, batch, batch_camids)
+            teacher_logits = distributed.gather_rows(teacher_classify(teacher, batch, batch_camids))
         loss = (1 - config.distill_alpha) * loss + config.distill_alpha * soft_distillation(
             logits, teacher_logits, config.distill_tau)
     return loss, logits
