@@ -34,14 +34,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
              "and onnxruntime), default, full (every policy and ratio), "
              "equal-macs (every policy at 10/20/30/40%% MACs saved, one-shot, fine-tuned and iterative), "
              "int8 (pruning vs INT8 vs both on ONNX Runtime and OpenVINO), deploy (ViT-Small, ViT-Base, "
-             "TransReID-Base at 256x128 with plans at 10/20/30%% of MACs, ~20 min), or mlp (MLP channel "
-             "pruning at 30/40/50%% of MACs against random and ToMe)")
+             "TransReID-Base at 256x128 with plans at 10/20/30%% of MACs, ~20 min), mlp (MLP channel "
+             "pruning at 30/40/50%% of MACs against random and ToMe), mlp-long (its contenders fine-tuned 800 "
+             "steps), or equal-macs-quick (a slice of equal-macs to try a study in minutes)")
     add("--amg-model", default=None, choices=sorted(PRESETS),
         help=f"model preset (default: {DEFAULT_PRESET}, or the deploy profile's vit_small, vit_base and "
              "transreid_base): the default one is trained on the synthetic set and cached; others are "
              "timed with random weights (no accuracy) unless --amg-checkpoint is given")
     add("--amg-checkpoint", default=None, help="an amg model file to benchmark instead of the preset")
     add("--amg-data", default=None, help="real data set root for calibration and accuracy (default: synthetic)")
+    add("--amg-study", default=None, metavar="DIR",
+        help="take pruned models and their accuracy from the study in DIR (`amg study run`): nothing is planned "
+             "or trained here; its base model is measured, configurations it lacks skip; --amg-data adds the "
+             "accuracy of reduced precisions")
     add("--amg-neck-feat", default=None, choices=NECK_FEATS,
         help="retrieval feature for accuracy: the class token after the BN neck or before it (TransReID's "
              "TEST.NECK_FEAT); default: what the model file says (imports: their source's), else after")
@@ -111,6 +116,15 @@ def pytest_configure(config: pytest.Config) -> None:
     threads = config.getoption("--amg-threads", None)
     if threads is not None and threads < 1:
         raise pytest.UsageError(f"--amg-threads must be >= 1, got {threads}")
+    if config.getoption("--amg-study", None):
+        from amg.benchmark.study_folder import StudyError, StudyFolder
+
+        if config.getoption("--amg-plans", None):
+            raise pytest.UsageError("--amg-study brings the study's plans: --amg-plans does not apply")
+        try:
+            StudyFolder.open(config.getoption("--amg-study"))
+        except StudyError as error:
+            raise pytest.UsageError(f"--amg-study: {error}") from error
     if config.getoption("--amg-no-report", True):
         return
     folder = Path(config.getoption("--amg-results-dir"))
@@ -167,6 +181,7 @@ def progress_printer(config: pytest.Config) -> Callable[[str], None]:
 def suite(request: pytest.FixtureRequest):
     from amg.benchmark.plan_store import PlanStore, PlanStoreError
     from amg.benchmark.results import claim_journal, journal_path
+    from amg.benchmark.study_folder import StudyError, StudyFolder
     from amg.benchmark.suite import Suite, untrained_model
     from amg.data.layout import load_dataset
     from amg.model.pruned import load_pruned
@@ -183,8 +198,11 @@ def suite(request: pytest.FixtureRequest):
     preset = config.getoption("--amg-model") or (profile.models[0] if profile.models and not checkpoint
                                                  else DEFAULT_PRESET)
     data_root = config.getoption("--amg-data")
+    study = StudyFolder(config.getoption("--amg-study")) if config.getoption("--amg-study") else None
     if checkpoint:
         model, source = load_pruned(checkpoint), checkpoint
+    elif study:
+        model, source = load_pruned(study.base_path), str(study.base_path)
     elif preset == DEFAULT_PRESET:
         model, source = default_model(preset, progress=progress)[0], "default"
     else:
@@ -193,7 +211,7 @@ def suite(request: pytest.FixtureRequest):
         set_neck_feat(model, config.getoption("--amg-neck-feat"))
     trained = bool(checkpoint) or preset == DEFAULT_PRESET
     dataset = None
-    if trained or data_root:
+    if data_root or (trained and not study):  # a study brings its accuracy: data only when asked for
         dataset = load_dataset(data_root or synthetic_root(progress=progress))
     slowdown = {}
     for item in _split(config.getoption("--amg-inject-slowdown")) or ():
@@ -207,8 +225,11 @@ def suite(request: pytest.FixtureRequest):
         plan_store = PlanStore(plans) if plans else None
     except PlanStoreError as error:
         raise pytest.UsageError(f"--amg-plans: {error}") from error
-    state = Suite(model, source, profile, dataset,
-                  torch.get_num_threads(), progress, slowdown=slowdown, plan_store=plan_store)
+    try:
+        state = Suite(model, source, profile, dataset,
+                      torch.get_num_threads(), progress, slowdown=slowdown, plan_store=plan_store, study=study)
+    except StudyError as error:
+        pytest.exit(f"--amg-study: {error}", returncode=pytest.ExitCode.USAGE_ERROR)
     if not config.getoption("--amg-no-report"):
         state.journal = journal_path(config.getoption("--amg-results-dir"), state.metadata["device_id"],
                                      state.metadata["run_id"])

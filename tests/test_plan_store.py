@@ -85,7 +85,7 @@ def test_the_suite_measures_the_stored_plan_instead_of_planning(tiny_trained, tm
     suite = Suite(copy.deepcopy(model), "tiny", profile, dataset, threads=1, progress=lambda m: None,
                   plan_store=store)
     assert current_plan(suite.pruned(spec)).kept_heads == stored.kept_heads
-    assert suite._calibration is None  # nothing was scored
+    assert suite.models.calibrated is None  # nothing was scored
 
     fresh = Suite(copy.deepcopy(model), "tiny", profile, dataset, threads=1, progress=lambda m: None,
                   plan_store=PlanStore(tmp_path / "new"))

@@ -312,6 +312,17 @@ def long_finetune_specs(savings: Sequence[float] = MLP_SAVINGS, steps: int = LON
     return tuple(replace(spec, schedule=finetune) for spec in [UNPRUNED, *contenders])
 
 
+def quick_study_specs(saving: float = 0.2, steps: int = 100) -> tuple[PruneSpec, ...]:
+    """A small slice of the equal-MACs study (minutes on 2 cores): AMG against random heads (three
+    draws), AMG tokens and heads + tokens one-shot; AMG and random heads and the unpruned model
+    fine-tuned `steps` steps."""
+    finetune = Schedule("finetune", steps)
+    heads = [PruneSpec(saving=saving, by="heads"), *_draws(_random_by(saving, "heads"))]
+    one_shot = heads + [PruneSpec(saving=saving, by="tokens"), PruneSpec(saving=saving, by="both")]
+    tuned = [replace(spec, schedule=finetune) for spec in (UNPRUNED, *heads[:2])]
+    return tuple(one_shot + tuned)
+
+
 def _draws(spec: PruneSpec) -> list[PruneSpec]:
     return [replace(spec, seed=seed) for seed in RANDOM_SEEDS] if spec.random else [spec]
 
@@ -337,6 +348,9 @@ PROFILES = {
     # first time, for the fine-tuning; then ~20 minutes)
     "equal-macs": Profile(ratios=(), head_policies=(), token_policies=(), batches=(1, 32), backends=("cpu",),
                           paired_rounds=12, rounds=8, specs=equal_macs_specs(), last_block="full"),
+    # a slice of it to try a study (and its cluster run) in minutes: `amg study run --profile equal-macs-quick`
+    "equal-macs-quick": Profile(ratios=(), head_policies=(), token_policies=(), batches=(1,), backends=("cpu",),
+                                paired_rounds=50, rounds=10, specs=quick_study_specs(), last_block="full"),
     # MLP channel pruning at 30/40/50% of MACs against random, ToMe and Torch-Pruning (about 55
     # minutes on 2 cores the first time, for 28 fine-tunings, then about 10)
     "mlp": Profile(ratios=(), head_policies=(), token_policies=(), batches=(1,), backends=("cpu", "openvino"),
@@ -387,6 +401,15 @@ def build_cases(profile: Profile, ratios: Sequence[float] | None = None, policie
             for precision in (precisions or profile.precisions + profile.cpu_precisions)
             if precisions or _profile_runs(profile, backend, precision)
             for batch in (batches or profile.batches_on(backend)) for spec in specs]
+
+
+def study_configurations(profile: Profile) -> list[str]:
+    """The configurations whose accuracy `profile` reports, in its order (the unpruned model first),
+    each once: what `amg study run --profile` computes."""
+    if not profile.accuracy or profile.models:
+        raise InputError("this profile times presets with random weights: it has no accuracy to study")
+    cases = build_cases(profile, last_block="full")
+    return list(dict.fromkeys(case.spec.pruning.config_id for case in cases))
 
 
 def with_last_block(specs: Sequence[PruneSpec], last_block: str) -> list[PruneSpec]:

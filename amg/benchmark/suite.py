@@ -23,12 +23,12 @@ import torch
 import amg
 from amg.benchmark.plan_store import PlanStore
 from amg.benchmark.profiles import UNPRUNED, Case, Profile, PruneSpec
-from amg.benchmark.query_record import per_query_values
+from amg.benchmark.pruned_models import PrunedModels
 from amg.benchmark.results import append_journal
+from amg.benchmark.study_folder import StudyFolder
 from amg.data.layout import ReIDDataset
-from amg.data.synthetic import MANIFEST
 from amg.data.transforms import normalize
-from amg.errors import InputError, Unplannable
+from amg.errors import InputError
 from amg.measure.backend_registry import EAGER_BACKENDS
 from amg.measure.backends import Runner, prepare
 from amg.measure.contention import CpuWatch
@@ -37,15 +37,8 @@ from amg.measure.flops import count_macs
 from amg.measure.latency import LatencyStats, paired_rounds, paired_speedup
 from amg.measure.memory import measure_peak_memory
 from amg.model.plan import PrunePlan
-from amg.model.pruned import apply_plan, current_plan, save_pruned
+from amg.model.pruned import current_plan, save_pruned
 from amg.model.vit import ReIDViT, build_model
-from amg.pruning.calibration import CalibrationImages
-from amg.pruning.iterative import TrainingSet, run_schedule
-from amg.pruning.macs_target import plan_for_saving
-from amg.pruning.planner import make_plan
-from amg.pruning.schedule import ONE_SHOT
-from amg.train.cache import cached_pruned, model_fingerprint
-from amg.train.evaluate import Evaluator
 
 Progress = Callable[[str], None]
 PAIRED_BUDGET_S = 0.5  # seconds of each side's passes behind a speed-up, at least
@@ -120,16 +113,16 @@ class Suite:
     plan_store: PlanStore | None = None
     # Each measured row is appended here at once, so a killed run keeps what it measured.
     journal: Path | None = None
-    _pruned: dict[PruneSpec, ReIDViT] = field(default_factory=dict)
-    _plans: dict[PruneSpec, PrunePlan | Unplannable] = field(default_factory=dict)
-    _training: TrainingSet | None = None
-    _fingerprint: str | None = None
+    # A finished accuracy study: pruned models and accuracy come from it, nothing is trained here.
+    study: StudyFolder | None = None
+    models: PrunedModels = field(init=False)
     _accuracy: dict[PruneSpec | tuple[PruneSpec, str, str], dict[str, Any]] = field(default_factory=dict)
     _references: dict[tuple[str, str, int], Runner] = field(default_factory=dict)
-    _calibration: CalibrationImages | None = None
-    _evaluator: Evaluator | None = None
     _base_macs: int | None = None
     _other_model: Suite | None = None  # the suite of the other preset a multi-model profile is measuring
+
+    def __post_init__(self) -> None:
+        self.models = PrunedModels(self.model, self.dataset, self.progress, self.plan_store, study=self.study)
 
     @classmethod
     def untrained(cls, preset: str, profile: Profile, threads: int, progress: Progress, **shared: Any) -> Suite:
@@ -150,77 +143,14 @@ class Suite:
                                                 slowdown=self.slowdown, journal=self.journal)
         return self._other_model
 
-    def calibration(self) -> CalibrationImages:
-        if self._calibration is None:
-            if self.dataset is None:
-                raise InputError("AMG and gradient policies need data with labels: pass --amg-data or use a trained model")
-            self._calibration = CalibrationImages.from_dataset(self.dataset, self.model.config.img_size,
-                                                             progress=self.progress)
-        return self._calibration
+    def calibration(self):
+        return self.models.calibration()
 
     def plan(self, spec: PruneSpec) -> PrunePlan:
-        """The one-shot plan of `spec` (shared by its schedules); why it cannot be made is remembered too."""
-        key = replace(spec.pruning, schedule=ONE_SHOT)
-        if key not in self._plans:
-            stored = self.plan_store.load(key.config_id, self.model.config, self.fingerprint()) \
-                if self.plan_store else None
-            self._plans[key] = stored or self._make_plan(key)
-            if self.plan_store and not stored and isinstance(self._plans[key], PrunePlan):
-                self.plan_store.save(key.config_id, self._plans[key], self.fingerprint())
-        if isinstance(self._plans[key], Unplannable):
-            raise self._plans[key]
-        return self._plans[key]
-
-    def _make_plan(self, spec: PruneSpec) -> PrunePlan | Unplannable:
-        data = self.calibration() if spec.needs_data else None
-        self.progress(f"planning {spec.config_id}")
-        try:
-            if spec.saving:
-                return plan_for_saving(self.model, spec.saving, spec.by, spec.head_policy,
-                                       spec.token_policy, spec.allocation, data, seed=spec.seed,
-                                       mlp_policy=spec.mlp_policy)
-            return make_plan(self.model, spec.heads, spec.tokens, spec.head_policy,
-                             spec.token_policy, spec.allocation, data, seed=spec.seed, mlp=spec.mlp,
-                             mlp_policy=spec.mlp_policy)
-        except Unplannable as error:  # out of reach, or a peer library not installed
-            return error
-
-    def fingerprint(self) -> str:
-        """The base weights' hash: what stored plans and cached fine-tunings are made for."""
-        if self._fingerprint is None:
-            self._fingerprint = model_fingerprint(self.model)
-        return self._fingerprint
+        return self.models.plan(spec)
 
     def pruned(self, spec: PruneSpec) -> ReIDViT:
-        if spec not in self._pruned:
-            if spec.class_token_block:  # the same weights, another forward: a copy of the plain model
-                plain = self.pruned(spec.pruning)
-                self._pruned[spec] = copy.deepcopy(plain).use_class_token_last_block()
-                self._pruned.pop(spec.pruning)  # (rebuilt if asked for: ViT-Base copies take gigabytes)
-            elif spec == UNPRUNED:
-                self._pruned[spec] = self.model
-            elif spec.schedule == ONE_SHOT:
-                self._pruned[spec] = apply_plan(copy.deepcopy(self.model), copy.deepcopy(self.plan(spec)))
-            else:
-                self._pruned[spec] = self._trained(spec)
-            # a cached fine-tune keeps the feature it was saved with; this run's choice wins
-            self._pruned[spec].neck_feat = self.model.neck_feat
-        return self._pruned[spec]
-
-    def _trained(self, spec: PruneSpec) -> ReIDViT:
-        """Fine-tuned or iterative: minutes of training, so cached by everything that shapes it."""
-        plan = self.plan(spec) if spec.prunes else PrunePlan.unpruned(self.model.config)
-        key = {"base": self.fingerprint(), "plan": plan.to_dict(), "schedule": spec.schedule.__dict__,
-               "data": str(self.dataset.root), "calibration": self.calibration().description}
-
-        def train(checkpoint: Path) -> ReIDViT:
-            self.progress(f"{spec.schedule.description}: {spec.config_id} (cached afterwards)")
-            if self._training is None:
-                self._training = TrainingSet.from_dataset(self.dataset, self.model.config.img_size, self.progress)
-            return run_schedule(self.model, plan, spec.schedule, self.calibration(), self._training, self.progress,
-                                checkpoint=checkpoint)
-
-        return cached_pruned(key, train, self.progress)
+        return self.models.pruned(spec)
 
     def save_attention_record(self, results_dir: str | Path) -> Path | None:
         """For `amg report`'s pictures: the unpruned model's head entropy, a sample query image and
@@ -229,10 +159,10 @@ class Suite:
         from amg.benchmark.recording import make_record
         from amg.data.preload import preload_images
 
-        if self._calibration is None or self.dataset is None:
+        calibration = self.models.calibrated
+        if calibration is None or self.dataset is None:
             return None
-        plans = {key.config_id: plan for key, plan in self._plans.items() if isinstance(plan, PrunePlan)}
-        record = make_record(self.model, self.checkpoint, self._calibration.images, plans)
+        record = make_record(self.model, self.checkpoint, calibration.images, self.models.plans_made())
         sample = preload_images(self.dataset.query_sets["query"][:1], self.model.config.img_size)[0]
         return save_record(record, sample.permute(1, 2, 0).numpy(), results_dir)
 
@@ -252,34 +182,26 @@ class Suite:
         return self._references[key]
 
     def accuracy(self, case: Case, runner: Runner) -> dict[str, Any]:
-        """Re-ID metrics of `case`'s model in PyTorch fp32, or, for a reduced-precision `case`,
-        of what its `runner` runs (an INT8 model is another model: its accuracy is measured)."""
-        if self.dataset is None or not self.profile.accuracy:
+        """Re-ID metrics of `case`'s model in PyTorch fp32 (measured, or the study's), or, for a
+        reduced-precision `case`, of what its `runner` runs (an INT8 model is another model: its
+        accuracy is measured, which needs the data set)."""
+        if not self.profile.accuracy or (self.dataset is None and self.study is None):
             return {}
         spec = case.spec
         runtime = runner.features is not None and case.precision != "fp32"
+        if runtime and self.dataset is None:
+            return {}
         # the class-token block changes no feature: its accuracy is the pruning's
         key = (spec.pruning, case.backend, case.precision) if runtime else spec.pruning
         if key not in self._accuracy:
-            if self._evaluator is None:
-                self._evaluator = Evaluator(self.dataset, self.model.config.img_size, self.progress)
             if runtime:
                 self.progress(f"accuracy of {spec.config_id} as {case.backend} runs it at {case.precision}")
-            results = self._evaluator.evaluate(self.pruned(spec), compiled=(runner.features, runner.batch)
-                                               if runtime else None)
-            synthetic = (self.dataset.root / MANIFEST).is_file()  # amg.data.synthetic writes it
-            row = {"dataset": "synthetic" if synthetic else self.dataset.name,
-                   "accuracy_of": f"{case.backend} {case.precision}" if runtime else "pytorch fp32"}
-            for name, metrics in results.items():
-                if name in ("query", "occluded"):
-                    values = metrics.as_dict()
-                    row.update({f"{name}_{k}": values[k] for k in ("rank1", "rank5", "mAP", "mINP")})
-                    row[f"{name}_unmatched"] = metrics.num_skipped  # left out by the protocol: said, not hidden
-                    if runtime:  # the per-query record pairs PyTorch models with each other
-                        continue
-                    self.query_values.setdefault(spec.pruning.config_id, {})[name] = per_query_values(
-                        metrics.query_ap, metrics.query_first_rank)
-            self._accuracy[key] = row
+                result = self.models.accuracy(spec, compiled=(runner.features, runner.batch),
+                                              label=f"{case.backend} {case.precision}")
+            else:  # the per-query record pairs PyTorch models with each other
+                result = self.models.accuracy(spec.pruning)
+                self.query_values[spec.pruning.config_id] = result.queries
+            self._accuracy[key] = result.row
         if not runtime and spec.pruning.config_id in self.query_values:  # under this configuration's name too
             self.query_values[spec.config_id] = self.query_values[spec.pruning.config_id]
         return self._accuracy[key]

@@ -1,4 +1,4 @@
-"""The `amg` command: data, train, eval, prune, flops, report, select, gate, import."""
+"""The `amg` command: data, train, eval, prune, flops, report, select, gate, import, study."""
 
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from amg.cli import commands
+from amg.cli.study import add_study_parser
 from amg.data.synthetic import SynthConfig
 from amg.measure.backend_registry import BACKEND_NAMES, PRECISIONS
 from amg.pruning.policies import (
@@ -85,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--steps", type=positive_int, default=TrainConfig.steps, help="optimizer steps (default %(default)s)")
     train.add_argument("--lr", type=positive_float, default=TrainConfig.lr, help="peak learning rate (default %(default)s)")
     train.add_argument("--seed", type=int, default=TrainConfig.seed, help="random seed (default %(default)s)")
-    train.add_argument("--batch-ids", type=positive_int, default=TrainConfig.num_identities, help="identities per PK batch (default %(default)s)")
+    train.add_argument("--batch-ids", type=positive_int, default=TrainConfig.num_identities,
+                       help="identities per PK batch; under torchrun the global batch's, split over the "
+                            "processes: a multiple of their number (default %(default)s)")
     train.add_argument("--batch-instances", type=positive_int, default=TrainConfig.num_instances, help="images per identity in a batch (default %(default)s)")
     train.add_argument("--img-size", type=positive_int, nargs=2, metavar=("H", "W"), help="input size (default: the preset's)")
     train.add_argument("--sie", action="store_true", help="add a camera embedding (SIE) sized to the data set")
@@ -251,4 +254,6 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--source-grid", type=positive_int, nargs=2, metavar=("ROWS", "COLS"),
                      help="the checkpoint's patch grid, when its position embedding is not square")
     imp.set_defaults(func=commands.cmd_import)
+
+    add_study_parser(sub, positive_int, non_negative_int)
     return parser

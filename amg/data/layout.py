@@ -15,6 +15,7 @@ to do with them, and the loader only reports what is on disk. Every problem with
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +100,20 @@ class ReIDDataset:
     def num_cameras(self) -> int:
         """Camera count of the benchmark (not just those seen), e.g. for camera embeddings."""
         return _SPECS[self.name].num_cams
+
+    def identity(self) -> str:
+        """What the data set is, wherever it lies: its layout and a hash of every split's files
+        (paths relative to the root, and sizes). Cached results are keyed on it, so that a
+        cluster node or a device with the same files under another folder finds them."""
+        digest = hashlib.sha256()
+        splits = [("train", self.train), ("gallery", self.gallery), *sorted(self.query_sets.items())]
+        for split, samples in splits:
+            digest.update(f"[{split}]".encode())
+            for sample in samples:
+                relative = sample.path.relative_to(self.root) if sample.path.is_relative_to(self.root) else sample.path
+                digest.update(f"{relative.as_posix()}:{sample.pid}:{sample.camid}:{sample.path.stat().st_size}\n"
+                              .encode())
+        return f"{self.name}-{digest.hexdigest()[:16]}"
 
     def summary(self) -> str:
         rows = [("train", self.train)]

@@ -107,12 +107,20 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def cached_pruned(key: dict[str, Any], build: Callable[[Path], ReIDViT], progress: Progress | None = None) -> ReIDViT:
-    """The pruned model cached under `key` (plan, schedule, base weights...), built on first use by
-    `build(checkpoint)`, which may keep its training state at `checkpoint` to resume after a kill."""
+def pruned_model_path(key: dict[str, Any], folder: Path | None = None) -> Path:
+    """Where the pruned model of `key` is cached: a name made of its content (plan, schedule, base
+    weights, data identity...), in `folder` (default: the cache's pruned/)."""
+    return Path(folder or cache_root() / "pruned") / f"{_key({**key, 'recipe': RECIPE_VERSION})}.pt"
+
+
+def cached_pruned(key: dict[str, Any], build: Callable[[Path], ReIDViT], progress: Progress | None = None,
+                  folder: Path | None = None) -> ReIDViT:
+    """The pruned model cached under `key` (plan, schedule, base weights...) in `folder`, built on
+    first use by `build(checkpoint)`, which may keep its training state at `checkpoint` to resume
+    after a kill. The file appears whole or not at all (`save_model` writes atomically)."""
     from amg.model.pruned import load_pruned, save_pruned
 
-    path = cache_root() / "pruned" / f"{_key({**key, 'recipe': RECIPE_VERSION})}.pt"
+    path = pruned_model_path(key, folder)
     if path.is_file():
         if progress:
             progress(f"loading the cached pruned model {path.name}")

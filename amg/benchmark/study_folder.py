@@ -1,0 +1,199 @@
+"""An accuracy study on disk: what `amg study run` makes once and every device's `pytest bench/` reads.
+
+    <study>/study.json             base model's fingerprint, data set identity, configurations
+    <study>/base.pt                the base model every configuration is pruned from
+    <study>/plans/<config>.json    one-shot plans (`PlanStore`)
+    <study>/models/<hash>.pt       fine-tuned models, named by their content (plan, schedule, data...)
+    <study>/rows/<config>.json     one finished configuration: accuracy and per-query values, or why skipped
+    <study>/accuracy.csv           every finished configuration's accuracy, in the study's order
+    <study>/accuracy.queries.json  their per-query values (`amg.benchmark.query_record`)
+    <study>/timings.csv            seconds per configuration and where it ran
+
+Every file is written atomically, one per configuration, so concurrent workers never mix
+results and a killed study leaves finished configurations whole (a rerun goes on from them).
+The whole folder can sit on a shared path, or be copied to a device.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from amg.benchmark.plan_store import PlanStore
+from amg.benchmark.query_record import save_query_record
+from amg.benchmark.results import safe_name
+from amg.errors import InputError, Unplannable
+from amg.files import write_text_atomic
+
+if TYPE_CHECKING:
+    from amg.benchmark.pruned_models import AccuracyResult
+
+FORMAT = "amg-study/1"
+MANIFEST = "study.json"
+BASE_MODEL = "base.pt"
+ACCURACY_CSV = "accuracy.csv"
+TIMINGS_CSV = "timings.csv"
+
+
+class StudyError(InputError):
+    """A study folder cannot be used as asked; the message names the folder and the problem."""
+
+
+class NotInStudy(Unplannable):
+    """A configuration the study did not compute (or skipped): a device measures it only with accuracy."""
+
+
+@dataclass(frozen=True)
+class StudyFolder:
+    folder: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "folder", Path(self.folder))
+
+    # -------------------------------------------------------------- making one
+    @classmethod
+    def create(cls, folder: str | Path, fingerprint: str, data_identity: str, data_name: str,
+               configurations: Sequence[str], save_base: Any) -> StudyFolder:
+        """A new study in `folder`, or the one already there when it was made for the same base
+        weights and data (its configurations then grow by `configurations`). `save_base(path)`
+        writes the base model (once)."""
+        study = cls(folder)
+        if study.folder.exists() and not study.folder.is_dir():
+            raise StudyError(f"study folder {study.folder} exists and is not a folder")
+        manifest = study.manifest() if (study.folder / MANIFEST).is_file() else None
+        if manifest is None and study.folder.is_dir() and any(study.folder.iterdir()):
+            raise StudyError(f"{study.folder} is not empty and holds no {MANIFEST}: give an empty or new folder")
+        if manifest is not None:
+            for field_name, value in (("base_fingerprint", fingerprint), ("data_identity", data_identity)):
+                if manifest[field_name] != value:
+                    raise StudyError(
+                        f"{study.folder} is a study of another {field_name.split('_')[0]} ({field_name} "
+                        f"{manifest[field_name]!r}, this run's {value!r}): give another folder")
+        known = list(manifest["configurations"]) if manifest else []
+        known += [config for config in configurations if config not in known]
+        study.folder.mkdir(parents=True, exist_ok=True)
+        if not study.base_path.is_file():
+            save_base(study.base_path)
+        write_text_atomic(study.folder / MANIFEST, json.dumps(
+            {"format": FORMAT, "base_fingerprint": fingerprint, "data_identity": data_identity,
+             "data_name": data_name, "configurations": known}, indent=1) + "\n")
+        return study
+
+    # -------------------------------------------------------------- reading one
+    @classmethod
+    def open(cls, folder: str | Path) -> StudyFolder:
+        study = cls(folder)
+        study.manifest()
+        return study
+
+    def manifest(self) -> dict[str, Any]:
+        path = self.folder / MANIFEST
+        try:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as error:
+            raise StudyError(f"{self.folder} holds no study ({MANIFEST} missing): make one with `amg study run`") \
+                from error
+        except (OSError, ValueError) as error:
+            raise StudyError(f"cannot read {path}: {error}") from error
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise StudyError(f"{path} is not a study manifest (format {FORMAT!r} expected)")
+        return manifest
+
+    @property
+    def base_path(self) -> Path:
+        return self.folder / BASE_MODEL
+
+    @property
+    def plans(self) -> PlanStore:
+        return PlanStore(self.folder / "plans")
+
+    @property
+    def models(self) -> Path:
+        return self.folder / "models"
+
+    @property
+    def configurations(self) -> list[str]:
+        return list(self.manifest()["configurations"])
+
+    def check_base(self, fingerprint: str) -> None:
+        expected = self.manifest()["base_fingerprint"]
+        if fingerprint != expected:
+            raise StudyError(f"the study {self.folder} was made for other base weights (fingerprint {expected!r}, "
+                             f"this model {fingerprint!r}): measure its {BASE_MODEL}, or make a study of this model")
+
+    def _row_path(self, config_id: str) -> Path:
+        return self.folder / "rows" / f"{safe_name(config_id)}.json"
+
+    def row(self, config_id: str) -> dict[str, Any] | None:
+        """The finished configuration's record, or None if it is not finished."""
+        path = self._row_path(config_id)
+        if not path.is_file():
+            return None
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise StudyError(f"cannot read {path}: {error}; delete it to compute the configuration again") from error
+        if record.get("config_id") != config_id:
+            raise StudyError(f"{path} holds {record.get('config_id')!r}, not {config_id!r}")
+        return record
+
+    def finished(self, config_id: str) -> bool:
+        return self._row_path(config_id).is_file()
+
+    def missing(self, config_id: str) -> NotInStudy:
+        return NotInStudy(f"{config_id} is not in the study {self.folder}: add it with `amg study run --study "
+                          f"{self.folder} --configs {config_id}`")
+
+    def check_member(self, config_id: str) -> None:
+        """Raise `NotInStudy` unless `config_id` was computed (with its reason when it was skipped)."""
+        record = self.row(config_id)
+        if record is None:
+            raise self.missing(config_id)
+        if record.get("skipped"):
+            raise NotInStudy(f"{config_id}: {record['skipped']} (in the study {self.folder})")
+
+    def model_path(self, config_id: str) -> Path:
+        self.check_member(config_id)
+        name = self.row(config_id).get("model")
+        path = self.folder / name if name else None
+        if path is None or not path.is_file():
+            raise StudyError(f"the study {self.folder} lists {config_id} but its model file {name} is missing")
+        return path
+
+    def accuracy(self, config_id: str) -> AccuracyResult:
+        from amg.benchmark.pruned_models import AccuracyResult
+
+        self.check_member(config_id)
+        record = self.row(config_id)
+        return AccuracyResult(dict(record["accuracy"]), record["queries"])
+
+    # -------------------------------------------------------------- results
+    def save_row(self, config_id: str, record: dict[str, Any]) -> Path:
+        """One configuration's result, written whole (the last thing its task does)."""
+        return write_text_atomic(self._row_path(config_id), json.dumps({"config_id": config_id, **record}) + "\n")
+
+    def write_tables(self) -> Path:
+        """accuracy.csv (+ per-query record) and timings.csv of every finished configuration, in the
+        manifest's order: the same bytes whichever machines computed them, in whatever order."""
+        records = [record for config in self.configurations if (record := self.row(config)) is not None]
+        done = [record for record in records if not record.get("skipped")]
+        accuracy_rows = [{"config_id": record["config_id"], **record["accuracy"]} for record in done]
+        path = write_text_atomic(self.folder / ACCURACY_CSV, _csv_text(accuracy_rows))
+        save_query_record(path, {record["config_id"]: record["queries"] for record in done})
+        timings = [{"config_id": record["config_id"], "seconds": record.get("seconds"), "worker": record.get("worker"),
+                    "threads": record.get("threads"), "skipped": record.get("skipped", "")} for record in records]
+        write_text_atomic(self.folder / TIMINGS_CSV, _csv_text(timings))
+        return path
+
+
+def _csv_text(rows: list[dict[str, Any]]) -> str:
+    columns = list(dict.fromkeys(column for row in rows for column in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
