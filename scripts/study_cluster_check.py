@@ -81,18 +81,23 @@ def killed_worker_run(folder: Path, profile: str) -> dict:
 
 def interrupted_run(folder: Path, profile: str) -> dict:
     """SIGINT the 2-worker study once 4 configurations are finished, then run it again."""
-    process = subprocess.Popen(study_command(folder, profile, "--workers", "2"), stdout=subprocess.DEVNULL)
+    # a Ctrl-C: SIGINT as a terminal sends it (a background shell may have started us ignoring it)
+    process = subprocess.Popen(study_command(folder, profile, "--workers", "2"), stdout=subprocess.DEVNULL,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     rows = folder / "rows"
     while process.poll() is None and len(list(rows.glob("*.json"))) < 4:
         time.sleep(0.2)
     process.send_signal(signal.SIGINT)
+    interrupted_at = time.perf_counter()
     process.wait()
+    stopped_within = time.perf_counter() - interrupted_at
     finished = {path.name: path.stat().st_mtime_ns for path in rows.glob("*.json")}
     start = time.perf_counter()
     rerun = subprocess.run(study_command(folder, profile, "--workers", "2"), check=True, capture_output=True,
                            text=True)
     unchanged = all((rows / name).stat().st_mtime_ns == stamp for name, stamp in finished.items())
-    return {"finished_before_interrupt": len(finished), "rerun_seconds": round(time.perf_counter() - start, 1),
+    return {"finished_before_interrupt": len(finished), "stopped_within_seconds": round(stopped_within, 1),
+            "exit_status": process.returncode, "rerun_seconds": round(time.perf_counter() - start, 1),
             "rerun_summary": rerun.stdout.strip().splitlines()[-1], "finished_rows_untouched": unchanged}
 
 

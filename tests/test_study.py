@@ -260,3 +260,26 @@ def test_a_study_on_the_gpu_fine_tunes_and_evaluates_there(serial_study, tiny_tr
     load_pruned(study.model_path("save0.2:heads:amg@ft20"))
     on_cpu = serial_study.accuracy("unpruned").row["query_mAP"]
     assert study.accuracy("unpruned").row["query_mAP"] == pytest.approx(on_cpu, abs=1e-3)
+
+
+def test_a_stopped_study_command_keeps_what_its_workers_finished(tiny_trained, tmp_path):
+    pytest.importorskip("distributed", reason=DASK_MISSING)
+    dataset, model = tiny_trained
+    checkpoint = save_pruned(model, tmp_path / "tiny.pt")
+    finished_first = ["save0.2:heads:amg", "save0.2:heads:random"]
+    command = [sys.executable, "-m", "amg.cli", "study", "run", "--study", str(tmp_path / "study"), "--checkpoint",
+               str(checkpoint), "--data", str(dataset.root), "--workers", "2", "--configs"]
+    process = subprocess.Popen(command + [",".join(finished_first + ["save0.2:heads:amg@ft5000"])],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    study = StudyFolder(tmp_path / "study")
+    deadline = time.time() + 120
+    while time.time() < deadline and not all((study.folder / "rows").is_dir() and study.finished(config)
+                                             for config in ["unpruned", *finished_first]):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)  # a scheduler's stop, in the middle of the fine-tuning
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130 and "interrupted" in stderr
+    assert not study.finished("save0.2:heads:amg@ft5000")
+    assert "save0.2:heads:amg," in (study.folder / "accuracy.csv").read_text()  # the tables show what finished
+    rerun = subprocess.run(command + [",".join(finished_first)], capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0 and "0 computed" in rerun.stdout and "3 reused" in rerun.stdout

@@ -122,7 +122,7 @@ def run_study(study: StudyFolder, configurations: Sequence[str], data_root: str 
                                            f" on {workers} local Dask workers" if workers else " in this process"))
     start = time.perf_counter()
     try:
-        engine = _run_on_dask if workers or address else _run_here
+        engine = _run_on_dask if (workers or address) and tasks else _run_here  # (no cluster for nothing)
         for done, (config, summary, error) in enumerate(engine(tasks, workers, address), 1):
             if error is not None:
                 outcome.failed[config] = error
@@ -137,6 +137,11 @@ def run_study(study: StudyFolder, configurations: Sequence[str], data_root: str 
         outcome.seconds = time.perf_counter() - start
         study.write_tables()
     return outcome
+
+
+def _expected_work(task: StudyTask) -> int:
+    """Fine-tuning steps, as a rank of how long a task takes (evaluation and planning: seconds)."""
+    return PruneSpec.from_config_id(task.config_id).schedule.steps
 
 
 def _run_here(tasks: Sequence[StudyTask], workers: int, address: str | None):
@@ -166,9 +171,12 @@ def _run_on_dask(tasks: Sequence[StudyTask], workers: int, address: str | None):
                            client.scheduler_info()["workers"].values()):
             raise InputError("no worker of this cluster offers a GPU: start one `dask worker ... --resources GPU=1` "
                              "per GPU (CUDA_VISIBLE_DEVICES set for each)")
-        futures = client.map(run_task, tasks, key=[f"amg-study-{task.config_id}" for task in tasks], pure=False,
-                             resources=GPU if gpu else None)
-        config_of = {future.key: task.config_id for future, task in zip(futures, tasks)}
+        # The longest first (fine-tunings by their steps), so that no worker starts one at the end
+        # alone; submitted in that order too, as workers take the first ones before priorities apply.
+        ordered = sorted(tasks, key=_expected_work, reverse=True)
+        futures = [client.submit(run_task, task, key=f"amg-study-{task.config_id}", pure=False,
+                                 resources=GPU if gpu else None, priority=_expected_work(task)) for task in ordered]
+        config_of = {future.key: task.config_id for future, task in zip(futures, ordered)}
         for future in as_completed(futures):
             try:
                 yield config_of[future.key], future.result(), None

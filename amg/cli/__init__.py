@@ -9,6 +9,7 @@ from amg.cli.parser import build_parser
 from amg.errors import InputError
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # as a shell reports a command stopped by Ctrl-C
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -26,3 +27,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         # traceback. Anything else is a bug or a failure inside a library: its traceback stays.
         print(f"amg {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # Ctrl-C (or a study's SIGTERM): what was finished is kept, the rest said
+        print(f"amg {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

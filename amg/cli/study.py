@@ -61,6 +61,17 @@ def _configurations(args: argparse.Namespace) -> list[str]:
     return list(dict.fromkeys([UNPRUNED.config_id, *names]))
 
 
+def _stop_on_sigterm() -> None:
+    """A scheduler's stop (SIGTERM) ends the study like Ctrl-C: finished configurations are kept
+    and the tables written; the workers of a local cluster are stopped."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def cmd_study_run(args: argparse.Namespace) -> int:
     from amg.benchmark.study_folder import StudyFolder
     from amg.benchmark.study_run import run_study
@@ -68,6 +79,7 @@ def cmd_study_run(args: argparse.Namespace) -> int:
     from amg.model.pruned import save_pruned
     from amg.train.cache import model_fingerprint
 
+    _stop_on_sigterm()
     if args.workers and args.address:
         raise InputError("--workers starts a local cluster, --address joins a running one: give one")
     configurations = _configurations(args)
