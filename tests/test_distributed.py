@@ -19,6 +19,7 @@ from amg.data.preload import preload_images
 from amg.data.sampler import PKSampler, rank_share
 from amg.errors import InputError
 from amg.model.vit import ReIDViT, build_model, save_model
+from amg.pruning.planner import make_plan
 from amg.train import distributed, reid_training
 from amg.train.config import TrainConfig
 
@@ -69,6 +70,8 @@ def _worker(rank: int, dataset, port: int, out) -> None:
         share = rank_share(CONFIG.num_identities, CONFIG.num_instances, world.rank, world.size)
         batches = _first_batches(model, images, labels, camids, share)
         gradients = _first_gradients(model, images, labels, camids, share)
+        # each process draws other heads (its own seed): all must prune to rank 0's plan
+        plan = make_plan(model, heads=0.34, head_policy="random", seed=world.rank)
         try:
             reid_training.train_reid(model, images, labels, camids, dataclasses.replace(CONFIG, num_identities=3))
             refusal = None
@@ -76,6 +79,7 @@ def _worker(rank: int, dataset, port: int, out) -> None:
             refusal = str(error)
         log = reid_training.train_reid(model, images, labels, camids, CONFIG)
     torch.save({"share": share, "batches": batches, "gradients": gradients, "refusal": refusal, "losses": log.losses,
+                "kept_heads": plan.kept_heads,
                 "accuracy": log.final_accuracy, "returned": type(model).__name__, "weights": model.state_dict()},
                out / f"rank{rank}.pt")
 
@@ -122,6 +126,9 @@ def test_two_processes_train_as_one_on_the_same_global_batch(tiny_trained, tmp_p
         assert rank["returned"] == "ReIDViT"  # the plain module, not the DDP wrapper
         assert (rank["losses"], rank["accuracy"]) == (ranks[0]["losses"], ranks[0]["accuracy"])  # the global ones
     assert all(torch.equal(value, ranks[1]["weights"][name]) for name, value in ranks[0]["weights"].items())
+    rank0_plan = make_plan(model, heads=0.34, head_policy="random", seed=0).kept_heads
+    assert make_plan(model, heads=0.34, head_policy="random", seed=1).kept_heads != rank0_plan  # the seeds differ
+    assert ranks[0]["kept_heads"] == ranks[1]["kept_heads"] == rank0_plan
     assert len(ranks[0]["losses"]) == len(single.losses) == CONFIG.steps // CONFIG.log_every
     assert single.losses[-1] < 0.5 * single.losses[0]  # it learned: the comparison is not of two flat lines
     assert ranks[0]["losses"][-1] == pytest.approx(single.losses[-1], rel=0.02)

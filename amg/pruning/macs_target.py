@@ -27,6 +27,7 @@ from amg.pruning.policies import (
 )
 from amg.pruning.ratio_search import plan_saving, smallest_ratio
 from amg.pruning.selection import select_channels, select_heads, select_tokens
+from amg.train.distributed import from_main
 
 MAX_SEARCH_RATIO = 0.95
 
@@ -82,7 +83,7 @@ def plan_for_saving(model: ReIDViT, target: float, mode: str = "both", head_poli
     use_heads, use_tokens, use_mlp = (axis in SAVING_MODES[mode] for axis in ("heads", "tokens", "mlp"))
     peer = peer_policy(axis_policies(use_heads, head_policy, use_tokens, token_policy, use_mlp, mlp_policy))
     if peer:
-        return peer_plan_for_saving(model, target, peer, data, progress, heads=use_heads, mlp=use_mlp)
+        return from_main(peer_plan_for_saving(model, target, peer, data, progress, heads=use_heads, mlp=use_mlp))
     if use_tokens and is_dynamic(token_policy):
         if use_heads or use_mlp:
             raise InputError("a MACs target with a dynamic token policy is searched by tokens alone (mode 'tokens')")

@@ -28,6 +28,7 @@ from amg.pruning.policies import (
     policy,
 )
 from amg.pruning.selection import check_ratio, select_channels, select_heads, select_tokens
+from amg.train.distributed import from_main
 
 
 def policy_scores(axis: str, model: ReIDViT, name: str, allocation: str, calibration: S.CalibrationStats | None,
@@ -72,7 +73,7 @@ def make_plan(model: ReIDViT, heads: float = 0.0, tokens: float = 0.0, head_poli
     check_ratio("MLP channel", mlp)
     peer = peer_policy(axis_policies(heads > 0, head_policy, tokens > 0, token_policy, mlp > 0, mlp_policy))
     if peer:
-        return peer_plan(model, heads, mlp, peer, data, progress)
+        return from_main(peer_plan(model, heads, mlp, peer, data, progress))
     mlp_scoring = policy(MLP, mlp_policy) if mlp > 0 else None
     # Only the axes being pruned need a valid policy (`--policy tome` prunes tokens only).
     head_scoring = policy(HEADS, head_policy) if heads > 0 else None
@@ -127,7 +128,7 @@ def make_plan(model: ReIDViT, heads: float = 0.0, tokens: float = 0.0, head_poli
                                         total_channels=work.config.depth * work.config.mlp_hidden,
                                         multiple=mlp_multiple)
         plan.ratios["mlp_multiple"] = mlp_multiple
-    return plan
+    return from_main(plan)  # under torchrun, every process prunes to rank 0's plan
 
 
 def _current_channels(model: ReIDViT) -> list[list[int] | None] | None:

@@ -107,6 +107,18 @@ def main_first() -> Iterator[None]:
         dist.barrier()
 
 
+def from_main(value):
+    """Rank 0's `value` on every process (`value` itself without a process group). For decisions the
+    processes must share, such as a pruning plan: scores from gradients can differ in their last
+    bits between GPUs, a near-tie then flips, and processes holding models of other shapes cannot
+    train together."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def training_device() -> torch.device | None:
     """This process's GPU under NCCL; None (wherever the model is) otherwise."""
     if dist.is_initialized() and dist.get_backend() == "nccl":
