@@ -89,5 +89,5 @@ def test_the_suite_measures_the_stored_plan_instead_of_planning(tiny_trained, tm
 
     fresh = Suite(copy.deepcopy(model), "tiny", profile, dataset, threads=1, progress=lambda m: None,
                   plan_store=PlanStore(tmp_path / "new"))
-    made = fresh.plan(PruneSpec(heads=0.5, head_policy="random"))
+    made = fresh.models.plan(PruneSpec(heads=0.5, head_policy="random"))
     assert PlanStore(tmp_path / "new").load("heads0.5:random", model.config, model_fingerprint(model)) == made

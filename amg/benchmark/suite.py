@@ -36,7 +36,6 @@ from amg.measure.device import device_id, device_name, machine_load
 from amg.measure.flops import count_macs
 from amg.measure.latency import LatencyStats, paired_rounds, paired_speedup
 from amg.measure.memory import measure_peak_memory
-from amg.model.plan import PrunePlan
 from amg.model.pruned import current_plan, save_pruned
 from amg.model.vit import ReIDViT, build_model
 
@@ -143,12 +142,6 @@ class Suite:
                                                 slowdown=self.slowdown, journal=self.journal)
         return self._other_model
 
-    def calibration(self):
-        return self.models.calibration()
-
-    def plan(self, spec: PruneSpec) -> PrunePlan:
-        return self.models.plan(spec)
-
     def pruned(self, spec: PruneSpec) -> ReIDViT:
         return self.models.pruned(spec)
 
@@ -169,7 +162,7 @@ class Suite:
     def runner(self, case: Case) -> Runner:
         calibration = None
         if case.precision == "int8" and self.dataset is not None:  # a model without data calibrates on noise
-            calibration = normalize(self.calibration().images)
+            calibration = normalize(self.models.calibration().images)
         runner = prepare(case.backend, copy.deepcopy(self.pruned(case.spec)), case.batch, case.precision, self.threads,
                          calibration)
         factor = self.slowdown.get(case.spec.config_id)
