@@ -153,3 +153,16 @@ def test_prune_with_fine_tuning_under_torchrun_writes_one_model(tiny_trained, tm
     pruned = load_pruned(out)
     assert pruned.plan.policy["schedule"] == "one-shot + 3 fine-tune steps, distilled"
     assert not torch.equal(pruned.classifier.weight, model.classifier.weight)  # fine-tuned
+
+
+@pytest.mark.slow
+def test_bad_input_under_torchrun_is_said_once(tiny_trained, tmp_path):
+    dataset, _ = tiny_trained
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD_SIZE),
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "amg.cli",
+               "prune", "--model", str(tmp_path / "missing.pt"), "--data", str(dataset.root), "--heads", "0.34",
+               "--finetune", "3", "--out", str(tmp_path / "pruned.pt")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode != 0
+    assert result.stderr.count("amg prune: error:") == 1 and "missing.pt" in result.stderr

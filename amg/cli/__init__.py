@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Sequence
 
@@ -25,8 +26,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (InputError, OSError) as error:
         # Bad input (and missing or unwritable files) is the user's to fix: say what, without a
         # traceback. Anything else is a bug or a failure inside a library: its traceback stays.
-        print(f"amg {args.command}: error: {error}", file=sys.stderr)
+        _say(f"amg {args.command}: error: {error}")
         return EXIT_USAGE
     except KeyboardInterrupt:  # Ctrl-C (or a study's SIGTERM): what was finished is kept, the rest said
-        print(f"amg {args.command}: interrupted", file=sys.stderr)
+        _say(f"amg {args.command}: interrupted")
         return EXIT_INTERRUPTED
+
+
+def _say(message: str) -> None:
+    """To stderr, once: under torchrun the processes fail alike, and rank 0 speaks for them
+    (torch-free: `amg report` must not load torch to print an error)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr)
