@@ -21,11 +21,11 @@ import time
 from pathlib import Path
 
 from amg.benchmark.profiles import PROFILES, study_configurations
-from amg.benchmark.study_folder import ACCURACY_CSV, StudyFolder
-from amg.benchmark.study_run import run_study
+from amg.benchmark.study_folder import ACCURACY_CSV
+from amg.benchmark.study_run import run_study, start_study
 from amg.files import write_text_atomic
 from amg.measure.device import device_id
-from amg.train.cache import default_model, model_fingerprint, synthetic_root
+from amg.train.cache import default_model, synthetic_root
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -45,13 +45,11 @@ def killed_worker_run(folder: Path, profile: str) -> dict:
     from distributed import Client, LocalCluster
 
     from amg.data.layout import load_dataset
-    from amg.model.pruned import save_pruned
 
     model, _ = default_model()
     dataset = load_dataset(synthetic_root())
     configs = study_configurations(PROFILES[profile])
-    study = StudyFolder.create(folder, model_fingerprint(model), dataset.identity(), dataset.name, configs,
-                               lambda path: save_pruned(model, path))
+    study = start_study(folder, model, dataset, configs)
     killed: dict = {}
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
             Client(cluster) as client:

@@ -16,7 +16,7 @@ import torch
 from amg.benchmark.profiles import PROFILES, Case, PruneSpec
 from amg.benchmark.pruned_models import PrunedModels
 from amg.benchmark.study_folder import NotInStudy, StudyError, StudyFolder
-from amg.benchmark.study_run import run_study
+from amg.benchmark.study_run import run_study, start_study
 from amg.data.layout import load_dataset
 from amg.errors import InputError
 from amg.model.pruned import load_pruned, save_pruned
@@ -31,8 +31,7 @@ DASK_MISSING = "the study's cluster engine is not installed: pip install 'amg-be
 
 
 def _new_study(folder, dataset, model, configs=CONFIGS) -> StudyFolder:
-    return StudyFolder.create(folder, model_fingerprint(model), dataset.identity(), dataset.name, configs,
-                              lambda path: save_pruned(model, path))
+    return start_study(folder, model, dataset, configs)
 
 
 def _run(folder, dataset, model, configs=CONFIGS, **engine):
@@ -192,10 +191,10 @@ def test_data_identity_follows_the_files_not_the_folder(tiny_trained, tmp_path):
 
     dataset, _ = tiny_trained
     moved = shutil.copytree(dataset.root, tmp_path / "elsewhere")
-    assert load_dataset(moved).identity() == dataset.identity()
+    assert load_dataset(moved).identity == dataset.identity
     query = next((moved / "query").iterdir())
     query.write_bytes(query.read_bytes() + b"\0")
-    assert load_dataset(moved).identity() != dataset.identity()
+    assert load_dataset(moved).identity != dataset.identity
 
 
 def test_a_worker_with_other_data_is_refused(serial_study, tiny_trained, tmp_path):

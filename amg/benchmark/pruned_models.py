@@ -136,15 +136,19 @@ class PrunedModels:
         otherwise hold every model it made."""
         self._pruned = {UNPRUNED: self.model} if UNPRUNED in self._pruned else {}
 
+    def _starting_plan(self, spec: PruneSpec) -> PrunePlan:
+        """The one-shot plan a schedule starts from (the unpruned model fine-tuned: none)."""
+        return self.plan(spec) if spec.prunes else PrunePlan.unpruned(self.model.config)
+
     def fine_tuning_key(self, spec: PruneSpec) -> dict[str, Any]:
         """Everything that shapes a fine-tuning, by content (no paths): its cache file's name."""
-        plan = self.plan(spec) if spec.prunes else PrunePlan.unpruned(self.model.config)
-        return {"base": self.fingerprint(), "plan": plan.to_dict(), "schedule": spec.schedule.__dict__,
-                "data": self.dataset.identity(), "calibration": self.calibration().description}
+        return {"base": self.fingerprint(), "plan": self._starting_plan(spec).to_dict(),
+                "schedule": spec.schedule.__dict__, "data": self.dataset.identity,
+                "calibration": self.calibration().description}
 
     def _trained(self, spec: PruneSpec) -> ReIDViT:
         """Fine-tuned or iterative: minutes of training, so cached by everything that shapes it."""
-        plan = self.plan(spec) if spec.prunes else PrunePlan.unpruned(self.model.config)
+        plan = self._starting_plan(spec)
 
         def train(checkpoint: Path) -> ReIDViT:
             self.progress(f"{spec.schedule.description}: {spec.config_id} (cached afterwards)")

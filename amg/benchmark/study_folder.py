@@ -148,17 +148,17 @@ class StudyFolder:
         return NotInStudy(f"{config_id} is not in the study {self.folder}: add it with `amg study run --study "
                           f"{self.folder} --configs {config_id}`")
 
-    def check_member(self, config_id: str) -> None:
-        """Raise `NotInStudy` unless `config_id` was computed (with its reason when it was skipped)."""
+    def check_member(self, config_id: str) -> dict[str, Any]:
+        """The record of `config_id`; `NotInStudy` unless it was computed (with its reason when it was skipped)."""
         record = self.row(config_id)
         if record is None:
             raise self.missing(config_id)
         if record.get("skipped"):
             raise NotInStudy(f"{config_id}: {record['skipped']} (in the study {self.folder})")
+        return record
 
     def model_path(self, config_id: str) -> Path:
-        self.check_member(config_id)
-        name = self.row(config_id).get("model")
+        name = self.check_member(config_id).get("model")
         path = self.folder / name if name else None
         if path is None or not path.is_file():
             raise StudyError(f"the study {self.folder} lists {config_id} but its model file {name} is missing")
@@ -167,8 +167,7 @@ class StudyFolder:
     def accuracy(self, config_id: str) -> AccuracyResult:
         from amg.benchmark.pruned_models import AccuracyResult
 
-        self.check_member(config_id)
-        record = self.row(config_id)
+        record = self.check_member(config_id)
         return AccuracyResult(dict(record["accuracy"]), record["queries"])
 
     # -------------------------------------------------------------- results

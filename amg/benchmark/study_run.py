@@ -89,9 +89,9 @@ def _pruned_models(study_folder: str, data_root: str, device: str) -> PrunedMode
     study = StudyFolder.open(study_folder)
     dataset = load_dataset(data_root)
     expected = study.manifest()["data_identity"]
-    if dataset.identity() != expected:
+    if dataset.identity != expected:
         raise StudyError(f"the data set at {data_root} on {socket.gethostname()} is not the study's "
-                         f"({dataset.identity()} vs {expected}): every worker needs the same files")
+                         f"({dataset.identity} vs {expected}): every worker needs the same files")
     if device == "cuda":
         from amg.measure.backends import cuda_availability
 
@@ -103,6 +103,16 @@ def _pruned_models(study_folder: str, data_root: str, device: str) -> PrunedMode
 
 def _worker_progress(config_id: str) -> Progress:
     return lambda message: print(f"[amg study {config_id}] {message}", flush=True)
+
+
+def start_study(folder: str | Path, model, dataset, configurations: Sequence[str]) -> StudyFolder:
+    """The study of `model` on `dataset` in `folder`: new, or the one there continued
+    (`StudyFolder.create`), with `model` saved as its base."""
+    from amg.model.pruned import save_pruned
+    from amg.train.cache import model_fingerprint
+
+    return StudyFolder.create(folder, model_fingerprint(model), dataset.identity, dataset.name, configurations,
+                              lambda path: save_pruned(model, path))
 
 
 def run_study(study: StudyFolder, configurations: Sequence[str], data_root: str | Path, threads: int,

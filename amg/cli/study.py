@@ -73,11 +73,8 @@ def _stop_on_sigterm() -> None:
 
 
 def cmd_study_run(args: argparse.Namespace) -> int:
-    from amg.benchmark.study_folder import StudyFolder
-    from amg.benchmark.study_run import run_study
+    from amg.benchmark.study_run import run_study, start_study
     from amg.cli.commands import _load_dataset, _load_model_arg, progress
-    from amg.model.pruned import save_pruned
-    from amg.train.cache import model_fingerprint
 
     _stop_on_sigterm()
     if args.workers and args.address:
@@ -85,8 +82,7 @@ def cmd_study_run(args: argparse.Namespace) -> int:
     configurations = _configurations(args)
     model = _load_model_arg(args.checkpoint)
     dataset = _load_dataset(args.data, "auto")
-    study = StudyFolder.create(args.study, model_fingerprint(model), dataset.identity(), dataset.name,
-                               configurations, lambda path: save_pruned(model, path))
+    study = start_study(args.study, model, dataset, configurations)
     outcome = run_study(study, configurations, dataset.root, args.threads, args.workers, args.address, progress,
                         args.device)
     rows = [(config, "computed" if config in outcome.computed else "already in the study" if config in outcome.reused

@@ -46,7 +46,7 @@ class CalibrationImages:
         if progress:
             progress(f"loading {count} calibration images from {dataset.root}")
         return cls(preload_images(samples, img_size), [labels[i] for i in chosen], [s.camid for s in samples],
-                   {"dataset": dataset.identity(), "split": "train", "images": count, "seed": seed, "loss": loss,
+                   {"dataset": dataset.identity, "split": "train", "images": count, "seed": seed, "loss": loss,
                     "batch": batch_size}, loss=loss, batch_size=batch_size, seed=seed)
 
     def with_teacher(self, model: ReIDViT) -> CalibrationImages:
