@@ -1,6 +1,9 @@
 """How far CI's quick-profile runs move from the committed baseline, per metric.
 
-Usage: python scripts/ci_spread.py BASELINE.csv RUN.csv [RUN.csv ...]
+Usage: python scripts/ci_spread.py BASELINE.csv|BASELINE_DIR RUN.csv [RUN.csv ...]
+
+With a folder of per-CPU baselines, each run is compared with its CPU's, whatever its thread
+count (the spread varies threads on purpose).
 
 For every gated metric: the largest absolute change of an accuracy metric (0..1), any MACs
 change, and the lowest ratio of a speed-up to the baseline's, over all configurations and
@@ -14,14 +17,26 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from amg.benchmark.results import read_csv
+from amg.benchmark.results import ResultsFile, read_csv
 from amg.reporting.gate import ACCURACY_METRICS, MACS_METRIC, SPEEDUP_METRIC, compare
 
 
+def same_cpu_baseline(baseline: Path, run: ResultsFile) -> ResultsFile:
+    if baseline.is_file():
+        return read_csv(baseline)
+    name = run.rows[0]["device_name"]
+    for path in sorted(baseline.glob("*.csv")):
+        candidate = read_csv(path)
+        if candidate.rows[0]["device_name"] == name:
+            return candidate
+    raise SystemExit(f"{baseline} has no baseline for {name}: scripts/make-ci-baseline makes one")
+
+
 def spread(baseline: Path, runs: list[Path]) -> list[list[str]]:
-    rows, base = [], read_csv(baseline)
+    rows = []
     for run in runs:
         current = read_csv(run)
+        base = same_cpu_baseline(baseline, current)
         result = compare(base, current, allow_mismatch=True)  # the spread varies threads on purpose
         pairs = [(f.metric, f.baseline, f.current) for f in result.findings
                  if f.baseline is not None and f.current is not None]

@@ -34,7 +34,7 @@ from amg.benchmark.results import (
 from amg.data.synthetic import generate
 from amg.model.pruned import save_pruned
 from amg.model.vit import build_model
-from amg.reporting.gate import main as gate_main
+from amg.reporting.gate_cli import main as gate_main
 
 ROOT = Path(__file__).resolve().parents[1]
 

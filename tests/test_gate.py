@@ -7,16 +7,9 @@ import copy
 import pytest
 
 from amg.benchmark.results import read_csv, write_csv
-from amg.reporting.gate import (
-    Finding,
-    GateResult,
-    Tolerances,
-    compare,
-    format_findings,
-    gate,
-    main,
-    parse_number,
-)
+from amg.reporting.baselines import gate
+from amg.reporting.gate import Finding, GateResult, Tolerances, compare, parse_number
+from amg.reporting.gate_cli import format_findings, main
 
 
 def _row(config_id: str, speedup: float | None, macs: int, rank1: float, mAP: float) -> dict:

@@ -11,7 +11,7 @@ import torch
 from amg.benchmark.profiles import PROFILES, UNPRUNED, Case, PruneSpec, build_cases
 from amg.benchmark.results import COLUMNS, read_csv, write_csv
 from amg.benchmark.suite import Suite
-from amg.reporting.gate import gate
+from amg.reporting.baselines import gate
 
 TINY_PROFILE = dataclasses.replace(PROFILES["quick"], paired_rounds=3, rounds=3)
 

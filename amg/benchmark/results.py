@@ -146,16 +146,21 @@ def write_csv(rows: Iterable[Mapping[str, Any]], results_dir: str | Path, device
         if unknown:
             raise ReportError(f"row has columns outside the schema: {unknown}")
     path = Path(results_dir) / safe_name(device) / f"{safe_name(run_id)}.csv"
+    try:
+        write_text_atomic(path, csv_text(rows), replace=False)
+    except FileExistsError as error:
+        raise ReportError(f"{path} exists: each run writes its own file") from error
+    return path
+
+
+def csv_text(rows: Iterable[Mapping[str, Any]]) -> str:
+    """`rows` as the text of a results CSV, every column of the schema in file order."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({column: _csv_text(row.get(column)) for column in COLUMNS})
-    try:
-        write_text_atomic(path, buffer.getvalue(), replace=False)
-    except FileExistsError as error:
-        raise ReportError(f"{path} exists: each run writes its own file") from error
-    return path
+    return buffer.getvalue()
 
 
 @dataclass(frozen=True)

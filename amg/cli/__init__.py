@@ -1,4 +1,4 @@
-"""The `amg` command: data, train, eval, prune, flops, report, select, gate, import, study."""
+"""The `amg` command: data, train, eval, prune, flops, report, select, gate, baseline, import, study."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ EXIT_INTERRUPTED = 130  # as a shell reports a command stopped by Ctrl-C
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["gate"]:  # the gate owns its options (argparse cannot hand "--help" through)
-        from amg.reporting.gate import main as gate_main
+        from amg.reporting.gate_cli import main as gate_main
 
         return gate_main(argv[1:])
     parser = build_parser()

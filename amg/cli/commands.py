@@ -2,7 +2,7 @@
 
 Every subcommand prints progress to stderr and results to stdout, so results can be piped.
 Heavy imports (torch, timm, fvcore) happen inside the commands that need them, so that
-`amg report`, `amg select` and `amg gate` run without torch.
+`amg report`, `amg select`, `amg gate` and `amg baseline` run without torch.
 """
 
 from __future__ import annotations
@@ -299,6 +299,18 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     for path in build_report(args.results_dir, args.out):
         print(path)
+    return 0
+
+
+def cmd_baseline(args: argparse.Namespace) -> int:
+    from amg.reporting.baselines import make_baseline
+    from amg.reporting.gate import machine
+
+    if args.into:
+        args.into.mkdir(parents=True, exist_ok=True)
+    path, rows = make_baseline(args.runs, args.out or args.into)
+    print(f"{path}: {len(rows)} rows from {len(args.runs)} runs on {machine(rows)} "
+          "(speed-ups: the runs' median, intervals spanning theirs)")
     return 0
 
 

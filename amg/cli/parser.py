@@ -235,10 +235,25 @@ def build_parser() -> argparse.ArgumentParser:
     select.add_argument("--profile", default="default", help="suite profile for --measure (default %(default)s)")
     select.set_defaults(func=commands.cmd_select)
 
-    # listed for --help only: main() hands `amg gate ...` to amg.reporting.gate.main before parsing
+    # listed for --help only: main() hands `amg gate ...` to amg.reporting.gate_cli.main before parsing
     sub.add_parser("gate", add_help=False,
-                   help="compare a run's CSV with a baseline CSV; exit 0 pass, 1 regression, 2 input error "
-                        "(`amg gate --help` for its options)")
+                   help="compare a run's CSV with a baseline CSV (or this CPU's in a folder); exit 0 pass, "
+                        "1 regression, 2 input error (`amg gate --help` for its options)")
+
+    baseline = sub.add_parser(
+        "baseline", help="make a gate baseline for one CPU from reruns of one benchmark on it",
+        description="Combine reruns of one benchmark on one CPU model (same configurations, thread count, "
+                    "device id and input size; accuracy and MACs equal) into one baseline CSV for `amg gate`: "
+                    "each row is the first run's, with the reruns' median speed-up and latencies and a speed-up "
+                    "interval spanning every rerun's, so the gate sees how far reruns drift. With --into it lands "
+                    "in a baseline folder named after its CPU (e.g. amd-epyc-2t.csv); the gate picks it by the "
+                    "CPU named in its rows.")
+    baseline.add_argument("runs", nargs="+", type=Path, metavar="RUN.csv", help="two or more reruns' CSVs")
+    where = baseline.add_mutually_exclusive_group(required=True)
+    where.add_argument("--into", type=Path, metavar="DIR",
+                       help="baseline folder: writes DIR/<cpu>-<threads>t.csv (replaced atomically)")
+    where.add_argument("--out", type=Path, metavar="FILE", help="baseline CSV to write (replaced atomically)")
+    baseline.set_defaults(func=commands.cmd_baseline)
 
     imp = sub.add_parser("import", help="convert a TransReID / timm / LA-Transformer .pth into an amg model file")
     imp.add_argument("checkpoint", type=Path, help="the .pth state dict")
