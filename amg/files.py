@@ -10,10 +10,12 @@ second is refused), and a link at the target is replaced, not followed.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterator
 
 from amg.errors import InputError
 
@@ -52,3 +54,15 @@ def write_text_atomic(path: str | Path, text: str, replace: bool = True) -> Path
 def write_png_atomic(figure, path: str | Path, dpi: int = 120) -> Path:
     """`write_atomic` for a matplotlib figure, as PNG (every plot and picture of the report)."""
     return write_atomic(path, lambda stream: figure.savefig(stream, format="png", dpi=dpi))
+
+
+@contextlib.contextmanager
+def writing_together(path: str | Path) -> Iterator[None]:
+    """Hold `path`'s lock (flock on `.<name>.lock` beside it) while several files that belong
+    together are written (a model and its plan): two writers each land their whole pair, one
+    after the other, never one's model with the other's plan. The lock dies with the process."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        yield

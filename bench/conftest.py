@@ -8,6 +8,7 @@ per run under `<results-dir>/<device-id>/`, written atomically.
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
 import tempfile
 import threading
@@ -49,7 +50,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
              "accuracy of reduced precisions")
     add("--amg-neck-feat", default=None, choices=NECK_FEATS,
         help="retrieval feature for accuracy: the class token after the BN neck or before it (TransReID's "
-             "TEST.NECK_FEAT); default: what the model file says (imports: their source's), else after")
+             "TEST.NECK_FEAT), or la-parts (LA-Transformer's 14 pooled part features; its configurations with "
+             "a class-token last block skip); default: what the model file says (imports: their source's), "
+             "else after")
     add("--amg-ratios", default=None, help="comma-separated pruning ratios, e.g. 0.25,0.5 (default: the profile's)")
     add("--amg-policies", default=None, help="comma-separated policies, e.g. amg,random,tome (default: the profile's)")
     add("--amg-backends", default=None,
@@ -111,11 +114,13 @@ def _cases(config: pytest.Config):
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Refuse what would only fail after everything was measured: a results folder that cannot
-    take the CSV, a thread count below one."""
+    """Refuse what would only fail after everything was measured, or be ignored: a results
+    folder that cannot take the CSV, a thread count below one, a slowdown for no case."""
     threads = config.getoption("--amg-threads", None)
     if threads is not None and threads < 1:
         raise pytest.UsageError(f"--amg-threads must be >= 1, got {threads}")
+    if config.getoption("--amg-inject-slowdown", None):
+        _slowdown(config)
     if config.getoption("--amg-study", None):
         from amg.benchmark.study_folder import StudyError, StudyFolder
 
@@ -136,7 +141,10 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"--amg-results-dir {folder} cannot hold the report: {error}") from error
     from amg.benchmark.results import recover_journals
 
-    for path in recover_journals(folder):  # rows of runs that were killed before writing their CSV
+    def warn(message: str) -> None:
+        print(f"[amg] warning: {message}")
+
+    for path in recover_journals(folder, warn):  # rows of runs that were killed before writing their CSV
         print(f"[amg] a killed run's measured rows recovered as an interrupted report: {path}")
     # SIGTERM (a scheduler's stop, `kill`) ends the run like Ctrl-C: what was measured is written.
     if threading.current_thread() is threading.main_thread():
@@ -158,6 +166,26 @@ def _interrupt(signum, frame) -> None:
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if _INTERRUPTED.is_set():
         raise KeyboardInterrupt("interrupted earlier (the interrupt surfaced as another error)")
+
+
+def _slowdown(config: pytest.Config) -> dict[str, float]:
+    """--amg-inject-slowdown as {config id: factor}; an id no case of this run measures is an
+    error (it would be ignored, and the check it was meant for would pass without testing)."""
+    slowdown = {}
+    for item in _split(config.getoption("--amg-inject-slowdown")) or ():
+        name, _, factor = item.rpartition("=")
+        try:
+            slowdown[name] = float(factor)
+        except ValueError as error:
+            raise pytest.UsageError(f"--amg-inject-slowdown: {item!r} is not CONFIG=FACTOR") from error
+        if not math.isfinite(slowdown[name]) or slowdown[name] < 1:
+            raise pytest.UsageError(f"--amg-inject-slowdown: {item!r}: the factor must be a finite number >= 1")
+    measured = {case.spec.config_id for case in _cases(config)}
+    unknown = sorted(set(slowdown) - measured)
+    if unknown:
+        raise pytest.UsageError(f"--amg-inject-slowdown: no case of this run measures {unknown}; "
+                                f"its configurations are {', '.join(sorted(measured))}")
+    return slowdown
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -213,13 +241,7 @@ def suite(request: pytest.FixtureRequest):
     dataset = None
     if data_root or (trained and not study):  # a study brings its accuracy: data only when asked for
         dataset = load_dataset(data_root or synthetic_root(progress=progress))
-    slowdown = {}
-    for item in _split(config.getoption("--amg-inject-slowdown")) or ():
-        name, _, factor = item.rpartition("=")
-        try:
-            slowdown[name] = float(factor)
-        except ValueError as error:
-            raise pytest.UsageError(f"--amg-inject-slowdown: {item!r} is not CONFIG=FACTOR") from error
+    slowdown = _slowdown(config)
     plans = config.getoption("--amg-plans")
     try:
         plan_store = PlanStore(plans) if plans else None
@@ -256,8 +278,12 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if state.journal is not None:
         state.journal.unlink(missing_ok=True)  # the report holds every row now
     reporter = session.config.pluginmanager.getplugin("terminalreporter")
-    record = state.save_attention_record(results_dir)
-    if reporter:
-        reporter.write_line(f"[amg] wrote {len(rows)} rows to {path}" + (" (interrupted run)" if status == INTERRUPTED else ""))
-        if record:
-            reporter.write_line(f"[amg] wrote head entropies and plans for `amg report`'s pictures to {record}")
+    say = reporter.write_line if reporter else print
+    say(f"[amg] wrote {len(rows)} rows to {path}" + (" (interrupted run)" if status == INTERRUPTED else ""))
+    try:
+        record = state.save_attention_record(results_dir)
+    except OSError as error:  # the report is written: a folder it cannot write ends the run with a word, not a traceback
+        say(f"[amg] warning: could not save the attention record for `amg report`'s pictures: {error}")
+        return
+    if record:
+        say(f"[amg] wrote head entropies and plans for `amg report`'s pictures to {record}")

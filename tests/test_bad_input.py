@@ -37,6 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
     (["select", "--budget-ms", "nan", "--backend", "cpu"], "'nan' is not a finite number > 0"),
     (["prune", "--calibration-images", "0", "--out", "p.pt"], "'0' is not a whole number >= 1"),
     (["prune", "--head-policy", "foo", "--out", "p.pt"], "invalid choice: 'foo'"),
+    (["data", "synth", "--out", "x", "--seed", "-1"], "'-1' is not a whole number >= 0"),
+    (["train", "--seed", "-1"], "'-1' is not a whole number >= 0"),
 ])
 def test_out_of_range_options_are_usage_errors(argv, expected, capsys):
     with pytest.raises(SystemExit) as stop:
@@ -52,6 +54,46 @@ def test_out_of_range_options_are_usage_errors(argv, expected, capsys):
 def test_model_configs_that_cannot_build_are_named(fields, message):
     with pytest.raises(InputError, match=message):
         ModelConfig("bad", **fields)
+
+
+@pytest.mark.parametrize("overrides, num_classes", [({"num_cameras": 10**10}, 0), ({}, 10**10)])
+def test_a_small_file_whose_camera_table_or_classifier_needs_more_memory_is_refused(tmp_path, overrides, num_classes):
+    path = tmp_path / "huge.pt"
+    config = {"name": "small", "img_size": (64, 32), "embed_dim": 64, "depth": 2, "num_heads": 2, **overrides}
+    torch.save({"format": CHECKPOINT_FORMAT, "config": config, "num_classes": num_classes, "state_dict": {}}, path)
+    with pytest.raises(InputError, match=r"needs about \d+\.\d GiB, more than the"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("config, message", [({"depth": 6.5}, "depth must be whole numbers, got depth=6.5"),
+                                             ({"img_size": (64.5, 32)}, "img_size must be whole numbers")])
+def test_a_model_file_with_fractional_shapes_is_refused_by_name(tmp_path, config, message):
+    path = tmp_path / "odd.pt"
+    config = {"name": "small", "img_size": (64, 32), "embed_dim": 64, "depth": 2, "num_heads": 2, **config}
+    torch.save({"format": CHECKPOINT_FORMAT, "config": config, "num_classes": 0, "state_dict": {}}, path)
+    with pytest.raises(InputError, match=message):
+        load_model(path)
+
+
+def test_integer_values_for_float_weights_are_refused_not_cast(tmp_path):
+    model = build_model("small", img_size=(64, 32))
+    path = save_model(model, tmp_path / "m.pt")
+    payload = torch.load(path, weights_only=True)
+    key = "backbone.blocks.0.attn.qkv.weight"
+    payload["state_dict"][key] = payload["state_dict"][key].to(torch.int64)
+    torch.save(payload, path)
+    with pytest.raises(InputError, match=f"integer values for float weights \\(1\\): {key}: checkpoint torch.int64"):
+        load_model(path)
+
+
+def test_a_camera_the_sie_model_has_no_embedding_for_is_named():
+    """A 2-camera SIE model on 6-camera data: an error naming the camera, not an index error."""
+    from amg.model.vit import build_model
+
+    model = build_model("small", img_size=(64, 32), num_cameras=2).eval()
+    with pytest.raises(InputError, match=r"camera id 5 is outside this model's camera embedding \(SIE\) of 2"):
+        model(torch.zeros(2, 3, 64, 32), torch.tensor([0, 5]))
+    assert model(torch.zeros(2, 3, 64, 32), torch.tensor([0, 1])).shape == (2, 192)
 
 
 def test_a_small_file_asking_for_more_memory_than_there_is_is_refused_before_allocating(tmp_path):
@@ -138,6 +180,8 @@ def test_eval_reports_queries_without_a_gallery_match(tmp_path, capsys):
     (["--amg-batches", "0"], "every batch size must be >= 1"),
     (["--amg-results-dir", "pyproject.toml"], "cannot hold the report"),
     (["--amg-policies", "foo"], "unknown policy(ies) ['foo']"),
+    (["--amg-inject-slowdown", "nope=2"], "no case of this run measures ['nope']"),
+    (["--amg-inject-slowdown", "unpruned=0.5"], "the factor must be a finite number >= 1"),
 ])
 def test_the_suite_refuses_bad_options_before_measuring(options, message):
     result = subprocess.run([sys.executable, "-m", "pytest", "bench/test_suite.py", "--collect-only", "-q",

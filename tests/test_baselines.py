@@ -64,7 +64,7 @@ def _first_row(column: str, value: str):
 
 @pytest.mark.parametrize("edit, message", [
     (_status("interrupted"), "interrupted run"),
-    (_status(" Interrupted"), "interrupted run"),  # however it is spelled
+    (_status(" Interrupted"), "none of complete, interrupted"),  # misspelt: refused when read
     (_first_row("occluded_rank1", "0.1"), "disagree on occluded_rank1"),
     (_first_row("macs", "1"), "disagree on macs"),
     (_first_row("device_name", "Other CPU"), "a baseline is one CPU model's"),

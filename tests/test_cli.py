@@ -84,7 +84,7 @@ def test_import_transreid_checkpoint(tmp_path, capsys):
     torch.save(state, pth)
     out = tmp_path / "imported.pt"
     assert main(["import", str(pth), "--preset", "small", "--img-size", "64", "32", "--out", str(out)]) == 0
-    assert "retrieval feature: before the neck" in capsys.readouterr().err  # TransReID's TEST.NECK_FEAT
+    assert "retrieval feature: the class token before the BN neck" in capsys.readouterr().err  # TransReID's TEST.NECK_FEAT
     images = torch.randn(1, 3, 64, 32)
     with torch.no_grad():
         assert torch.equal(load_model(out).eval()(images), source.forward_tokens(images)[:, 0])

@@ -93,6 +93,27 @@ def test_an_interrupted_export_leaves_nothing_behind(tiny_trained, tmp_path, mon
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_killed_exports_staging_folder_goes_with_the_next_export_a_live_ones_stays(tiny_trained, tmp_path):
+    import fcntl
+
+    killed, live = tmp_path / ".out.killed", tmp_path / ".out.live"
+    for staging in (killed, live):
+        staging.mkdir()
+        (staging / artifact.STAGING_LOCK).write_text("")
+        (staging / "model.onnx").write_bytes(b"x" * 1000)
+    with open(live / artifact.STAGING_LOCK) as holder:
+        fcntl.flock(holder.fileno(), fcntl.LOCK_EX)  # an export still writing it
+        _export(tiny_trained, tmp_path / "out", "onnx")
+        assert not killed.exists() and live.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.live", "out"]
+
+
+def test_a_batch_beyond_memory_is_refused_before_tracing(tiny_trained, tmp_path):
+    with pytest.raises(InputError, match=r"--batch 1000000000: tracing the model on it needs about .* GiB"):
+        _export(tiny_trained, tmp_path / "out", "onnx", batch=10**9)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_export_command_writes_the_artifact_and_prints_the_accuracy(tiny_trained, tmp_path, capsys):
     dataset, model = tiny_trained
     path = save_pruned(_pruned(model), tmp_path / "pruned.pt")

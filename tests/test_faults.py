@@ -137,6 +137,27 @@ def test_a_live_runs_journal_is_not_recovered_by_another_run(tmp_path):
     assert report.name == "run-1.csv" and not journal.exists()
 
 
+@pytest.mark.parametrize("line", [
+    '["a", "list"]',  # JSON, but not a row
+    '{"config_id": "unpruned", "no_such_column": 1}',
+    '{"config_id": "unpruned", "backend": "cpu", "precision": "fp32", "batch": 1, "device_id": "d", '
+    '"run_id": "run-2", "occluded_mAP": 85}',  # percent, not a fraction
+])
+def test_a_damaged_journal_is_set_aside_with_a_warning_and_the_others_still_recovered(tmp_path, line):
+    good = journal_path(tmp_path, "device", "run-1")
+    append_journal(good, {"config_id": "unpruned", "backend": "cpu", "precision": "fp32", "batch": 1,
+                          "device_id": "device", "run_id": "run-1"})
+    damaged = journal_path(tmp_path, "device", "run-2")
+    damaged.write_text(line + "\n")
+    warnings = []
+    [report] = recover_journals(tmp_path, warnings.append)
+    assert report.name == "run-1.csv"
+    aside = damaged.with_name(damaged.name + ".damaged")
+    assert aside.is_file() and not damaged.exists()
+    assert len(warnings) == 1 and str(aside) in warnings[0]
+    assert recover_journals(tmp_path, warnings.append) == [] and len(warnings) == 1  # said once
+
+
 def test_an_interrupt_that_surfaces_as_another_error_still_stops_the_run():
     """Ctrl-C inside torch.save's zip writer comes out as a RuntimeError: the flag set by the
     handler stops the run at the next test all the same (and marks the report interrupted)."""

@@ -65,3 +65,30 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
         write_atomic(path, lambda stream: stream.write(b"new"), replace=False)
     with pytest.raises(InputError, match="is a folder"):
         write_atomic(tmp_path, lambda stream: None)
+
+
+def test_two_writers_of_one_pair_of_files_land_each_whole_pair_in_turn(tmp_path):
+    """`amg prune --out m.pt --plan-out m.json` twice at once: the model and the plan on disk come
+    from one run (without the lock: one's model, the other's plan)."""
+    import threading
+    import time
+
+    from amg.files import write_text_atomic, writing_together
+
+    model, plan = tmp_path / "m.pt", tmp_path / "m.json"
+    started = threading.Barrier(2)
+
+    def write_pair(name: str, start: float, between: float) -> None:
+        started.wait()
+        time.sleep(start)
+        with writing_together(model):
+            write_text_atomic(model, name)
+            time.sleep(between)  # unlocked, "b" would write both files meanwhile and "a" its plan last
+            write_text_atomic(plan, name)
+
+    writers = [threading.Thread(target=write_pair, args=args) for args in (("a", 0.0, 0.3), ("b", 0.05, 0.01))]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join()
+    assert model.read_text() == plan.read_text() == "b"

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 
-from amg.benchmark.results import read_csv, write_csv
+from amg.benchmark.results import ReportError, read_csv, write_csv
 from amg.reporting.baselines import gate
 from amg.reporting.gate import Finding, GateResult, Tolerances, compare, parse_number
 from amg.reporting.gate_cli import format_findings, main
@@ -162,7 +162,57 @@ def test_configuration_with_other_batch_is_missing():
     assert [(f.key, f.verdict) for f in bad] == [(("heads50", "cpu", "fp32", 8), "missing")]
 
 
-@pytest.mark.parametrize("value", [None, float("nan"), "n/a"])
+def test_a_metric_that_is_not_a_number_is_an_input_error_naming_file_line_and_column(tmp_path, capsys):
+    current = _current()
+    _pick(current, "heads50")["occluded_mAP"] = "n/a"
+    code, _, err = _gate(tmp_path, capsys, current)
+    assert code == 2 and "line 3: occluded_mAP 'n/a' is not a number" in err and "cur.csv" in err
+
+
+@pytest.mark.parametrize("column, value, message", [
+    ("occluded_rank1", 85.0, "must be a fraction between 0 and 1"),  # percent, not a fraction
+    ("speedup", -5.0, "must be a number > 0"),
+    ("speedup", 0.0, "must be a number > 0"),
+    ("latency_median_ms", -3.0, "must be a number > 0"),
+    ("macs", 1.5, "must be a whole number >= 0"),
+    ("run_status", " Interrupted", "none of complete, interrupted"),
+    ("run_status", "Interrupted", "none of complete, interrupted"),
+])
+def test_a_value_out_of_its_column_s_range_is_refused_in_either_file(tmp_path, capsys, column, value, message):
+    bad = _current()
+    _pick(bad, "heads50")[column] = value
+    for base, cur in ((BASELINE, bad), (bad, BASELINE)):
+        with pytest.raises(ReportError, match=message):
+            compare(base, cur)
+    code, _, err = _gate(tmp_path, capsys, bad)
+    assert code == 2 and message in err and column in err
+
+
+def test_a_speedup_outside_its_own_interval_is_refused(tmp_path, capsys):
+    """The gate judges intervals: a speed-up moved while its interval stayed must not pass."""
+    with_intervals = [_with_interval(r, r["speedup"] - 0.02, r["speedup"] + 0.02) if r["speedup"] else r
+                      for r in BASELINE]
+    moved = copy.deepcopy(with_intervals)
+    _pick(moved, "heads50")["speedup"] = 1.07
+    with pytest.raises(ReportError, match=r"speedup 1.07 lies outside its own interval \[1.38, 1.42\]"):
+        compare(with_intervals, moved)
+    lone = copy.deepcopy(with_intervals)
+    _pick(lone, "heads50")["speedup_ci_high"] = None
+    with pytest.raises(ReportError, match="speedup_ci_low without speedup_ci_high"):
+        compare(with_intervals, lone)
+
+
+def test_a_column_twice_in_a_file_is_refused(tmp_path, capsys):
+    base, cur = _files(tmp_path, _current())
+    lines = open(cur).read().splitlines()
+    lines[0] += ",occluded_mAP"
+    lines[1:] = [line + ",0.99" for line in lines[1:]]
+    open(cur, "w").write("\n".join(lines) + "\n")
+    code, _, err = _run(capsys, "--baseline", base, "--current", cur)
+    assert code == 2 and "['occluded_mAP'] more than once" in err
+
+
+@pytest.mark.parametrize("value", [None, float("nan")])
 def test_missing_metric_fails(tmp_path, capsys, value):
     current = _current()
     _pick(current, "heads50")["occluded_mAP"] = value
@@ -202,14 +252,15 @@ def test_new_configuration_passes_with_a_note(tmp_path, capsys):
     assert len(notes) == 1 and notes[0].verdict == "ok" and "new" in notes[0].note
 
 
-def test_duplicate_key_takes_last_row_with_note():
-    first = _row("heads50", 1.40, 3_000_000_000, 0.50, 0.72)  # would fail alone
-    current = _current() + [first, _row("heads50", 1.40, 3_000_000_000, 0.88, 0.72)]  # 3 rows, good one last
-    result = compare(BASELINE, current)
-    assert result.passed
-    assert any("3 rows" in f.note and f.key[0] == "heads50" for f in result.findings)
-    current = _current() + [_row("heads50", 1.40, 3_000_000_000, 0.50, 0.72)]  # last one fails
-    assert not compare(BASELINE, current).passed
+def test_two_rows_of_one_key_are_refused_in_either_file(tmp_path, capsys):
+    """A good row after a bad one (or before it) would hide it: neither side may have two."""
+    current = _current() + [_row("heads50", 1.40, 3_000_000_000, 0.50, 0.72)]
+    with pytest.raises(ReportError, match="two rows for heads50/cpu/fp32/8"):
+        compare(BASELINE, current)
+    with pytest.raises(ReportError, match="two rows for heads50"):
+        compare(current, BASELINE)
+    code, _, err = _gate(tmp_path, capsys, current)
+    assert code == 2 and "two rows for heads50" in err
 
 
 def test_missing_baseline_file_exits_2_naming_it(tmp_path, capsys):

@@ -18,7 +18,7 @@ from amg.model.pruned import apply_plan, load_pruned, save_pruned
 from amg.model.vit import ReIDViT
 from amg.pruning.macs_target import plan_for_saving, reachable_savings
 from amg.pruning.planner import make_plan
-from amg.pruning.selection import select_channels
+from amg.pruning.selection import check_channels_removed, select_channels
 
 CONFIGS = [
     ModelConfig("mlp-test", img_size=(64, 32), embed_dim=48, depth=3, num_heads=3),
@@ -127,6 +127,10 @@ def test_channel_selection_allocations_and_rounding():
     assert all(len(k) % 8 == 0 and len(k) >= 8 for k in rounded)
     with pytest.raises(InputError, match="MLP channel ratio must be in"):
         select_channels(scores, ids, 1.0)
+    check_channels_removed(rounded, ids, 0.7, 8)
+    kept_all = select_channels(scores, ids, 0.3, "global", multiple=100_000)  # a search's probe may round so...
+    with pytest.raises(InputError, match="to a multiple of 100000 keeps all of them"):  # ...a plan may not
+        check_channels_removed(kept_all, ids, 0.3, 100_000)
 
 
 def test_taylor_scores_are_activation_times_gradient_summed_over_tokens(tiny_trained):

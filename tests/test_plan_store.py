@@ -11,6 +11,7 @@ import pytest
 from amg.benchmark.plan_store import PlanStore, PlanStoreError
 from amg.benchmark.profiles import PROFILES, PruneSpec
 from amg.benchmark.suite import Suite
+from amg.model.plan import PrunePlan
 from amg.model.pruned import current_plan
 from amg.pruning.planner import make_plan
 from amg.train.cache import model_fingerprint
@@ -61,7 +62,22 @@ def test_a_plan_for_another_architecture_is_refused(tmp_path, model, random_plan
 def test_a_damaged_plan_file_is_refused_naming_it(tmp_path, model, content):
     store = PlanStore(tmp_path)
     store.path("heads0.34:random").write_text(content)
-    with pytest.raises(PlanStoreError, match=r"cannot read stored plan .*heads0\.34-random\.json"):
+    with pytest.raises(PlanStoreError, match=r"cannot use stored plan .*heads0\.34-random\.json"):
+        store.load("heads0.34:random", model.config, "abc")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda entry: entry["plan"]["kept_heads"][1].pop(), "edited after it was stored"),
+    (lambda entry: entry.pop("plan_sha256"), "no content hash"),
+])
+def test_a_plan_edited_after_it_was_stored_is_refused(tmp_path, model, edit, message):
+    store = PlanStore(tmp_path)
+    plan = PrunePlan.unpruned(model.config)
+    path = store.save("heads0.34:random", plan, "abc")
+    entry = json.loads(path.read_text())
+    edit(entry)
+    path.write_text(json.dumps(entry))
+    with pytest.raises(PlanStoreError, match=message):
         store.load("heads0.34:random", model.config, "abc")
 
 

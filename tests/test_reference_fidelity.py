@@ -7,7 +7,10 @@ amg's capture code or scorers, over several calibration batches with an uneven l
   one global ranking, highest removed first, which may remove every head of a block;
 - tokens: per batch |mean over images, heads, queries of A * dL/dA|, summed over batches;
   each block L2-normalised over its patch positions, x (1 - 0.03 l), lowest dropped first;
-- a smaller last batch is left out (the reference's loader drops it).
+- the reference's loader has no `drop_last`: its gradient hook adds every batch to the token
+  scores, a smaller last one included (`seq_ranks += torch.abs(values)`), while its map sum
+  adds only batches of the first batch's size (`if self.attn.shape[0] == attn.shape[0]`), so
+  the head entropy leaves a smaller last batch out.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from amg.pruning.scores import amg_head_removal_scores, amg_token_keep_scores, c
 
 CONFIG = ModelConfig("fidelity", img_size=(48, 32), patch_size=8, embed_dim=48, depth=3, num_heads=4)
 BATCH = 8
-IMAGES = 3 * BATCH + 5  # three full batches and an uneven last one, which the reference drops
+IMAGES = 3 * BATCH + 5  # three full batches and an uneven last one: in the token scores, not in the maps
 
 
 @pytest.fixture(scope="module")
@@ -59,24 +62,30 @@ def explicit_forward(model: ReIDViT, images: torch.Tensor) -> tuple[torch.Tensor
 
 
 def reference_scores(model: ReIDViT, images: torch.Tensor, labels: list[int], training_epoch: bool = False,
-                     seed: int = 0):
+                     seed: int = 0, batch_size: int = BATCH, last_batch_tokens: bool = True):
     """(head removal scores, token keep scores) by the reference's formulas.
 
     `training_epoch`: calibrate as the reference does, in train mode (the BatchNorm neck on
     batch statistics), each image flipped with probability 1/2 (drawn from a generator seeded
     by `seed`, one draw per image in order), loss = cross-entropy + 0.2 KL(teacher || model),
     the teacher being the unpruned model in eval mode.
+    `last_batch_tokens=False`: the rule this project followed before, a smaller last batch left
+    out of the token scores too (to show that the difference shows).
     """
     teacher = copy.deepcopy(model).eval()
     model.train(training_epoch)
     flips = torch.Generator().manual_seed(seed)
-    used = len(images) - len(images) % BATCH
+    first_size = min(batch_size, len(images))
+    averaged = 0
     map_sums = [0.0] * CONFIG.depth
     token_sums = [0.0] * CONFIG.depth
-    for start in range(0, used, BATCH):
-        batch = images[start:start + BATCH].float() / 255
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size].float() / 255
+        same_size = len(batch) == first_size  # the reference's `if self.attn.shape[0] == attn.shape[0]`
+        if not (same_size or last_batch_tokens):
+            continue
         batch = (batch - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) / torch.tensor([0.229, 0.224, 0.225])[:, None, None]
-        targets = torch.tensor(labels[start:start + BATCH])
+        targets = torch.tensor(labels[start:start + batch_size])
         if training_epoch:
             flipped = torch.rand(len(batch), generator=flips) < 0.5
             batch = torch.stack([image.flip(-1) if f else image for image, f in zip(batch, flipped)])
@@ -89,11 +98,13 @@ def reference_scores(model: ReIDViT, images: torch.Tensor, labels: list[int], tr
             loss = loss + 0.2 * (soft * (soft.log() - F.log_softmax(logits, dim=1))).sum(dim=1).mean()
         grads = torch.autograd.grad(loss, maps)
         for block, (a, g) in enumerate(zip(maps, grads)):
-            map_sums[block] = map_sums[block] + a.detach().sum(dim=0)
             token_sums[block] = token_sums[block] + (a.detach() * g).mean(dim=(0, 1, 2)).abs()
+            if same_size:
+                map_sums[block] = map_sums[block] + a.detach().sum(dim=0)
+        averaged += len(batch) if same_size else 0
     heads = []
     for block, total in enumerate(map_sums):
-        p = total / used
+        p = total / averaged
         entropy = -(p * torch.log2(p.clamp_min(1e-30))).sum(dim=-1).mean(dim=-1)
         heads.append(entropy * (1 + 0.02 * block))
     tokens = []
@@ -102,11 +113,24 @@ def reference_scores(model: ReIDViT, images: torch.Tensor, labels: list[int], tr
     return heads, tokens
 
 
+def _reference_dropped_positions(token_scores, ratio: float) -> set[tuple[int, int]]:
+    """(block, position) of the lowest-scoring patch positions of one global ranking."""
+    ranked = sorted((float(s), b, p) for b, score in enumerate(token_scores) for p, s in enumerate(score) if p)
+    return {(b, p) for _, b, p in ranked[:round(ratio * len(ranked))]}
+
+
+def _dropped_positions(plan) -> set[tuple[int, int]]:
+    """(block, position) of the K/V positions a plan does not keep."""
+    return {(b, p) for b, kept in enumerate(plan.kept_tokens) for p in range(1, CONFIG.num_tokens)
+            if kept is not None and p not in kept}
+
+
 def test_token_and_head_scores_equal_the_reference_formulas(setup):
     model, images, labels = setup
     expected_heads, expected_tokens = reference_scores(copy.deepcopy(model), images, labels)
     stats = calibrate(copy.deepcopy(model), images, labels, batch_size=BATCH)
-    assert stats.images == 3 * BATCH  # the uneven last batch is left out
+    assert stats.images == 3 * BATCH  # the maps leave the uneven last batch out
+    assert stats.token_images == IMAGES  # the token scores add it
     heads = amg_head_removal_scores(model, stats, "global")
     tokens = amg_token_keep_scores(model, stats)
     for block in range(CONFIG.depth):
@@ -120,15 +144,45 @@ def test_the_amg_plan_drops_the_positions_and_heads_the_reference_ranks_lowest(s
     expected_heads, expected_tokens = reference_scores(copy.deepcopy(model), images, labels)
     data = CalibrationImages(images, labels, [0] * len(images), batch_size=BATCH)
     plan = make_plan(copy.deepcopy(model), tokens=ratio, data=data)
-    ranked = sorted((float(s), b, p) for b, score in enumerate(expected_tokens) for p, s in enumerate(score) if p)
-    drop = round(ratio * len(ranked))
-    expected_dropped = {(b, p) for _, b, p in ranked[:drop]}
-    dropped = {(b, p) for b, kept in enumerate(plan.kept_tokens) for p in range(1, CONFIG.num_tokens)
-               if kept is not None and p not in kept}
-    assert dropped == expected_dropped
+    assert _dropped_positions(plan) == _reference_dropped_positions(expected_tokens, ratio)
     head_plan = make_plan(copy.deepcopy(model), heads=ratio, data=data)
     removed = {(b, h) for b, kept in enumerate(head_plan.kept_heads) for h in range(CONFIG.num_heads) if h not in kept}
     assert removed == _reference_head_removal(expected_heads, round(ratio * CONFIG.depth * CONFIG.num_heads))
+
+
+HUNDRED_BATCH = 32  # the reference's default batch: 100 images are 3 batches of 32 and a last one of 4
+
+
+@pytest.fixture(scope="module")
+def hundred_images(setup):
+    model, _, _ = setup
+    generator = torch.Generator().manual_seed(100)
+    images = torch.randint(0, 256, (100, 3, *CONFIG.img_size), dtype=torch.uint8, generator=generator)
+    labels = [i % 5 for i in range(100)]
+    return model, images, labels
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5])
+def test_with_100_images_in_batches_of_32_the_last_4_count_in_the_token_scores(hundred_images, ratio):
+    model, images, labels = hundred_images
+    _, expected_tokens = reference_scores(copy.deepcopy(model), images, labels, batch_size=HUNDRED_BATCH)
+    data = CalibrationImages(images, labels, [0] * len(images), batch_size=HUNDRED_BATCH)
+    plan = make_plan(copy.deepcopy(model), tokens=ratio, data=data)
+    expected = _reference_dropped_positions(expected_tokens, ratio)
+    assert _dropped_positions(plan) == expected
+    # the rule followed before (the last 4 left out) keeps other positions: the test can tell them apart
+    _, without_last = reference_scores(copy.deepcopy(model), images, labels, batch_size=HUNDRED_BATCH,
+                                       last_batch_tokens=False)
+    assert _reference_dropped_positions(without_last, ratio) != expected
+
+
+def test_a_last_batch_of_one_image_is_left_out_of_the_train_mode_calibration(setup):
+    """Train-mode BatchNorm takes no statistics of one image (the reference's loader fails there)."""
+    model, images, labels = setup
+    count = 2 * BATCH + 1
+    stats = calibrate(copy.deepcopy(model), images[:count], labels[:count], loss="reference", batch_size=BATCH)
+    assert stats.images == stats.token_images == 2 * BATCH
+    assert calibrate(copy.deepcopy(model), images[:count], labels[:count], batch_size=BATCH).token_images == count
 
 
 def test_at_half_the_reference_empties_a_block_and_so_does_amg(setup):
@@ -166,7 +220,7 @@ def test_the_whole_set_absolute_value_would_differ(setup):
     """Why the per-batch rule matters: |sum over all batches| ranks positions differently."""
     model, images, labels = setup
     _, expected_tokens = reference_scores(copy.deepcopy(model), images, labels)
-    stats = calibrate(copy.deepcopy(model), images, labels, batch_size=3 * BATCH)  # one batch: |sum| of the set
+    stats = calibrate(copy.deepcopy(model), images, labels, batch_size=IMAGES)  # one batch: |sum| of the set
     single = [t / t[1:].norm() * (1 - 0.03 * b) for b, t in enumerate(stats.token_taylor)]
     assert any(not torch.allclose(a[1:], b[1:], rtol=1e-3) for a, b in zip(single, expected_tokens))
 

@@ -133,3 +133,19 @@ def test_a_choice_timed_under_contention_comes_with_a_warning(tmp_path):
     assert "warning: heads0.25:amg was timed while other processes took 40% of the CPU" in busy
     quiet = summary(select(load_reports(tmp_path), target, budget_ms=5.5))
     assert "chosen: heads0.5:amg" in quiet and "warning" not in quiet
+
+
+@pytest.mark.parametrize("column, value", [("latency_median_ms", "-3"), ("latency_median_ms", "inf"),
+                                           ("speedup", "0"), ("query_mAP", "85")])
+def test_a_measurement_out_of_range_is_an_input_error_not_a_choice(results, capsys, column, value):
+    """A -3 ms median would be "chosen" under any budget; inf would be rendered as a latency."""
+    path = next(results.glob(f"{DEVICE}/{RUN}.csv"))
+    lines = path.read_text().splitlines()
+    header = lines[0].split(",")
+    cells = lines[2].split(",")
+    cells[header.index(column)] = value
+    lines[2] = ",".join(cells)
+    path.write_text("\n".join(lines) + "\n")
+    code = main(["select", "--backend", "cpu", "--device-id", DEVICE, "--results-dir", str(results), "--budget-ms", "0.5"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"line 3: {column} '{value}'" in err and str(path) in err

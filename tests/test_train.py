@@ -8,6 +8,7 @@ import torch
 import amg.train.cache as model_cache
 from amg.data.layout import load_dataset
 from amg.data.synthetic import SynthConfig, generate
+from amg.errors import InputError
 from amg.model.vit import load_model
 from amg.train.config import TrainConfig
 from amg.train.losses import batch_hard_triplet
@@ -53,6 +54,16 @@ def test_batch_hard_triplet_hand_case():
     assert loss.item() == pytest.approx(1.3 / 4, abs=1e-5)
     with pytest.raises(ValueError, match="two identities"):
         batch_hard_triplet(features, torch.zeros(4, dtype=torch.long))
+
+
+def test_a_diverging_training_says_so_and_names_the_learning_rate(tiny_root):
+    """A learning rate of 1e30 turns the weights to NaN: the error must say the training diverged,
+    not that a batch lacks two identities (what NaN distances looked like before)."""
+    diverging = TrainConfig(steps=6, num_identities=4, num_instances=2, warmup_steps=1, lr=1e30, log_every=2)
+    with pytest.raises(InputError, match=r"(training diverged|not finite).*lower the learning rate"):
+        model_cache.train_on_dataset("small", load_dataset(tiny_root), diverging, img_size=(64, 32))
+    with pytest.raises(InputError, match="training diverged"):
+        batch_hard_triplet(torch.tensor([[0.0], [float("nan")]]), torch.tensor([0, 1]))
 
 
 def test_default_model_is_trained_once_then_loaded(tiny_root, tmp_path, monkeypatch):

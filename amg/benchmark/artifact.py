@@ -11,6 +11,7 @@ half-written artifact behind.
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import json
 import os
 import shutil
@@ -40,6 +41,7 @@ from amg.measure.export import (
     save_openvino,
 )
 from amg.measure.flops import count_macs
+from amg.model.config import describe_feature
 from amg.model.pruned import current_plan
 from amg.model.vit import ReIDViT
 from amg.train.evaluate import Evaluator, extract_fixed_batch_features
@@ -79,10 +81,13 @@ def export_model(model: ReIDViT, out: str | Path, request: ExportRequest, datase
         raise InputError(f"{out} exists and is not an empty folder: export into a new one")
     if request.precision == "int8" and calibration is None:
         raise InputError("INT8 needs calibration images")
+    _refuse_batches_beyond_memory(model, request.batch)
     model = model.eval()
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(out)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     staging.chmod(0o755)  # mkdtemp's 0700 would make the finished folder private
+    owner = _own_staging(staging)  # held until the export ends: a killed export's folder is stale
     try:
         artifact = _write_artifact(model, staging, request, calibration, progress)
         manifest = _manifest(model, artifact, request, dataset, source, progress)
@@ -92,7 +97,46 @@ def export_model(model: ReIDViT, out: str | Path, request: ExportRequest, datase
         os.replace(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        owner.close()
     return manifest
+
+
+STAGING_LOCK = ".exporting"  # inside a staging folder, locked (flock) by the export writing it
+
+
+def _own_staging(staging: Path):
+    handle = open(staging / STAGING_LOCK, "w")
+    fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+    return handle
+
+
+def _remove_stale_staging(out: Path) -> None:
+    """Remove the staging folders of exports of `out` that were killed (SIGKILL leaves no `finally`):
+    a folder whose lock no live export holds. A live export's folder is left alone."""
+    for staging in out.parent.glob(f".{out.name}.*"):
+        lock = staging / STAGING_LOCK
+        if staging.is_symlink() or not staging.is_dir() or not lock.is_file():
+            continue  # not a staging folder this project made
+        with open(lock) as handle:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live export's
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _refuse_batches_beyond_memory(model: ReIDViT, batch: int) -> None:
+    """An export traces the model on a batch: its activations must fit before tracing starts."""
+    import psutil
+
+    config = model.config
+    per_image = config.num_tokens * (config.embed_dim * (3 + config.mlp_ratio) + config.num_heads * config.num_tokens)
+    needed = max(batch, 1) * per_image * 4 * 2  # float32, and the exporter's copy beside the traced values
+    available = psutil.virtual_memory().available
+    if needed > available:
+        raise InputError(f"--batch {batch}: tracing the model on it needs about {needed / 2**30:.1f} GiB, more "
+                         f"than the {available / 2**30:.1f} GiB available; export a smaller batch or 0 (a free "
+                         "batch axis)")
 
 
 def _write_artifact(model: ReIDViT, folder: Path, request: ExportRequest, calibration: torch.Tensor | None,
@@ -152,7 +196,7 @@ def _manifest(model: ReIDViT, artifact: Path, request: ExportRequest, dataset: R
         "file": artifact.name,
         "inputs": inputs,
         "outputs": [{"name": FEATURES, "shape": [axis, model.feature_dim], "dtype": "float32",
-                     "meaning": f"retrieval feature (class token {model.neck_feat} the BN neck)"}],
+                     "meaning": f"retrieval feature ({describe_feature(model.neck_feat)})"}],
         "model": {"preset": model.config.name, "img_size": [height, width], "embed_dim": model.config.embed_dim,
                   "depth": model.config.depth, "num_heads": model.config.num_heads},
         "plan": current_plan(model).to_dict(),

@@ -7,12 +7,14 @@ plan made once and stored here takes that variation out of comparisons: CI measu
 committed plans, and a fleet of devices can measure the plans one workstation made.
 
 One JSON file per configuration, `<folder>/<config_id>.json`, holding the configuration's
-name, a fingerprint of the weights the plan was made for, and the plan. A file made for
-other weights or another configuration is refused with an error naming it, never used.
+name, a fingerprint of the weights the plan was made for, the plan and its content hash. A
+file made for other weights or another configuration, or whose plan was edited after it was
+stored (its hash no longer matches), is refused with an error naming it, never used.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,11 @@ from amg.model.config import ModelConfig
 from amg.model.plan import PrunePlan
 
 STORE_FORMAT = "amg-plan-store/1"
+
+
+def plan_hash(plan: dict) -> str:
+    """SHA-256 of a plan's canonical JSON: what a stored plan must still hash to when it is used."""
+    return hashlib.sha256(json.dumps(plan, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 class PlanStoreError(InputError):
@@ -51,9 +58,13 @@ class PlanStore:
             entry = json.loads(path.read_text(encoding="utf-8"))
             if not isinstance(entry, dict) or entry.get("format") != STORE_FORMAT:
                 raise InputError(f"not a stored plan (format {STORE_FORMAT!r} expected)")
+            stored_hash = entry.get("plan_sha256")
+            if stored_hash != plan_hash(entry["plan"]):
+                raise InputError("its plan was edited after it was stored (its content hash differs)"
+                                 if stored_hash else "it has no content hash (stored by an older version)")
             plan = PrunePlan.from_dict(entry["plan"])
         except (OSError, ValueError, KeyError, TypeError) as error:
-            raise PlanStoreError(f"cannot read stored plan {path}: {error}") from error
+            raise PlanStoreError(f"cannot use stored plan {path}: {error}; delete it to plan again") from error
         if entry.get("config_id") != config_id:
             raise PlanStoreError(f"{path} holds the plan of {entry.get('config_id')!r}, not of {config_id!r}")
         if entry.get("model_fingerprint") != fingerprint:
@@ -69,7 +80,8 @@ class PlanStore:
     def save(self, config_id: str, plan: PrunePlan, fingerprint: str) -> Path:
         """Write the plan atomically (a reader never sees half a file; concurrent writers each land whole)."""
         path = self.path(config_id)
+        stored = plan.to_dict()
         entry = {"format": STORE_FORMAT, "config_id": config_id, "model_fingerprint": fingerprint,
-                 "plan": plan.to_dict()}
+                 "plan": stored, "plan_sha256": plan_hash(stored)}
         text = json.dumps(entry, indent=1) + "\n"
         return write_text_atomic(path, text)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Iterable, Mapping
 
+from amg.benchmark.row_checks import check_row
 from amg.errors import InputError
 from amg.files import write_text_atomic
 
@@ -187,6 +188,9 @@ def read_csv(path: str | Path) -> ResultsFile:
     except csv.Error as error:  # e.g. an unclosed quote swallowing the rest of the file
         raise ReportError(f"{path} is not a valid CSV: {error}") from error
     header = records[0]
+    repeated = sorted({c for c in header if header.count(c) > 1})
+    if repeated:  # a second column of one name would hide the first from every reader
+        raise ReportError(f"{path} has the column(s) {repeated} more than once")
     missing = [c for c in COLUMNS if c not in header and c not in OPTIONAL_COLUMNS]
     if missing:
         raise ReportError(f"{path} lacks columns {missing}")
@@ -198,6 +202,10 @@ def read_csv(path: str | Path) -> ResultsFile:
         empty_keys = [c for c in KEY_COLUMNS + ("device_id", "run_id") if not row[c]]
         if empty_keys:
             raise ReportError(f"{path} line {line_number}: empty {empty_keys}")
+        try:
+            check_row(row, f"{path} line {line_number}")
+        except InputError as error:
+            raise ReportError(str(error)) from None
         rows.append(row)
     if not rows:
         raise ReportError(f"{path} has a header but no rows")
@@ -243,12 +251,20 @@ def claim_journal(path: Path) -> IO[str]:
     return handle
 
 
-def recover_journals(results_dir: str | Path) -> list[Path]:
+DAMAGED_SUFFIX = ".damaged"  # a journal no report can be made of, set aside for a person to look at
+
+
+def recover_journals(results_dir: str | Path, warn=None) -> list[Path]:
     """Turn the journals of runs that were killed (no CSV written) into interrupted reports;
     returns the reports written. A journal whose report exists is only removed; the journal of
-    a run still measuring (locked: `claim_journal`) is left alone."""
+    a run still measuring (locked: `claim_journal`) is left alone. A journal whose rows are not
+    the suite's (not JSON objects, columns outside the schema, values out of their range) is
+    renamed `<journal>.damaged` and `warn(message)` is called: one damaged file must not stop
+    every later run on the folder."""
     written = []
     for journal in sorted(Path(results_dir).glob(f"*/.*{JOURNAL_SUFFIX}")):
+        if not journal.is_file():
+            continue  # not a journal this project wrote
         with open(journal, encoding="utf-8") as handle:
             try:  # held until the journal is gone, so that no run can claim it meanwhile
                 fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -256,13 +272,34 @@ def recover_journals(results_dir: str | Path) -> list[Path]:
                 continue  # a live run's
             run_id = journal.name[1:-len(JOURNAL_SUFFIX)]
             if not (journal.parent / f"{run_id}.csv").exists():
-                rows = []
-                for line in handle.read().splitlines():
-                    try:
-                        rows.append({**json.loads(line), "run_status": INTERRUPTED})
-                    except json.JSONDecodeError:
-                        break  # the line being written when the run was killed
-                if rows:
-                    written.append(write_csv(rows, results_dir, journal.parent.name, run_id))
+                try:
+                    rows = _journal_rows(handle.read(), journal)
+                    if rows:
+                        written.append(write_csv(rows, results_dir, journal.parent.name, run_id))
+                except (InputError, UnicodeDecodeError) as error:
+                    aside = journal.with_name(journal.name + DAMAGED_SUFFIX)
+                    os.replace(journal, aside)
+                    if warn is not None:
+                        warn(f"set aside a damaged journal as {aside}: {error}")
+                    continue
             journal.unlink()
     return written
+
+
+def _journal_rows(text: str, journal: Path) -> list[dict[str, Any]]:
+    """The rows of a killed run's journal, as an interrupted run's; InputError for rows that are not the suite's."""
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            break  # the line being written when the run was killed
+        if not isinstance(row, dict):
+            raise InputError(f"{journal} line {number} is not a row (a JSON object)")
+        unknown = sorted(set(row) - set(COLUMNS))
+        if unknown:
+            raise InputError(f"{journal} line {number} has columns outside the schema: {unknown}")
+        row = {**row, "run_status": INTERRUPTED}
+        check_row({column: _csv_text(value) for column, value in row.items()}, f"{journal} line {number}")
+        rows.append(row)
+    return rows

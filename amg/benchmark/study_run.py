@@ -5,7 +5,8 @@ its row into the study folder; it needs only the folder and the data set, both o
 worker sees. Tasks are independent and deterministic (seeded, threads pinned), so the tables
 are the same bytes whether one process or a cluster computed them, in any order. Dask
 distributed reschedules the task of a worker that dies; a finished configuration is never
-recomputed, so an interrupted study reruns from where it stopped.
+recomputed (unless its model file went missing or changed), so an interrupted study reruns
+from where it stopped. One driver at a time: `amg study run` holds the folder (`hold_study`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Callable, Sequence
 
 from amg.benchmark.profiles import PruneSpec
 from amg.benchmark.pruned_models import PrunedModels
-from amg.benchmark.study_folder import StudyError, StudyFolder
+from amg.benchmark.study_folder import StudyError, StudyFolder, model_file_hash
 from amg.errors import InputError, Unplannable
 from amg.train.cache import pruned_model_path
 
@@ -69,7 +70,8 @@ def run_task(task: StudyTask, progress: Progress | None = None) -> dict:
         record = {"accuracy": result.row, "queries": result.queries}
         if spec.schedule.kind != "one-shot":
             path = pruned_model_path(models.fine_tuning_key(spec), study.models)
-            record["model"] = path.relative_to(study.folder).as_posix()
+            # the file's bytes, as evaluated: a device (and a rerun) uses it only while they match
+            record.update(model=path.relative_to(study.folder).as_posix(), model_sha256=model_file_hash(path))
     except Unplannable as reason:  # out of reach on this model, a peer library missing: said, not hidden
         record = {"skipped": str(reason)}
     finally:
@@ -124,7 +126,7 @@ def run_study(study: StudyFolder, configurations: Sequence[str], data_root: str 
     each task on its worker's GPU (on a cluster, one per worker started with `--resources GPU=1`)."""
     if device not in ("cpu", "cuda"):
         raise InputError(f"a study runs on cpu or cuda, not {device!r}")
-    outcome = StudyOutcome(reused=[c for c in configurations if study.finished(c)])
+    outcome = StudyOutcome(reused=[c for c in configurations if _reusable(study, c, progress)])
     tasks = [StudyTask(str(study.folder.resolve()), config, str(Path(data_root).resolve()), threads, device)
              for config in configurations if config not in outcome.reused]
     progress(f"{len(configurations)} configurations: {len(outcome.reused)} already in {study.folder}, "
@@ -147,6 +149,20 @@ def run_study(study: StudyFolder, configurations: Sequence[str], data_root: str 
         outcome.seconds = time.perf_counter() - start
         study.write_tables()
     return outcome
+
+
+def _reusable(study: StudyFolder, config_id: str, progress: Progress) -> bool:
+    """Whether a finished configuration stands as it is. One whose model file was deleted or no longer
+    hashes to what its row recorded is computed again, not reused: its row goes and a mismatched
+    file is set aside (`StudyFolder.forget`), or the fine-tuning would be loaded from it again."""
+    record = study.row(config_id)
+    if record is None:
+        return False
+    if problem := study.model_problem(record):
+        progress(f"{config_id}: {problem}: computed again")
+        study.forget(record)
+        return False
+    return True
 
 
 def _expected_work(task: StudyTask) -> int:

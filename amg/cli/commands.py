@@ -128,12 +128,13 @@ def _model_for_eval(args: argparse.Namespace, path: str | None):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from amg.model.config import describe_feature
     from amg.train.evaluate import Evaluator
 
     _set_threads(args.threads)
     model = _model_for_eval(args, args.model)
     dataset = _load_dataset(args.data, args.layout)
-    progress(f"retrieval feature: the class token {model.neck_feat} the BN neck")
+    progress(f"retrieval feature: {describe_feature(model.neck_feat)}")
     progress(f"evaluating on {dataset.name} at {dataset.root}")
     evaluator = Evaluator(dataset, model.config.img_size, progress)
     results = evaluator.evaluate(model, args.metric)
@@ -190,6 +191,7 @@ def _prune(args: argparse.Namespace) -> int:
     import time
 
     from amg.data.layout import relabel_pids
+    from amg.files import writing_together
     from amg.model.pruned import current_plan, save_pruned
     from amg.pruning.calibration import CalibrationImages
     from amg.pruning.iterative import TrainingSet, run_schedule
@@ -238,9 +240,10 @@ def _prune(args: argparse.Namespace) -> int:
     progress(f"scored and pruned in {time.perf_counter() - start:.1f}s: "
              f"{plan.heads_kept}/{plan.num_heads * len(plan.kept_heads)} heads kept")
     if is_main():
-        print(save_pruned(model, args.out, source=str(args.model or "default")))
-        if args.plan_out:
-            plan.save(args.plan_out)
+        with writing_together(args.out):  # a concurrent prune to the same --out writes its pair after this one
+            print(save_pruned(model, args.out, source=str(args.model or "default")))
+            if args.plan_out:
+                plan.save(args.plan_out)
     return 0
 
 
@@ -252,7 +255,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     request = ExportRequest(args.format, args.precision, args.batch, args.threads or torch.get_num_threads())
     _set_threads(args.threads)
-    model = _load_model_arg(args.model).use_class_token_last_block(not args.full_last_block)
+    model = _load_model_arg(args.model)
+    # a feature that reads the patch tokens (LA-Transformer's parts) needs the whole last block
+    model.use_class_token_last_block(not (args.full_last_block or model.reads_patch_tokens))
     dataset = _load_dataset(args.data, args.layout)
     calibration = None
     if args.precision == "int8":
@@ -366,7 +371,7 @@ def run_suite(args: argparse.Namespace) -> None:
 def cmd_import(args: argparse.Namespace) -> int:
     from amg.model.checkpoints import import_state_dict
     from amg.model.pruned import save_pruned
-    from amg.model.vit import build_model, save_model, set_neck_feat
+    from amg.model.vit import build_model, save_model
 
     overrides = {}
     if args.num_cameras is not None:
@@ -375,10 +380,10 @@ def cmd_import(args: argparse.Namespace) -> int:
         overrides["img_size"] = tuple(args.img_size)
     model = build_model(args.preset, num_classes=args.num_classes, **overrides)
     grid = tuple(args.source_grid) if args.source_grid else None
-    report = import_state_dict(model, args.checkpoint, args.format, grid)
-    if args.neck_feat:
-        set_neck_feat(model, args.neck_feat)
+    report = import_state_dict(model, args.checkpoint, args.format, grid, neck_feat=args.neck_feat)
     progress(report.summary())
+    for warning in report.warnings:
+        progress(f"warning: {warning}")
     meta = {"imported_from": str(args.checkpoint), "import_format": report.format}
     # A source that was pruned (reference token masks) keeps its plan in the file.
     save = save_pruned if report.plan is not None else save_model

@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--images-per-id", type=positive_int, default=SynthConfig.images_per_id,
                        help="images per identity (default %(default)s)")
     synth.add_argument("--cameras", type=positive_int, default=SynthConfig.num_cameras, help="cameras, 2..6 (default %(default)s)")
-    synth.add_argument("--seed", type=int, default=SynthConfig.seed, help="random seed (default %(default)s)")
+    synth.add_argument("--seed", type=non_negative_int, default=SynthConfig.seed, help="random seed (default %(default)s)")
     synth.set_defaults(func=commands.cmd_data_synth)
     info = data_sub.add_parser("info", help="read a data set and print its splits")
     info.add_argument("root", type=Path, help="data set root (Market-1501, DukeMTMC-reID, Occluded-Duke, MSMT17)")
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS), help="model preset (default %(default)s)")
     train.add_argument("--steps", type=positive_int, default=TrainConfig.steps, help="optimizer steps (default %(default)s)")
     train.add_argument("--lr", type=positive_float, default=TrainConfig.lr, help="peak learning rate (default %(default)s)")
-    train.add_argument("--seed", type=int, default=TrainConfig.seed, help="random seed (default %(default)s)")
+    train.add_argument("--seed", type=non_negative_int, default=TrainConfig.seed, help="random seed (default %(default)s)")
     train.add_argument("--batch-ids", type=positive_int, default=TrainConfig.num_identities,
                        help="identities per PK batch; under torchrun the global batch's, split over the "
                             "processes: a multiple of their number (default %(default)s)")
@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                                "(Rank-1, mAP) with a 95%% paired bootstrap interval over the queries")
     evaluate.add_argument("--neck-feat", default=None, choices=NECK_FEATS,
                           help="retrieval feature: the class token after the BN neck or before it (TransReID's "
-                               "TEST.NECK_FEAT); default: what the model file says (imports: their source's)")
+                               "TEST.NECK_FEAT), or la-parts: LA-Transformer's own test feature (14 pooled, "
+                               "normalised part features); default: what the model file says (imports: their source's)")
     add_data_options(evaluate)
     evaluate.set_defaults(func=commands.cmd_eval)
 
@@ -159,13 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fine-tuning steps per iterative round (default %(default)s)")
     prune.add_argument("--calibration-images", type=positive_int, default=256, help="calibration images (default %(default)s)")
     prune.add_argument("--calibration-batch", type=positive_int, default=CALIBRATION_BATCH,
-                       help="calibration batch size: AMG's token score adds |mean A x dL/dA| per batch, and a "
-                            "smaller last batch is left out, as the reference does (default %(default)s)")
+                       help="calibration batch size: AMG's token score adds |mean A x dL/dA| per batch, a "
+                            "smaller last batch included; head entropy leaves that batch out, as the reference "
+                            "does (default %(default)s)")
     prune.add_argument("--calibration-loss", default="id", choices=("id", "reference"),
                        help="id: the model's ID cross-entropy in eval mode; reference: as the reference, in "
                             "train mode with flips, ID cross-entropy + 0.2 x KL to the unpruned model "
                             "(default %(default)s)")
-    prune.add_argument("--seed", type=int, default=0,
+    prune.add_argument("--seed", type=non_negative_int, default=0,
                        help="seed for calibration sampling, random policies and the reference loss's flips")
     prune.add_argument("--out", required=True, type=Path, help="pruned model file to write")
     prune.add_argument("--plan-out", type=Path, default=None, help="also write the plan as JSON")
@@ -262,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--format", default="auto", choices=["auto", *sorted(FORMATS)], help="(default: detect)")
     imp.add_argument("--neck-feat", default=None, choices=NECK_FEATS,
                      help="retrieval feature the file records (default: the source's: before the neck for "
-                          "TransReID's configs and for timm / LA-Transformer backbones, whose neck is untrained)")
+                          "TransReID's configs and for timm / LA-Transformer backbones, whose neck is untrained; "
+                          "la-parts: LA-Transformer's own test feature, its 14 pooled part features)")
     imp.add_argument("--num-classes", type=non_negative_int, default=0, help="training identities of its classifier (0: none)")
     imp.add_argument("--num-cameras", type=non_negative_int, default=None, help="SIE cameras (default: the preset's)")
     imp.add_argument("--img-size", type=positive_int, nargs=2, metavar=("H", "W"), help="input size (default: the preset's)")

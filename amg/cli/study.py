@@ -13,7 +13,8 @@ EPILOG = """\
 The study writes STUDY/accuracy.csv and, per configuration, its plan and fine-tuned model.
 Devices then measure latency and memory without training anything:
   pytest bench/ --amg-profile PROFILE --amg-study STUDY
-A rerun computes only what is not finished (an interrupted study resumes).
+A rerun computes only what is not finished (an interrupted study resumes), and what
+lost its model file or whose model file changed. One `amg study run` per STUDY at a time.
 Cluster: start `dask scheduler` and one `dask worker tcp://HOST:8786 --nworkers 1 --nthreads 1`
 per node (STUDY and the data on paths every node sees), then pass --address tcp://HOST:8786."""
 
@@ -73,6 +74,7 @@ def _stop_on_sigterm() -> None:
 
 
 def cmd_study_run(args: argparse.Namespace) -> int:
+    from amg.benchmark.study_folder import hold_study
     from amg.benchmark.study_run import run_study, start_study
     from amg.cli.commands import _load_dataset, _load_model_arg, progress
 
@@ -80,11 +82,13 @@ def cmd_study_run(args: argparse.Namespace) -> int:
     if args.workers and args.address:
         raise InputError("--workers starts a local cluster, --address joins a running one: give one")
     configurations = _configurations(args)
-    model = _load_model_arg(args.checkpoint)
-    dataset = _load_dataset(args.data, "auto")
-    study = start_study(args.study, model, dataset, configurations)
-    outcome = run_study(study, configurations, dataset.root, args.threads, args.workers, args.address, progress,
-                        args.device)
+    # Held from the manifest's update to the tables: a second driver is refused before it loads anything.
+    with hold_study(args.study):
+        model = _load_model_arg(args.checkpoint)
+        dataset = _load_dataset(args.data, "auto")
+        study = start_study(args.study, model, dataset, configurations)
+        outcome = run_study(study, configurations, dataset.root, args.threads, args.workers, args.address,
+                            progress, args.device)
     rows = [(config, "computed" if config in outcome.computed else "already in the study" if config in outcome.reused
              else f"skipped: {outcome.skipped[config]}" if config in outcome.skipped
              else f"FAILED: {outcome.failed[config]}") for config in configurations]

@@ -71,6 +71,8 @@ class SynthConfig:
             )
         if not 0 <= self.occlusion_min < self.occlusion_max <= 1:
             raise InputError("need 0 <= occlusion_min < occlusion_max <= 1")
+        if self.seed < 0:
+            raise InputError(f"the seed must be >= 0 (NumPy's generators take no negative seed), got {self.seed}")
 
 
 def _file_name(pid: int, camera: int, frame: int, index: int) -> str:

@@ -4,10 +4,15 @@ plans check that they fit, without loading torch)."""
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
 from amg.errors import InputError
+
+
+def _is_whole(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -29,6 +34,16 @@ class ModelConfig:
     def __post_init__(self) -> None:
         # A config also comes from a model file: refuse shapes that cannot build, by name.
         problems = []
+        counts = {"depth": self.depth, "num_heads": self.num_heads, "embed_dim": self.embed_dim,
+                  "patch_size": self.patch_size, "num_cameras": self.num_cameras,
+                  "patch_stride": 1 if self.patch_stride is None else self.patch_stride}
+        not_whole = [name for name, value in counts.items() if not _is_whole(value)]
+        sides = self.img_size if isinstance(self.img_size, (tuple, list)) else (self.img_size,)
+        if not all(map(_is_whole, sides)):
+            not_whole.append("img_size")
+        if not_whole:  # a model file saying depth 6.5 would otherwise fail deep inside torch
+            raise InputError(f"model config {self.name!r}: {', '.join(not_whole)} must be whole numbers, "
+                             f"got {', '.join(f'{n}={getattr(self, n)!r}' for n in not_whole)}")
         if self.depth < 1 or self.num_heads < 1 or self.embed_dim < 1 or self.patch_size < 1:
             problems.append("depth, num_heads, embed_dim and patch_size must be >= 1")
         elif self.embed_dim % self.num_heads:
@@ -92,8 +107,19 @@ PRESETS: dict[str, ModelConfig] = {
 DEFAULT_PRESET = "small"
 # The retrieval feature in eval mode: the class token "after" the BN neck (BNNeck's default)
 # or "before" it (TransReID's TEST.NECK_FEAT 'before'; the only sensible one when the neck
-# was never trained, as for an imported backbone).
-NECK_FEATS = ("after", "before")
+# was never trained, as for an imported backbone), or LA-Transformer's own test feature, its
+# patch tokens pooled into parts (`amg.model.la_parts`; for models imported from it).
+LA_PARTS_FEATURE = "la-parts"
+NECK_FEATS = ("after", "before", LA_PARTS_FEATURE)
+LA_PARTS = 14  # LA-Transformer's part count ("we cut the pool5 to sqrt(N) parts": N = 196 patches at 224x224)
+
+
+def describe_feature(neck_feat: str) -> str:
+    """The retrieval feature in words (messages, export manifests)."""
+    if neck_feat == LA_PARTS_FEATURE:
+        return (f"LA-Transformer's part features (the patch tokens average-pooled into {LA_PARTS} parts, "
+                "each L2-normalised, concatenated)")
+    return f"the class token {neck_feat} the BN neck"
 
 
 def get_config(preset: str, **overrides: Any) -> ModelConfig:

@@ -7,19 +7,22 @@ because the camera embedding (SIE) has to be added between the position embeddin
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from amg.errors import InputError
+from amg.errors import InputError, Unplannable
 from amg.files import write_atomic
 from amg.model.attention import patch_model
-from amg.model.config import DEFAULT_PRESET, NECK_FEATS, ModelConfig, get_config
+from amg.model.config import DEFAULT_PRESET, LA_PARTS, LA_PARTS_FEATURE, NECK_FEATS, ModelConfig, get_config
+from amg.model.la_parts import la_part_features
 
 CHECKPOINT_FORMAT = "amg-reid-v1"
 
@@ -68,13 +71,10 @@ class ReIDViT(nn.Module):
 
     In training mode `forward` returns `(logits, features)`: logits from the classifier after
     the neck (ID loss), features before the neck (triplet loss), as in BNNeck / TransReID.
-    In eval mode it returns the retrieval feature: the neck output, or the class token before
-    the neck when `neck_feat` is "before" (saved with the model).
+    In eval mode it returns the retrieval feature: the neck output, the class token before
+    the neck when `neck_feat` is "before", or LA-Transformer's part features when it is
+    "la-parts" (saved with the model).
     """
-
-    # A subclass whose head reads the patch tokens after the last block (part-based features)
-    # sets this: its last block cannot be computed for the class token alone.
-    reads_patch_tokens = False
 
     def __init__(self, config: ModelConfig, num_classes: int = 0) -> None:
         super().__init__()
@@ -99,7 +99,14 @@ class ReIDViT(nn.Module):
 
     @property
     def feature_dim(self) -> int:
-        return self.config.embed_dim
+        return self.config.embed_dim * (LA_PARTS if self.neck_feat == LA_PARTS_FEATURE else 1)
+
+    @property
+    def reads_patch_tokens(self) -> bool:
+        """Whether the retrieval feature reads the patch tokens after the last block (part-based
+        features): then the last block cannot be computed for the class token alone. A subclass
+        with a part-based head returns True."""
+        return self.neck_feat == LA_PARTS_FEATURE
 
     def _embed(self, images: torch.Tensor, camids: torch.Tensor | None) -> torch.Tensor:
         """The tokens that enter the first block: patches, class token, positions (and cameras)."""
@@ -108,6 +115,8 @@ class ReIDViT(nn.Module):
         if self.sie_embed is not None:
             if camids is None:
                 raise InputError("this model has a camera embedding (SIE): pass camids to forward")
+            if not _tracing():  # an export bakes no check in
+                _check_cameras(camids, self.config.num_cameras)
             x = x + self.config.sie_scale * self.sie_embed[camids]
         return vit.norm_pre(vit.patch_drop(x))
 
@@ -119,9 +128,9 @@ class ReIDViT(nn.Module):
     def use_class_token_last_block(self, on: bool = True) -> ReIDViT:
         """Compute the last block for the class token only in `forward` (lossless: a ReIDViT's
         features are its class token); `forward_tokens` still returns every token."""
-        if on and self.reads_patch_tokens:
-            raise InputError(f"{type(self).__name__} reads patch tokens after the last block (a part-based "
-                             "head): its last block must stay whole for every token")
+        if on and self.reads_patch_tokens:  # Unplannable: the suite skips such a configuration, with why
+            raise Unplannable(f"{type(self).__name__} reads patch tokens after the last block (a part-based "
+                              "feature): its last block must stay whole for every token")
         if on:
             patch_model(self)
         self.class_token_only = on
@@ -130,8 +139,10 @@ class ReIDViT(nn.Module):
     @property
     def class_token_block_active(self) -> bool:
         """Whether `forward` computes the last block for the class token only (it falls back to
-        the whole block for EViT/ToMe blocks and while attention is being recorded)."""
-        return self.class_token_only and _class_token_block_applies(self.backbone.blocks[-1])
+        the whole block for EViT/ToMe blocks, while attention is being recorded, and for a
+        feature that reads the patch tokens)."""
+        return (self.class_token_only and not self.reads_patch_tokens
+                and _class_token_block_applies(self.backbone.blocks[-1]))
 
     def forward_class_token(self, images: torch.Tensor, camids: torch.Tensor | None = None) -> torch.Tensor:
         """The class token after the final norm, `[B, D]`, with the last block computed for it alone:
@@ -146,6 +157,8 @@ class ReIDViT(nn.Module):
         return vit.norm(cls)[:, 0]
 
     def forward(self, images: torch.Tensor, camids: torch.Tensor | None = None) -> Any:
+        if not self.training and self.neck_feat == LA_PARTS_FEATURE:
+            return la_part_features(self.forward_tokens(images, camids), self.backbone.patch_embed.num_patches)
         if self.class_token_only:
             features = self.forward_class_token(images, camids)
         else:
@@ -197,17 +210,40 @@ def save_model(model: ReIDViT, path: str | Path, extra: dict[str, Any] | None = 
     return write_atomic(path, lambda stream: torch.save(payload, stream))
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
+def read_checkpoint(path: str | Path, allowed_globals: Sequence[Any] = ()) -> dict[str, Any]:
+    """The dict a `.pth` file holds, read by torch's weights-only unpickler (it runs no code).
+
+    `allowed_globals`: more globals it may rebuild, as `torch.serialization.safe_globals` takes
+    them (an object, or (object, its name in the file)); foreign files need some (numpy numbers).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with _allowing(allowed_globals):
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for a corrupt file
-        raise InputError(f"cannot read checkpoint {path}: {error}") from error
+        raise InputError(f"cannot read checkpoint {path}: {_unpickling_problem(error)}") from error
     if not isinstance(payload, dict):
         raise InputError(f"checkpoint {path} holds a {type(payload).__name__}, not a dict")
     return payload
+
+
+def _unpickling_problem(error: Exception) -> str:
+    """torch's error in one line: a refused global is named, without its page of advice."""
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+    if refused:
+        return (f"it holds a {refused.group(1)}, which weights-only loading refuses (only tensors, "
+                "containers and plain numbers are read: nothing that could run code)")
+    return str(error)
+
+
+def _allowing(allowed_globals: Sequence[Any]) -> contextlib.AbstractContextManager:
+    # torch < 2.5 has no safe_globals: its unpickler then refuses them, and the error says which
+    safe_globals = getattr(torch.serialization, "safe_globals", None)
+    if not allowed_globals or safe_globals is None:
+        return contextlib.nullcontext()
+    return safe_globals(list(allowed_globals))
 
 
 def load_model(path: str | Path,
@@ -224,8 +260,11 @@ def load_model(path: str | Path,
             "import foreign state dicts with `amg import` (amg.model.checkpoints.import_state_dict)"
         )
     config = ModelConfig.from_dict(payload["config"])
-    _refuse_models_beyond_memory(config, path)
-    model = ReIDViT(config, num_classes=payload["num_classes"])
+    num_classes = payload.get("num_classes")
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
+        raise InputError(f"{path}: num_classes must be a whole number >= 0, got {num_classes!r}")
+    _refuse_models_beyond_memory(config, num_classes, path)
+    model = ReIDViT(config, num_classes=num_classes)
     if prepare is not None:
         prepare(model, payload)
     elif payload.get("plan") is not None:
@@ -235,19 +274,35 @@ def load_model(path: str | Path,
     return model.eval()
 
 
-def _refuse_models_beyond_memory(config: ModelConfig, source: str | Path) -> None:
-    """A model file is small, but its config says how much to allocate: check before allocating."""
+def _tracing() -> bool:
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or exporting()
+
+
+def _check_cameras(camids: torch.Tensor, num_cameras: int) -> None:
+    """Camera ids index the SIE table: one the model was not trained with has no embedding."""
+    if camids.numel() and (int(camids.min()) < 0 or int(camids.max()) >= num_cameras):
+        raise InputError(f"camera id {int(camids.max()) if int(camids.max()) >= num_cameras else int(camids.min())} "
+                         f"is outside this model's camera embedding (SIE) of {num_cameras} cameras (ids 0.."
+                         f"{num_cameras - 1}): the data has cameras the model was not trained with")
+
+
+def _refuse_models_beyond_memory(config: ModelConfig, num_classes: int, source: str | Path) -> None:
+    """A model file is small, but its config says how much to allocate: check before allocating,
+    counting every tensor the config implies (blocks, embeddings, the camera table, the classifier)."""
     import psutil
 
-    needed = config.estimated_parameters * 4 * 2  # float32 weights, and the state dict read beside them
+    parameters = config.estimated_parameters + (config.num_cameras + num_classes) * config.embed_dim
+    needed = parameters * 4 * 2  # float32 weights, and the state dict read beside them
     available = psutil.virtual_memory().available
     if needed > available:
-        raise InputError(f"{source}: its config ({config.embed_dim} wide, {config.depth} blocks) needs about "
+        raise InputError(f"{source}: its config ({config.embed_dim} wide, {config.depth} blocks, "
+                         f"{config.num_cameras} cameras, {num_classes} classes) needs about "
                          f"{needed / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB available")
 
 
 def set_neck_feat(model: ReIDViT, neck_feat: str) -> ReIDViT:
-    """Choose the eval-mode retrieval feature: "after" the BN neck or "before" it."""
+    """Choose the eval-mode retrieval feature: "after" the BN neck, "before" it, or "la-parts"."""
     if neck_feat not in NECK_FEATS:
         raise InputError(f"unknown neck feature {neck_feat!r}; choose one of {', '.join(NECK_FEATS)}")
     model.neck_feat = neck_feat
@@ -259,12 +314,19 @@ def load_exact(model: nn.Module, state_dict: dict[str, torch.Tensor], source: st
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unknown = sorted(set(state_dict) - set(expected))
+    not_tensors = sorted(key for key in set(state_dict) & set(expected) if not isinstance(state_dict[key], torch.Tensor))
+    if not_tensors:
+        raise InputError(f"checkpoint {source} does not fit the model: not tensors: {', '.join(not_tensors[:20])}")
     misshaped = [
         f"{key}: checkpoint {tuple(state_dict[key].shape)} vs model {tuple(value.shape)}"
         for key, value in expected.items()
         if key in state_dict and tuple(state_dict[key].shape) != tuple(value.shape)
     ]
-    if missing or unknown or misshaped:
+    # load_state_dict would cast integer values into float weights without a word: such a file is not weights
+    miskinded = [f"{key}: checkpoint {state_dict[key].dtype} vs model {value.dtype}"
+                 for key, value in expected.items()
+                 if key in state_dict and value.is_floating_point() and not state_dict[key].is_floating_point()]
+    if missing or unknown or misshaped or miskinded:
         lines = [f"checkpoint {source} does not fit the model:"]
         if missing:
             lines.append(f"  missing keys ({len(missing)}): {', '.join(missing[:20])}")
@@ -272,5 +334,7 @@ def load_exact(model: nn.Module, state_dict: dict[str, torch.Tensor], source: st
             lines.append(f"  unknown keys ({len(unknown)}): {', '.join(unknown[:20])}")
         if misshaped:
             lines.append(f"  shape mismatches ({len(misshaped)}): {'; '.join(misshaped[:10])}")
+        if miskinded:
+            lines.append(f"  integer values for float weights ({len(miskinded)}): {'; '.join(miskinded[:10])}")
         raise InputError("\n".join(lines))
     model.load_state_dict(state_dict, strict=True)

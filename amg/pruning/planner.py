@@ -27,7 +27,7 @@ from amg.pruning.policies import (
     peer_policy,
     policy,
 )
-from amg.pruning.selection import check_ratio, select_channels, select_heads, select_tokens
+from amg.pruning.selection import check_channels_removed, check_ratio, select_channels, select_heads, select_tokens
 from amg.train.distributed import from_main
 
 
@@ -124,9 +124,11 @@ def make_plan(model: ReIDViT, heads: float = 0.0, tokens: float = 0.0, head_poli
         if mlp_scoring.needs_data and (calibration is None or calibration.mlp_taylor is None):
             calibration = data.run(work, progress, gradients=True, mlp=True)
         scores = channel_keep_scores(work, mlp_policy, allocation, calibration, seed)
-        plan.kept_mlp = select_channels(scores, channel_ids_per_block(work), mlp, allocation,
+        channel_ids = channel_ids_per_block(work)
+        plan.kept_mlp = select_channels(scores, channel_ids, mlp, allocation,
                                         total_channels=work.config.depth * work.config.mlp_hidden,
                                         multiple=mlp_multiple)
+        check_channels_removed(plan.kept_mlp, channel_ids, mlp, mlp_multiple)
         plan.ratios["mlp_multiple"] = mlp_multiple
     return from_main(plan)  # under torchrun, every process prunes to rank 0's plan
 

@@ -42,9 +42,9 @@ Progress = Callable[[str], None]
 class CalibrationStats:
     """What the calibration pass measured, per block (indices follow the model's current heads)."""
 
-    mean_attention: list[torch.Tensor]  # [heads, N_q, N_kv]: attention averaged over images
+    mean_attention: list[torch.Tensor]  # [heads, N_q, N_kv]: attention averaged over `images`
     # None when calibrated without gradients:
-    # [N_kv]: over calibration batches, the sum of |mean over the batch's images, heads and
+    # [N_kv]: over all calibration batches, the sum of |mean over the batch's images, heads and
     # queries of A * dL/dA| (the reference's `seq_ranks += torch.abs(values)`)
     token_taylor: list[torch.Tensor] | None
     head_taylor: list[torch.Tensor] | None  # [heads]: sum over images of |sum(head output * dL/d output)|
@@ -53,6 +53,9 @@ class CalibrationStats:
     # [hidden]: sum over images of |sum over tokens of MLP activation * dL/d activation|
     # (first-order Taylor importance of each hidden channel); None unless asked for
     mlp_taylor: list[torch.Tensor] | None = None
+    # the images `token_taylor` adds up: every batch, a smaller last one too (`images` counts
+    # those of `mean_attention`, `head_taylor` and `mlp_taylor`, which leave it out); 0 without gradients
+    token_images: int = 0
 
 
 def calibrate(model, images: torch.Tensor, labels: Sequence[int] | None = None,
@@ -62,8 +65,9 @@ def calibrate(model, images: torch.Tensor, labels: Sequence[int] | None = None,
     """Run uint8 `images` through `model` with attention capture (and backprop).
 
     In batches of `batch_size`, as the reference: token scores take the absolute value per
-    batch (so the batch size matters), and a smaller last batch is left out when there is at
-    least one full batch (the reference's loader drops it), from the maps too.
+    batch (so the batch size matters) and add up every batch, a smaller last one included;
+    the attention-map average (head entropy), the head-gradient and the MLP sums leave a
+    smaller last batch out when there is at least one full batch (`_averaged_images`).
 
     loss="id": cross-entropy of the model's own classifier on `labels` (train-set labels), eval mode.
     loss="distill": squared distance of the class-token features to `teacher`'s (label-free;
@@ -79,7 +83,8 @@ def calibrate(model, images: torch.Tensor, labels: Sequence[int] | None = None,
         raise InputError("calibration needs at least one image")
     if batch_size < 1:
         raise InputError(f"the calibration batch size must be >= 1, got {batch_size}")
-    used = len(images) - len(images) % batch_size if len(images) >= batch_size else len(images)
+    averaged = _averaged_images(len(images), batch_size)
+    scored = _token_scored_images(len(images), averaged, gradients, loss)
     modules = patch_model(model)
     device = next(model.parameters()).device
     needs_camids = model.sie_embed is not None
@@ -93,7 +98,8 @@ def calibrate(model, images: torch.Tensor, labels: Sequence[int] | None = None,
         parameter.requires_grad_(False)
     try:
         with calibration_mode(model, loss, seed) as flips:
-            for start in range(0, used, batch_size):
+            for start in range(0, scored, batch_size):
+                in_average = start < averaged
                 batch = augment(normalize(images[start:start + batch_size].to(device)), flips)
                 batch.requires_grad_(gradients)
                 cams = torch.as_tensor(camids[start:start + batch_size], device=device) if needs_camids else None
@@ -101,7 +107,7 @@ def calibrate(model, images: torch.Tensor, labels: Sequence[int] | None = None,
                                                                            device=device)
                 target = teacher_target(loss, teacher, batch.detach(), cams) if gradients else None
                 with torch.set_grad_enabled(gradients), capture_attention(model, retain_grad=gradients) as capture, \
-                        _mlp_activations(model, mlp and gradients) as activations:
+                        _mlp_activations(model, mlp and gradients and in_average) as activations:
                     if gradients:
                         calibration_loss(model, batch, batch_labels, cams, loss, target).backward()
                     else:
@@ -110,32 +116,55 @@ def calibrate(model, images: torch.Tensor, labels: Sequence[int] | None = None,
                     if modules[block].num_heads == 0:  # an emptied block has no attention to score
                         continue
                     (attn,) = capture.maps(block)
+                    if gradients:
+                        batch_mean = (attn.detach() * attn.grad).mean(dim=(0, 1, 2))
+                        token_taylor[block] = token_taylor[block] + batch_mean.abs()
+                    if not in_average:
+                        continue
                     attention_sums[block] = attention_sums[block] + attn.detach().sum(dim=0)
                     if gradients:
                         (output,) = capture.head_outputs(block)
-                        batch_mean = (attn.detach() * attn.grad).mean(dim=(0, 1, 2))
-                        token_taylor[block] = token_taylor[block] + batch_mean.abs()
                         per_image = (output.detach() * output.grad).sum(dim=(2, 3)).abs()  # [B, heads]
                         head_taylor[block] = head_taylor[block] + per_image.sum(dim=0)
                 for block, hidden in activations.items():
                     per_image = (hidden.detach() * hidden.grad).sum(dim=1).abs()  # [B, channels]
                     mlp_taylor[block] = mlp_taylor[block] + per_image.sum(dim=0)
                 if progress:
-                    progress(f"calibration {min(start + batch_size, used)}/{used} images")
+                    progress(f"calibration {min(start + batch_size, scored)}/{scored} images")
     finally:
         for parameter in trainable:
             parameter.requires_grad_(True)
-    count = used
     tokens = model.config.num_tokens
 
     def per_block(sums: list, empty_shape: tuple[int, ...], scale: float = 1.0) -> list[torch.Tensor]:
         # an emptied block added nothing (still the float 0): zero heads, zero token scores
         return [torch.zeros(empty_shape) if isinstance(total, float) else total / scale for total in sums]
 
-    return CalibrationStats(per_block(attention_sums, (0, tokens, tokens), count),
+    return CalibrationStats(per_block(attention_sums, (0, tokens, tokens), averaged),
                             per_block(token_taylor, (tokens,)) if gradients else None,
-                            per_block(head_taylor, (0,)) if gradients else None, count, loss,
-                            per_block(mlp_taylor, (0,)) if mlp and gradients else None)
+                            per_block(head_taylor, (0,)) if gradients else None, averaged, loss,
+                            per_block(mlp_taylor, (0,)) if mlp and gradients else None,
+                            scored if gradients else 0)
+
+
+def _averaged_images(count: int, batch_size: int) -> int:
+    """The images of the batches of the first batch's size: the reference adds a batch's maps
+    to its running sum only when the shapes match (`if self.attn.shape[0] == attn.shape[0]`),
+    so a smaller last batch is left out of the head entropy, unless it is the only batch."""
+    return count - count % batch_size if count >= batch_size else count
+
+
+def _token_scored_images(count: int, averaged: int, gradients: bool, loss: str) -> int:
+    """The images whose batches add to the token scores: all of them, as the reference's
+    gradient hook (`seq_ranks += ...`) fires for every batch of its loader (no `drop_last`).
+
+    Without gradients there are no token scores, so the smaller last batch is not run. Under
+    the "reference" loss (train mode) a last batch of one image is left out: BatchNorm cannot
+    take batch statistics of a single image (the reference's loader stops with an error there).
+    """
+    if not gradients or (loss == "reference" and count - averaged == 1):
+        return averaged
+    return count
 
 
 @contextlib.contextmanager

@@ -115,9 +115,24 @@ def select_channels(keep_scores: Sequence[torch.Tensor], channel_ids: Sequence[S
         counts = [0] * len(present)
         for _, block, _ in ranked[:target]:
             counts[block] += 1
+    kept_counts = [min(present[block], max(multiple, multiple * round(counts[block] / multiple)))
+                   for block in range(len(present))]
     kept = []
-    for block, (score, ids) in enumerate(zip(keep_scores, channel_ids)):
-        count = min(present[block], max(multiple, multiple * round(counts[block] / multiple)))
+    for score, ids, count in zip(keep_scores, channel_ids, kept_counts):
         best = sorted(torch.argsort(score, descending=True, stable=True)[:count].tolist())
         kept.append([ids[p] for p in best])
     return kept
+
+
+def check_channels_removed(kept: Sequence[Sequence[int]], channel_ids: Sequence[Sequence[int]], ratio: float,
+                           multiple: int) -> None:
+    """Refuse a final plan asked to remove `ratio` of the MLP channels that keeps them all (the
+    rounding to whole channels, or to `multiple`, took every removal back): it would say
+    `ratio` and remove nothing, a silent wrong number in every row after it. Not for a ratio
+    search, whose probes may round to nothing on their way to the target."""
+    present = [len(ids) for ids in channel_ids]
+    if ratio > 0 and [len(k) for k in kept] == present:
+        rounding = f"to a multiple of {multiple}" if multiple > 1 else "to whole channels"
+        raise InputError(f"rounding each block's MLP channels {rounding} keeps all of them (blocks of "
+                         f"{', '.join(map(str, sorted(set(present))))} channels): {ratio:g} of them cannot be "
+                         "removed so; choose a larger ratio" + (" or a smaller multiple" if multiple > 1 else ""))

@@ -11,12 +11,11 @@ extra training alone buys).
 from __future__ import annotations
 
 import pandas as pd
-from tabulate import tabulate
 
 from amg.benchmark.profiles import PruneSpec
 from amg.benchmark.query_record import load_query_record
 from amg.pruning.schedule import SCHEDULES, Schedule
-from amg.reporting.tables import MISSING, format_cell, markdown_text, titled_tables
+from amg.reporting.tables import MISSING, Markdown, format_cell, markdown_table, markdown_text, titled_tables
 from amg.statistics import excludes_zero, mean_difference_interval
 
 FAMILIES = ("heads", "tokens", "heads+tokens", "mlp", "heads+mlp", "heads+tokens+mlp")
@@ -89,7 +88,7 @@ def versus_random(row: pd.Series, group: pd.DataFrame, records: QueryRecords) ->
     holds 0, or "—" without per-query values (runs before they were recorded) or a random row."""
     spread = row.get("seed_spread")
     if spread is not None and pd.notna(spread):  # the random draws themselves: how far apart they land
-        return f"spread of {row['draws']:.0f} seeds: {spread:.1f}"
+        return Markdown(f"spread of {row['draws']:.0f} seeds: {spread:.1f}")
     random_method = RANDOM_METHODS.get(_family(row["base_method"]))
     if random_method is None or row["base_method"] == random_method or "source" not in group:
         return MISSING
@@ -101,7 +100,7 @@ def versus_random(row: pd.Series, group: pd.DataFrame, records: QueryRecords) ->
         return MISSING
     delta, low, high = mean_difference_interval(theirs, mine)
     interval = f"[{100 * low:+.1f}, {100 * high:+.1f}]"
-    return f"{100 * delta:+.1f} {interval}" if excludes_zero(low, high) else f"tie {interval}"
+    return Markdown(f"{100 * delta:+.1f} {interval}" if excludes_zero(low, high) else f"tie {interval}")  # numbers only
 
 
 def _line(row: pd.Series, unpruned: pd.Series, method: str, schedule: str, bold: bool = False,
@@ -187,11 +186,9 @@ def comparison_tables(frame: pd.DataFrame) -> list[tuple[str, str]]:
                                   bold=pd.notna(top) and row["occluded_mAP"] == top,
                                   against_random=versus_random(row, group, records)))
             precision_label = "" if precision == "fp32" else " " + precision
-            title = (f"{markdown_text(device)} / {markdown_text(model)} / {markdown_text(backend)}{precision_label}: "
-                     f"{target:.0%} of MACs saved")
-            markdown = tabulate(body, headers=headers, tablefmt="github", disable_numparse=True,
-                                colalign=["left", "left"] + ["right"] * (len(headers) - 2))
-            tables.append((title, markdown))
+            title = Markdown(f"{markdown_text(device)} / {markdown_text(model)} / "
+                             f"{markdown_text(backend)}{markdown_text(precision_label)}: {target:.0%} of MACs saved")
+            tables.append((title, markdown_table(body, headers, numeric_from=2)))
     return tables
 
 

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 from amg.benchmark.results import INTERRUPTED, KEY_COLUMNS, ReportError, ResultsFile
+from amg.benchmark.row_checks import check_row
 from amg.errors import InputError
 from amg.measure.contention import contended
 
@@ -217,21 +218,35 @@ def row_key(row: Mapping[str, Any], source: str, index: int) -> tuple:
     return (*values[:-1], int(batch))
 
 
-def _index(rows: Iterable[Mapping[str, Any]], source: str) -> tuple[dict[tuple, Mapping[str, Any]], dict[tuple, int]]:
-    """Rows by key (the last row wins) and how many rows each key had."""
+def _index(rows: Iterable[Mapping[str, Any]], source: str) -> dict[tuple, Mapping[str, Any]]:
+    """Rows by key; two rows of one key are an error (either could hide a bad value behind the other)."""
     by_key: dict[tuple, Mapping[str, Any]] = {}
-    counts: dict[tuple, int] = {}
     for index, row in enumerate(rows, start=1):
         key = row_key(row, source, index)
+        if key in by_key:
+            raise ReportError(f"{source} has two rows for {'/'.join(map(str, key))} (rows {list(by_key).index(key) + 1} "
+                              f"and {index}): a run measures each configuration once")
         by_key[key] = row
-        counts[key] = counts.get(key, 0) + 1
-    return by_key, counts
+    return by_key
 
 
 def _rows_and_name(rows: ResultsFile | Iterable[Mapping[str, Any]], default: str) -> tuple[list, str]:
     if isinstance(rows, ResultsFile):
-        return list(rows.rows), str(rows.path)
-    return list(rows), default
+        return list(rows.rows), str(rows.path)  # read_csv checked every row
+    rows = list(rows)
+    for index, row in enumerate(rows, start=1):
+        try:
+            check_row({column: _text(value) for column, value in row.items()}, f"{default} row {index}")
+        except InputError as error:
+            raise ReportError(str(error)) from None
+    return rows, default
+
+
+def _text(value: Any) -> str:
+    """A value of a row given as a dict, as the CSV would hold it (None / NaN: empty)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return str(value)
 
 
 def _intervals(row: Mapping[str, Any]) -> tuple[float, float] | None:
@@ -317,14 +332,7 @@ def compare(
     if differences and not allow_mismatch:
         raise RunMismatch(f"{current_name} was not made under the conditions of {baseline_name}: "
                           + "; ".join(differences) + " (--allow-mismatch compares them anyway)")
-    baseline, baseline_counts = _index(baseline_list, baseline_name)
-    current, current_counts = _index(current_list, current_name)
-
-    for counts, name in ((baseline_counts, "baseline"), (current_counts, "current run")):
-        for key, count in counts.items():
-            if count > 1:
-                findings.append(Finding(key, CONFIGURATION, None, None, OK,
-                                        f"{count} rows with this key in the {name}: the last one is used"))
+    baseline, current = _index(baseline_list, baseline_name), _index(current_list, current_name)
 
     for key, base_row in baseline.items():
         cur_row = current.get(key)

@@ -14,18 +14,10 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from amg.benchmark.results import (
-    COLUMNS,
-    MEASURE_COLUMNS,
-    TEXT_MEASURE_COLUMNS,
-    ReportError,
-    ResultsFile,
-    find_csvs,
-    read_csv,
-)
+from amg.benchmark.results import COLUMNS, ReportError, ResultsFile, find_csvs, read_csv
+from amg.benchmark.row_checks import NUMBER_RULES
 
-NUMERIC_COLUMNS = ["threads", "batch", "head_ratio", "token_ratio", "mlp_ratio"] + [
-    c for c in MEASURE_COLUMNS if c not in TEXT_MEASURE_COLUMNS]
+NUMERIC_COLUMNS = list(NUMBER_RULES)  # read_csv has checked each against its rule
 
 
 def csvs_under(root: Path) -> list[Path]:
@@ -46,24 +38,10 @@ def _paths(paths_or_dir: str | Path | Sequence[str | Path]) -> list[Path]:
     return paths
 
 
-def _first_non_number(values: pd.Series) -> tuple[int, object] | None:
-    """(line, text) of the first value that is not a number; the header is line 1."""
-    for offset, value in enumerate(values):
-        try:
-            float(value)
-        except (TypeError, ValueError):
-            return offset + 2, value
-    return None
-
-
-def _numeric(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
-    """Numeric columns as floats/ints (empty -> NaN); a non-number is an error naming the file."""
+def _numeric(frame: pd.DataFrame) -> pd.DataFrame:
+    """Numeric columns as floats/ints (empty -> NaN)."""
     for column in NUMERIC_COLUMNS:
-        raw = frame[column].astype(object).where(frame[column] != "", np.nan)
-        bad = _first_non_number(raw)
-        if bad:
-            raise ReportError(f"{path} line {bad[0]}: {column} {bad[1]!r} is not a number")
-        frame[column] = pd.to_numeric(raw)
+        frame[column] = pd.to_numeric(frame[column].astype(object).where(frame[column] != "", np.nan))
     return frame
 
 
@@ -83,7 +61,7 @@ def load_reports(paths_or_dir: str | Path | Sequence[str | Path]) -> pd.DataFram
     frames = []
     for path in _paths(paths_or_dir):
         results = _read(path)
-        frame = _numeric(pd.DataFrame(results.rows, dtype=object), results.path)
+        frame = _numeric(pd.DataFrame(results.rows, dtype=object))
         frames.append(frame.assign(source=str(results.path)))
     frame = pd.concat(frames, ignore_index=True)
     extra = [c for c in frame.columns if c not in COLUMNS and c != "source"]

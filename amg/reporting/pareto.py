@@ -47,10 +47,17 @@ def pareto_front(frame: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
         raise InputError(f"no column {missing} in the frame")
     valid = frame.dropna(subset=[x, y])
     xs, ys = valid[x].to_numpy(float), valid[y].to_numpy(float)
-    # [i, j]: row i is at least as good as row j on both axes, and strictly better on one.
-    no_worse = (xs[:, None] <= xs[None, :]) & (ys[:, None] >= ys[None, :])
-    better = (xs[:, None] < xs[None, :]) | (ys[:, None] > ys[None, :])
-    dominated = (no_worse & better).any(axis=0)
+    # One sweep in x order (O(n log n): a table of all pairs would take n^2 memory at 10^5 rows).
+    # A row is dominated by a row of smaller x and no lower y, or by one of equal x and higher y.
+    order = np.lexsort((-ys, xs))
+    sorted_x, sorted_y = xs[order], ys[order]
+    starts = np.flatnonzero(np.r_[True, sorted_x[1:] != sorted_x[:-1]])  # first row of each x value
+    group = np.cumsum(np.r_[True, sorted_x[1:] != sorted_x[:-1]]) - 1
+    best_of_group = sorted_y[starts]  # y sorted high first within an x value
+    best_before = np.r_[-np.inf, np.maximum.accumulate(best_of_group)[:-1]]
+    dominated_sorted = (best_before[group] >= sorted_y) | (best_of_group[group] > sorted_y)
+    dominated = np.empty(len(xs), dtype=bool)
+    dominated[order] = dominated_sorted
     return valid[~dominated].sort_values([x, y], ascending=[True, False], kind="stable")
 
 

@@ -42,7 +42,7 @@ def _sources(frame: pd.DataFrame, latest: pd.DataFrame, root: Path) -> list[str]
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     files, shown = frame["source"].nunique(), latest["source"].nunique()
     lines = [
-        f"Generated {now} from {files} CSV file(s) under `{root}`; "
+        f"Generated {now} from {files} CSV file(s) under {markdown_text(root)}; "
         f"each configuration's newest measurement on each device is shown ({shown} file(s)):",
         "",
     ]
@@ -51,8 +51,9 @@ def _sources(frame: pd.DataFrame, latest: pd.DataFrame, root: Path) -> list[str]
         stamp = rows["timestamp"].max()
         interrupted = " **(interrupted run: not every configuration was measured)**" \
             if (rows["run_status"] == INTERRUPTED).any() else ""
-        lines.append(f"- `{_relative(source, root)}`: run `{markdown_text(run)}` of {markdown_text(device)}, "
-                     f"{stamp or 'no timestamp'}{interrupted}")
+        # CSV-derived text is escaped, not put in code spans: a backtick in a file name would end the span
+        lines.append(f"- {markdown_text(_relative(source, root))}: run {markdown_text(run)} of {markdown_text(device)}, "
+                     f"{markdown_text(stamp) if stamp else 'no timestamp'}{interrupted}")
     return lines
 
 

@@ -11,7 +11,13 @@ from amg.benchmark.profiles import UNPRUNED
 from amg.benchmark.results import MEASURE_COLUMNS, ReportError
 from amg.reporting.loading import newest_per_configuration
 
-MISSING = "—"  # shown for a value that was not measured
+class Markdown(str):
+    """Text this project wrote for the report (formatted numbers, its own markup, text already
+    escaped): `markdown_text` leaves it as it is. Every other string (anything a CSV or a record
+    holds) is escaped where it enters a table, heading or list item."""
+
+
+MISSING = Markdown("—")  # shown for a value that was not measured
 # Stored as fractions (0..1); tables and plots show them in percent.
 PERCENT_COLUMNS = {"macs_saving", "latency_saving"} | {
     c for c in MEASURE_COLUMNS if c.startswith(("query_", "occluded_"))
@@ -35,24 +41,27 @@ DEVICE_COLUMNS = (
 def format_cell(value: object, decimals: int, scale: float = 1.0) -> str:
     if value is None or pd.isna(value):
         return MISSING
-    return f"{float(value) * scale:.{decimals}f}"
+    return Markdown(f"{float(value) * scale:.{decimals}f}")
 
 
 def format_interval(value: object, low: object, high: object, decimals: int = 2) -> str:
     """`value [low, high]`, or the value alone when its interval was not measured."""
     if pd.isna(low) or pd.isna(high) or pd.isna(value):
         return format_cell(value, decimals)
-    return f"{float(value):.{decimals}f} [{float(low):.{decimals}f}, {float(high):.{decimals}f}]"
+    return Markdown(f"{float(value):.{decimals}f} [{float(low):.{decimals}f}, {float(high):.{decimals}f}]")
 
 
-_MARKDOWN_SPECIAL = re.compile(r"([\\\[\]<>|!])")
+_MARKDOWN_SPECIAL = re.compile(r"([\\\[\]<>|!`])")
 
 
-def markdown_text(text: object) -> str:
-    """`text` from a CSV, safe in a Markdown cell or heading: one line, and no character that
-    could end a cell, start a link or image, or open an HTML tag (backslash-escaped, so it
-    still reads as itself)."""
-    return _MARKDOWN_SPECIAL.sub(r"\\\1", " ".join(str(text).split()))
+def markdown_text(text: object) -> Markdown:
+    """`text` safe in a Markdown cell, heading or list item: one line, and no character that
+    could end a cell, start a link or image, open an HTML tag or a code span (backslash-escaped,
+    so it still reads as itself). The report's one escaping: `Markdown` text passes unchanged,
+    so escaping twice is escaping once."""
+    if isinstance(text, Markdown):
+        return text
+    return Markdown(_MARKDOWN_SPECIAL.sub(r"\\\1", " ".join(str(text).split())))
 
 
 def is_unpruned(frame: pd.DataFrame) -> pd.Series:
@@ -68,10 +77,12 @@ def _unpruned_first(frame: pd.DataFrame, groups: list[str]) -> pd.DataFrame:
     return order.sort_values(groups + ["_pruned", "config_id"], kind="stable").drop(columns="_pruned")
 
 
-def markdown_table(rows: list[list[str]], headers: list[str], numeric_from: int) -> str:
+def markdown_table(rows: list[list[object]], headers: list[object], numeric_from: int) -> str:
+    """A GitHub table; every cell and header goes through `markdown_text`."""
     # disable_numparse: tabulate would otherwise re-format "1.20" as "1.2".
     align = ["left"] * numeric_from + ["right"] * (len(headers) - numeric_from)
-    return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True, colalign=align)
+    return tabulate([[markdown_text(cell) for cell in row] for row in rows], headers=list(map(markdown_text, headers)),
+                    tablefmt="github", disable_numparse=True, colalign=align)
 
 
 def device_table(frame: pd.DataFrame, device_id: str) -> str:
@@ -126,7 +137,7 @@ def cross_device_table(frame: pd.DataFrame) -> str:
 
 def group_heading(*labels: object, batch: object) -> str:
     """The heading of one group's table: `device · model · … · batch N`."""
-    return " · ".join([markdown_text(label) for label in labels] + [f"batch {float(batch):.0f}"])
+    return Markdown(" · ".join([markdown_text(label) for label in labels] + [f"batch {float(batch):.0f}"]))
 
 
 def titled_tables(heading: str, intro: str, tables: list[tuple[str, str]]) -> str:
@@ -134,7 +145,7 @@ def titled_tables(heading: str, intro: str, tables: list[tuple[str, str]]) -> st
     '' when there is no table."""
     if not tables:
         return ""
-    lines = [f"## {heading}", "", intro, ""]
+    lines = [f"## {markdown_text(heading)}", "", intro, ""]
     for title, table in tables:
-        lines += [f"### {title}", "", table, ""]
+        lines += [f"### {markdown_text(title)}", "", table, ""]
     return "\n".join(lines)

@@ -10,6 +10,9 @@ from amg.errors import InputError
 
 def batch_hard_triplet(features: torch.Tensor, labels: torch.Tensor, margin: float = 0.3) -> torch.Tensor:
     """Hermans et al. 2017: per anchor, hardest positive vs hardest negative (Euclidean)."""
+    if not torch.isfinite(features).all():  # else every distance is NaN and no pair looks valid
+        raise InputError("the features are not finite numbers (NaN or inf): training diverged; "
+                         "lower the learning rate")
     distances = torch.cdist(features, features).clamp_min(1e-12)
     same = labels.view(-1, 1) == labels.view(1, -1)
     hardest_positive = distances.masked_fill(~same, float("-inf")).amax(dim=1)

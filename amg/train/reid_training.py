@@ -94,6 +94,9 @@ def train_reid(model: ReIDViT, images: torch.Tensor, labels: list[int], camids: 
             batch, batch_labels, batch_camids = next(batches)
             batch_labels = distributed.gather_rows(batch_labels)  # the losses are over the global batch
             loss, logits = _reid_loss(student, batch, batch_labels, batch_camids, config, teacher)
+            if not torch.isfinite(loss):
+                raise InputError(f"training diverged at step {step + 1}: the loss is {loss.item()}; "
+                                 f"lower the learning rate (now {config.lr:g})")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -1,0 +1,134 @@
+"""What each column of a results CSV may hold: one rule per column, checked on every row read.
+
+A value out of its range is an error naming the file, the line and the column, never a number
+the gate, the report or `amg select` would go on to use: an accuracy of 85 (percent, not a
+fraction), a speed-up of -5 outside its own interval, a median of -3 ms, a status spelled
+" Interrupted". Empty means "not measured" and is always allowed here (the gate decides what
+must be measured).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+from amg.errors import InputError
+
+
+@dataclass(frozen=True)
+class Rule:
+    accepts: Callable[[float], bool]
+    means: str  # what the column must hold, for the message
+
+
+def _fraction(value: float) -> bool:
+    return 0.0 <= value <= 1.0
+
+
+def _positive(value: float) -> bool:
+    return value > 0
+
+
+def _non_negative(value: float) -> bool:
+    return value >= 0
+
+
+def _count(value: float) -> bool:
+    return value >= 0 and value == int(value)
+
+
+def _whole_positive(value: float) -> bool:
+    return value >= 1 and value == int(value)
+
+
+FRACTION = Rule(_fraction, "a fraction between 0 and 1")
+POSITIVE = Rule(_positive, "a number > 0")
+NON_NEGATIVE = Rule(_non_negative, "a number >= 0")
+COUNT = Rule(_count, "a whole number >= 0")
+WHOLE_POSITIVE = Rule(_whole_positive, "a whole number >= 1")
+AT_MOST_ONE = Rule(lambda value: value <= 1.0, "a number <= 1")
+COSINE = Rule(lambda value: -1.0 - 1e-6 <= value <= 1.0 + 1e-6, "a cosine between -1 and 1")
+
+ACCURACY_COLUMNS = tuple(f"{split}_{metric}" for split in ("query", "occluded")
+                         for metric in ("rank1", "rank5", "mAP", "mINP"))
+SPEEDUP_INTERVALS = (("speedup", "speedup_ci_low", "speedup_ci_high"),
+                     ("fp32_speedup", "fp32_speedup_ci_low", "fp32_speedup_ci_high"))
+
+NUMBER_RULES: dict[str, Rule] = {
+    "threads": WHOLE_POSITIVE,
+    "batch": WHOLE_POSITIVE,
+    "head_ratio": FRACTION,
+    "token_ratio": NON_NEGATIVE,  # ToMe's merge rate can exceed 1 (tokens merged per block / kept share)
+    "mlp_ratio": FRACTION,
+    "params": COUNT,
+    "param_mb": NON_NEGATIVE,
+    "macs": COUNT,
+    "gmacs": NON_NEGATIVE,
+    "macs_saving": FRACTION,
+    "latency_median_ms": POSITIVE,
+    "latency_p90_ms": POSITIVE,
+    "latency_p99_ms": POSITIVE,
+    "latency_rounds": WHOLE_POSITIVE,
+    **{column: POSITIVE for triple in SPEEDUP_INTERVALS for column in triple},
+    "latency_saving": AT_MOST_ONE,  # 1 - 1/speed-up: negative when pruning made it slower
+    "load_avg_1min": NON_NEGATIVE,
+    "other_cpu_share": FRACTION,
+    "output_max_diff": NON_NEGATIVE,
+    "output_cosine": COSINE,
+    "peak_rss_mb": NON_NEGATIVE,
+    "forward_rss_mb": NON_NEGATIVE,
+    "cuda_max_allocated_mb": NON_NEGATIVE,
+    **{column: FRACTION for column in ACCURACY_COLUMNS},
+    "query_unmatched": COUNT,
+    "occluded_unmatched": COUNT,
+}
+# Text columns with a closed set of values (exactly as the suite writes them).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "run_status": ("complete", "interrupted"),
+    "last_block": ("full", "class-token"),
+}
+_INTERVAL_SLACK = 1e-9  # the CSV's 10 significant digits round a value and its bounds alike
+
+
+def finite_number(text: str) -> float | None:
+    """The number in `text`, or None when it is not a finite number."""
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def check_row(row: Mapping[str, str], where: str) -> None:
+    """Raise InputError naming `where` (file and line) and the column for a value out of its rule."""
+    numbers: dict[str, float] = {}
+    for column, rule in NUMBER_RULES.items():
+        text = (row.get(column) or "").strip()
+        if not text:
+            continue
+        number = finite_number(text)
+        if number is None:
+            raise InputError(f"{where}: {column} {text!r} is not a number (a finite one; empty if not measured)")
+        if not rule.accepts(number):
+            raise InputError(f"{where}: {column} {text!r} must be {rule.means}")
+        numbers[column] = number
+    for column, choices in CHOICES.items():
+        value = row.get(column) or ""
+        if value and value not in choices:
+            raise InputError(f"{where}: {column} {value!r} is none of {', '.join(choices)}")
+    for center, low, high in SPEEDUP_INTERVALS:
+        _check_interval(numbers, center, low, high, where)
+
+
+def _check_interval(numbers: Mapping[str, float], center: str, low: str, high: str, where: str) -> None:
+    bounds = [column for column in (low, high) if column in numbers]
+    if not bounds:
+        return
+    if len(bounds) == 1 or center not in numbers:
+        raise InputError(f"{where}: {', '.join(bounds)} without {' and '.join(c for c in (center, low, high) if c not in numbers)}: "
+                         "an interval needs both bounds and its value")
+    slack = _INTERVAL_SLACK * numbers[center]
+    if not numbers[low] - slack <= numbers[center] <= numbers[high] + slack:
+        raise InputError(f"{where}: {center} {numbers[center]:g} lies outside its own interval "
+                         f"[{numbers[low]:g}, {numbers[high]:g}]")
