@@ -262,11 +262,12 @@ def suite(request: pytest.FixtureRequest):
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     from amg.benchmark.query_record import save_query_record
-    from amg.benchmark.results import COMPLETE, INTERRUPTED, write_csv
+    from amg.benchmark.results import COMPLETE, INTERRUPTED, queries_journal, write_csv
 
     state = session.config.stash.get(_SUITE_KEY, None)
     if state is not None and state.journal is not None and not state.rows:
         state.journal.unlink(missing_ok=True)  # nothing measured: nothing to report or recover
+        queries_journal(state.journal).unlink(missing_ok=True)
     if state is None or not state.rows or session.config.getoption("--amg-no-report"):
         return
     results_dir = Path(session.config.getoption("--amg-results-dir"))
@@ -277,6 +278,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         save_query_record(path, state.query_values)
     if state.journal is not None:
         state.journal.unlink(missing_ok=True)  # the report holds every row now
+        queries_journal(state.journal).unlink(missing_ok=True)
     reporter = session.config.pluginmanager.getplugin("terminalreporter")
     say = reporter.write_line if reporter else print
     say(f"[amg] wrote {len(rows)} rows to {path}" + (" (interrupted run)" if status == INTERRUPTED else ""))

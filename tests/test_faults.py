@@ -28,6 +28,7 @@ from amg.benchmark.results import (
     claim_journal,
     find_csvs,
     journal_path,
+    queries_journal,
     read_csv,
     recover_journals,
 )
@@ -122,6 +123,9 @@ def test_a_killed_runs_rows_come_back_as_an_interrupted_report(tiny_inputs, tmp_
     rows = read_csv(report).rows
     assert rows and {row["run_status"] for row in rows} == {INTERRUPTED}
     assert not list(results.glob("*/.*.journal"))
+    # and their per-query values, for the report's paired intervals
+    assert {row["config_id"] for row in rows} <= set(load_query_record(report))
+    assert not list(results.glob("*/.*.journal.queries"))
 
 
 def test_a_live_runs_journal_is_not_recovered_by_another_run(tmp_path):
@@ -135,6 +139,19 @@ def test_a_live_runs_journal_is_not_recovered_by_another_run(tmp_path):
     handle.close()  # the run died: its lock went with it
     [report] = recover_journals(tmp_path)
     assert report.name == "run-1.csv" and not journal.exists()
+
+
+def test_a_killed_runs_per_query_values_come_back_with_its_rows(tmp_path):
+    journal = journal_path(tmp_path, "device", "run-1")
+    append_journal(journal, {"config_id": "unpruned", "backend": "cpu", "precision": "fp32", "batch": 1,
+                             "device_id": "device", "run_id": "run-1"})
+    values = {"occluded": {"ap": [0.5, 1.0], "rank1": [0, 1]}}
+    append_journal(queries_journal(journal), {"unpruned": values})
+    with open(queries_journal(journal), "a") as torn:
+        torn.write('{"heads0.5:amg": {"occl')  # the line being written at the kill
+    [report] = recover_journals(tmp_path)
+    assert load_query_record(report) == {"unpruned": values}
+    assert not journal.exists() and not queries_journal(journal).exists()
 
 
 @pytest.mark.parametrize("line", [

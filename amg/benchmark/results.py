@@ -109,6 +109,7 @@ OPTIONAL_COLUMNS = ("feature", "last_block", "run_status", "query_unmatched", "o
                     "mlp_ratio")
 COMPLETE, INTERRUPTED = "complete", "interrupted"
 JOURNAL_SUFFIX = ".journal"  # rows of a run in progress, one JSON line each: `.<run-id>.journal`
+QUERIES_SUFFIX = ".queries"  # `.<run-id>.journal.queries`: {config_id: per-query values}, one line each
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -228,8 +229,15 @@ def journal_path(results_dir: str | Path, device: str, run_id: str) -> Path:
     return Path(results_dir) / safe_name(device) / f".{safe_name(run_id)}{JOURNAL_SUFFIX}"
 
 
+def queries_journal(journal: Path) -> Path:
+    """Beside a run's journal: the per-query values of each configuration it evaluated, one JSON
+    line each, so that a killed run's report keeps its per-query record too."""
+    return journal.with_name(journal.name + QUERIES_SUFFIX)
+
+
 def append_journal(path: Path, row: Mapping[str, Any]) -> None:
-    """Add one measured row to the run's journal, on disk before the next case starts."""
+    """Add one measured row (or one configuration's per-query values) to a journal, on disk
+    before the next case starts."""
     path.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps({k: v for k, v in row.items() if not (isinstance(v, float) and not math.isfinite(v))})
     with open(path, "a", encoding="utf-8") as stream:
@@ -275,7 +283,9 @@ def recover_journals(results_dir: str | Path, warn=None) -> list[Path]:
                 try:
                     rows = _journal_rows(handle.read(), journal)
                     if rows:
-                        written.append(write_csv(rows, results_dir, journal.parent.name, run_id))
+                        report = write_csv(rows, results_dir, journal.parent.name, run_id)
+                        _recover_query_record(journal, report)
+                        written.append(report)
                 except (InputError, UnicodeDecodeError) as error:
                     aside = journal.with_name(journal.name + DAMAGED_SUFFIX)
                     os.replace(journal, aside)
@@ -283,7 +293,27 @@ def recover_journals(results_dir: str | Path, warn=None) -> list[Path]:
                         warn(f"set aside a damaged journal as {aside}: {error}")
                     continue
             journal.unlink()
+            queries_journal(journal).unlink(missing_ok=True)
     return written
+
+
+def _recover_query_record(journal: Path, report: Path) -> None:
+    """The per-query record of a killed run, from its queries journal (a torn last line is left out)."""
+    from amg.benchmark.query_record import save_query_record  # (a sibling that never imports this module)
+
+    path = queries_journal(journal)
+    if not path.is_file():
+        return
+    values = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            break  # the line being written when the run was killed
+        if isinstance(entry, dict):
+            values.update({k: v for k, v in entry.items() if isinstance(k, str) and isinstance(v, dict)})
+    if values:
+        save_query_record(report, values)
 
 
 def _journal_rows(text: str, journal: Path) -> list[dict[str, Any]]:

@@ -24,7 +24,7 @@ import amg
 from amg.benchmark.plan_store import PlanStore
 from amg.benchmark.profiles import UNPRUNED, Case, Profile, PruneSpec
 from amg.benchmark.pruned_models import PrunedModels
-from amg.benchmark.results import append_journal
+from amg.benchmark.results import append_journal, queries_journal
 from amg.benchmark.study_folder import StudyFolder
 from amg.data.layout import ReIDDataset
 from amg.data.transforms import normalize
@@ -118,6 +118,7 @@ class Suite:
     _accuracy: dict[PruneSpec | tuple[PruneSpec, str, str], dict[str, Any]] = field(default_factory=dict)
     _references: dict[tuple[str, str, int], Runner] = field(default_factory=dict)
     _base_macs: int | None = None
+    _journaled_queries: set[str] = field(default_factory=set)  # configurations whose values the journal holds
     _other_model: Suite | None = None  # the suite of the other preset a multi-model profile is measuring
 
     def __post_init__(self) -> None:
@@ -244,6 +245,10 @@ class Suite:
         self.rows.append(row)
         if self.journal is not None:
             append_journal(self.journal, row)
+            config_id = case.spec.config_id
+            if config_id in self.query_values and config_id not in self._journaled_queries:  # what reports pair on
+                append_journal(queries_journal(self.journal), {config_id: self.query_values[config_id]})
+                self._journaled_queries.add(config_id)
         return row
 
     def _speedup(self, reference: Runner, runner: Runner, median_ms: float):
