@@ -82,3 +82,20 @@ def test_every_policy_has_its_scorer_its_dynamic_blocks_or_its_peer():
             assert policy.dynamic or policy.peer or callable(getattr(scores, policy.scorer)), policy
     assert {p.name for p in HEAD_POLICIES.values() if p.peer} == set(IMPORTANCE)
     assert set(DYNAMIC_TOKEN_POLICIES) == set(IMPLEMENTED)
+
+
+def test_every_name_a_registry_gives_resolves_at_import_and_a_wrong_one_fails_there():
+    """The registries stay torch-free and name their functions by string; the torch-side modules
+    resolve every name when imported, so a rename fails at once, not at a run's first use."""
+    from amg.measure import backends
+    from amg.measure.backend_registry import BACKENDS
+    from amg.pruning import planner
+    from amg.pruning.policies import HEAD_POLICIES, MLP_POLICIES, TOKEN_POLICIES, Policy
+
+    assert set(backends._FUNCTIONS) == {name for spec in BACKENDS.values() for name in (spec.availability, spec.runner)}
+    every_policy = [*HEAD_POLICIES.values(), *TOKEN_POLICIES.values(), *MLP_POLICIES.values()]
+    assert set(planner._SCORERS) == {p.scorer for p in every_policy if p.scorer}
+    with pytest.raises(ImportError, match=r"does not have: \['no_such_runner'\]"):
+        backends.resolve({"cpu_runner", "no_such_runner"})
+    with pytest.raises(ImportError, match=r"does not have: \['no_such_scores'\]"):
+        planner.resolve_scorers([Policy("typo", "heads", "a misspelt scorer", scorer="no_such_scores")])

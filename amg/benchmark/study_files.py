@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from amg.benchmark.config_ids import PruneSpec
 from amg.errors import InputError
 
 FORMAT = "amg-study/1"
@@ -171,8 +172,6 @@ def _is_number(value: Any) -> bool:
 
 
 def is_configuration(name: Any) -> bool:
-    from amg.benchmark.profiles import PruneSpec  # (profiles is heavier than reading a folder needs)
-
     try:
         return isinstance(name, str) and PruneSpec.from_config_id(name) is not None
     except ValueError:  # a name malformed in a way the parser only notices late
@@ -181,7 +180,5 @@ def is_configuration(name: Any) -> bool:
 
 def _is_fine_tuned(config_id: str) -> bool:
     """Whether `config_id`'s row must name a model file (a one-shot configuration is its plan applied)."""
-    from amg.benchmark.profiles import PruneSpec
-
     spec = PruneSpec.from_config_id(config_id)
     return spec is not None and spec.schedule.kind != "one-shot"

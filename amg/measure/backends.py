@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 import torch
 
 from amg.errors import InputError
-from amg.measure.backend_registry import PRECISIONS, backend
+from amg.measure.backend_registry import BACKENDS, PRECISIONS, backend
 from amg.measure.device import is_jetson, is_raspberry_pi
 from amg.measure.export import (
     calibration_feeds,
@@ -107,7 +107,7 @@ def inductor_availability() -> str | None:
 
 def availability(name: str) -> str | None:
     """None when backend `name` can run here, else the reason it cannot."""
-    return globals()[backend(name).availability]()
+    return _FUNCTIONS[backend(name).availability]()
 
 
 @dataclass
@@ -312,7 +312,7 @@ def prepare(name: str, model: torch.nn.Module, batch: int, precision: str = "fp3
     if compare:
         with torch.no_grad():
             reference = model.eval()(*fixed.inputs).float()  # before a runner moves or converts the model
-    compiled: Compiled = globals()[spec.runner](model, fixed)
+    compiled: Compiled = _FUNCTIONS[spec.runner](model, fixed)
     strict = not spec.eager and not spec.gpu and compiled.torch_device == "cpu"  # exported for the CPU
     gap, cosine = _compare(compiled, reference, fixed, name, strict) if compare else (None, None)
     device_images = images.to(compiled.torch_device)
@@ -320,3 +320,16 @@ def prepare(name: str, model: torch.nn.Module, batch: int, precision: str = "fp3
     note = compiled.note if gap is None else f"{compiled.note}; max |diff| {gap:.1e}, cosine {cosine:.5f}".lstrip("; ")
     return Runner(lambda: compiled.features(device_images, device_camids), compiled.synchronize,
                   compiled.torch_device, note, compiled.features, batch, gap, cosine)
+
+
+def resolve(names: set[str]) -> dict[str, Callable]:
+    """The functions the torch-free registry names (availability checks, runners) in this module:
+    a function renamed here, or misspelt there, fails at import of this module, not when a run
+    first reaches that backend."""
+    missing = sorted(name for name in names if not callable(globals().get(name)))
+    if missing:
+        raise ImportError(f"amg.measure.backend_registry names functions amg.measure.backends does not have: {missing}")
+    return {name: globals()[name] for name in names}
+
+
+_FUNCTIONS = resolve({name for spec in BACKENDS.values() for name in (spec.availability, spec.runner)})

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -19,9 +19,13 @@ from amg.pruning.calibration import CalibrationImages, Progress
 from amg.pruning.peer import peer_plan
 from amg.pruning.policies import (
     HEAD_ALLOCATIONS,
+    HEAD_POLICIES,
     HEADS,
     MLP,
+    MLP_POLICIES,
+    TOKEN_POLICIES,
     TOKENS,
+    Policy,
     axis_policies,
     needs_calibration,
     peer_policy,
@@ -29,6 +33,19 @@ from amg.pruning.policies import (
 )
 from amg.pruning.selection import check_channels_removed, check_ratio, select_channels, select_heads, select_tokens
 from amg.train.distributed import from_main
+
+
+def resolve_scorers(policies: Iterable[Policy]) -> dict[str, Callable]:
+    """The scorer functions the torch-free registry names, from `amg.pruning.scores`: resolved at
+    import of this module, so that a renamed or misspelt scorer fails at once, not at its first use."""
+    named = {p.scorer for p in policies if p.scorer}
+    missing = sorted(name for name in named if not callable(getattr(S, name, None)))
+    if missing:
+        raise ImportError(f"amg.pruning.policies names scorers amg.pruning.scores does not have: {missing}")
+    return {name: getattr(S, name) for name in named}
+
+
+_SCORERS = resolve_scorers([*HEAD_POLICIES.values(), *TOKEN_POLICIES.values(), *MLP_POLICIES.values()])
 
 
 def policy_scores(axis: str, model: ReIDViT, name: str, allocation: str, calibration: S.CalibrationStats | None,
@@ -39,7 +56,7 @@ def policy_scores(axis: str, model: ReIDViT, name: str, allocation: str, calibra
         raise InputError(f"token policy {name!r} is dynamic: its blocks choose tokens at run time, nothing is scored")
     if chosen.needs_data and calibration is None:
         raise InputError(f"{axis[:-1]} policy {name!r} needs calibration data")
-    return getattr(S, chosen.scorer)(model, calibration, allocation, seed)
+    return _SCORERS[chosen.scorer](model, calibration, allocation, seed)
 
 
 def head_removal_scores(model: ReIDViT, name: str, allocation: str, calibration: S.CalibrationStats | None,
