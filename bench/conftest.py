@@ -207,7 +207,7 @@ def progress_printer(config: pytest.Config) -> Callable[[str], None]:
 
 @pytest.fixture(scope="session")
 def suite(request: pytest.FixtureRequest):
-    from amg.benchmark.plan_store import PlanStore, PlanStoreError
+    from amg.benchmark.plan_store import PlanStore
     from amg.benchmark.results import claim_journal, journal_path
     from amg.benchmark.study_folder import StudyError, StudyFolder
     from amg.benchmark.suite import Suite, untrained_model
@@ -228,7 +228,7 @@ def suite(request: pytest.FixtureRequest):
     data_root = config.getoption("--amg-data")
     study = StudyFolder(config.getoption("--amg-study")) if config.getoption("--amg-study") else None
     if checkpoint:
-        model, source = load_pruned(checkpoint), checkpoint
+        model, source = _or_exit("--amg-checkpoint", lambda: load_pruned(checkpoint)), checkpoint
     elif study:
         model, source = load_pruned(study.base_path), str(study.base_path)
     elif preset == DEFAULT_PRESET:
@@ -240,13 +240,10 @@ def suite(request: pytest.FixtureRequest):
     trained = bool(checkpoint) or preset == DEFAULT_PRESET
     dataset = None
     if data_root or (trained and not study):  # a study brings its accuracy: data only when asked for
-        dataset = load_dataset(data_root or synthetic_root(progress=progress))
+        dataset = _or_exit("--amg-data", lambda: load_dataset(data_root or synthetic_root(progress=progress)))
     slowdown = _slowdown(config)
     plans = config.getoption("--amg-plans")
-    try:
-        plan_store = PlanStore(plans) if plans else None
-    except PlanStoreError as error:
-        raise pytest.UsageError(f"--amg-plans: {error}") from error
+    plan_store = _or_exit("--amg-plans", lambda: PlanStore(plans)) if plans else None
     try:
         state = Suite(model, source, profile, dataset,
                       torch.get_num_threads(), progress, slowdown=slowdown, plan_store=plan_store, study=study)
@@ -258,6 +255,17 @@ def suite(request: pytest.FixtureRequest):
         config.stash[_JOURNAL_KEY] = claim_journal(state.journal)  # released when the process ends
     config.stash[_SUITE_KEY] = state
     return state
+
+
+def _or_exit(option: str, load: Callable):
+    """`load()`, or the whole run stopped with one line naming the option (a usage error, exit 4):
+    a model file, data set or plan folder that cannot be used fails every case alike."""
+    from amg.errors import InputError
+
+    try:
+        return load()
+    except (InputError, OSError) as error:
+        pytest.exit(f"{option}: {error}", returncode=pytest.ExitCode.USAGE_ERROR)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

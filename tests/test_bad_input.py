@@ -190,7 +190,46 @@ def test_the_suite_refuses_bad_options_before_measuring(options, message):
     assert result.returncode != 0 and message in result.stdout + result.stderr
 
 
+CI_MODEL = str(ROOT / "results" / "baselines" / "ci-model.pt")
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--amg-checkpoint", "{bad}"], "--amg-checkpoint: cannot read checkpoint"),
+    (["--amg-checkpoint", CI_MODEL, "--amg-plans", "{bad}"], "--amg-plans: plan folder"),
+    (["--amg-checkpoint", CI_MODEL, "--amg-data", "{folder}"], "--amg-data: "),
+])
+def test_an_input_the_suite_cannot_use_stops_the_run_in_one_line(tmp_path, options, message):
+    """Not an error per case with a traceback: one line naming the option, exit 4 (a usage error)."""
+    bad = tmp_path / "not-it.csv"
+    bad.write_text("a,b\n1,2\n")
+    options = [option.format(bad=bad, folder=tmp_path) for option in options]
+    result = subprocess.run([sys.executable, "-m", "pytest", "bench/test_suite.py", "-q", "-x", "-p", "no:cacheprovider",
+                             "--amg-profile", "quick", "--amg-backends", "cpu", "--amg-no-report", *options],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 4 and message in output and "Traceback" not in output, output[-2000:]
+
+
 def test_prune_refuses_an_output_folder_before_any_work(tmp_path, capsys):
     assert main(["prune", "--model", "vit_tiny", "--heads", "0.25", "--head-policy", "random",
                  "--out", str(tmp_path / "p.pt"), "--plan-out", str(tmp_path)]) == 2
     assert "--plan-out" in capsys.readouterr().err and not (tmp_path / "p.pt").exists()
+
+
+def test_a_plan_that_says_a_ratio_and_removes_nothing_is_refused():
+    from amg.pruning.planner import check_plan_removes
+
+    config = ModelConfig("small", img_size=(64, 32), embed_dim=64, depth=2, num_heads=2)
+    before = PrunePlan.unpruned(config)
+    nothing = PrunePlan.unpruned(config)
+    nothing.ratios = {"heads": 0.0001, "tokens": 0.0}
+    with pytest.raises(InputError, match="a head ratio of 0.0001 removes no head of this model"):
+        check_plan_removes(before, nothing)
+    nothing.ratios = {"heads": 0.0, "tokens": 0.001}
+    nothing.kept_tokens = [list(range(config.num_tokens))] * config.depth  # every position kept, spelt out
+    with pytest.raises(InputError, match="a token ratio of 0.001 removes no token"):
+        check_plan_removes(before, nothing)
+    some = PrunePlan.unpruned(config)
+    some.kept_heads = [[0], [0, 1]]
+    some.ratios = {"heads": 0.25, "tokens": 0.0}
+    check_plan_removes(before, some)

@@ -88,6 +88,11 @@ def test_one_run_is_not_a_baseline(capsys, tmp_path):
     assert not (tmp_path / "b.csv").exists()
 
 
+def test_one_run_given_twice_is_not_two_reruns(capsys, tmp_path):
+    assert main(["baseline", str(AMD_RUNS[0]), str(AMD_RUNS[0]), "--out", str(tmp_path / "b.csv")]) == 2
+    assert "are one run (20261128T134647Z-e3970d), not reruns" in capsys.readouterr().err
+
+
 def test_runs_of_two_cpus_make_no_baseline(capsys, tmp_path):
     assert main(["baseline", str(AMD_RUNS[0]), str(INTEL_RUNS[0]), "--out", str(tmp_path / "b.csv")]) == 2
     err = capsys.readouterr().err

@@ -196,7 +196,7 @@ def _prune(args: argparse.Namespace) -> int:
     from amg.pruning.calibration import CalibrationImages
     from amg.pruning.iterative import TrainingSet, run_schedule
     from amg.pruning.macs_target import plan_for_saving
-    from amg.pruning.planner import make_plan
+    from amg.pruning.planner import check_plan_removes, make_plan
     from amg.train.distributed import is_main, main_first
 
     for option, path in (("--out", args.out), ("--plan-out", args.plan_out)):
@@ -221,12 +221,14 @@ def _prune(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     policies = {"head_policy": args.head_policy or args.policy, "token_policy": args.token_policy or args.policy,
                 "allocation": args.allocation, "mlp_policy": args.mlp_policy, "mlp_multiple": args.mlp_multiple}
+    before = current_plan(model)
     if args.macs_saving is not None:
         plan = plan_for_saving(model, args.macs_saving, args.saving_by, data=data, seed=args.seed,
                                progress=progress, **policies)
     else:
         plan = make_plan(model, heads=args.heads, tokens=args.tokens, mlp=args.mlp, data=data, seed=args.seed,
                          progress=progress, **policies)
+    check_plan_removes(before, plan)  # before any fine-tuning: a ratio that rounds to nothing is refused
     schedule = ONE_SHOT
     if args.iterative_rounds > 0:
         stages = fine_tuning_stages(args.iterative_rounds, plan.ratios.get("heads", 0) > 0,

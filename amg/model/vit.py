@@ -223,19 +223,26 @@ def read_checkpoint(path: str | Path, allowed_globals: Sequence[Any] = ()) -> di
         with _allowing(allowed_globals):
             payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for a corrupt file
-        raise InputError(f"cannot read checkpoint {path}: {_unpickling_problem(error)}") from error
+        raise InputError(f"cannot read checkpoint {path}: {_unpickling_problem(path, error)}") from error
     if not isinstance(payload, dict):
         raise InputError(f"checkpoint {path} holds a {type(payload).__name__}, not a dict")
     return payload
 
 
-def _unpickling_problem(error: Exception) -> str:
-    """torch's error in one line: a refused global is named, without its page of advice."""
+def _unpickling_problem(path: Path, error: Exception) -> str:
+    """torch's error in one line: a refused global is named, without its page of advice; a file
+    that is no PyTorch file at all (empty, a CSV) is said so, not with torch's internal message."""
     refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
     if refused:
         return (f"it holds a {refused.group(1)}, which weights-only loading refuses (only tensors, "
                 "containers and plain numbers are read: nothing that could run code)")
-    return str(error)
+    with open(path, "rb") as stream:
+        start = stream.read(2)
+    if not start:
+        return "the file is empty"
+    if start != b"PK" and start[:1] != b"\x80":  # torch.save writes a zip archive; older files a pickle
+        return f"it is not a PyTorch file (torch.save writes a zip archive); torch said: {error or type(error).__name__}"
+    return str(error) or f"{type(error).__name__} (a damaged or truncated file)"
 
 
 def _allowing(allowed_globals: Sequence[Any]) -> contextlib.AbstractContextManager:

@@ -150,6 +150,20 @@ def make_plan(model: ReIDViT, heads: float = 0.0, tokens: float = 0.0, head_poli
     return from_main(plan)  # under torchrun, every process prunes to rank 0's plan
 
 
+def check_plan_removes(before: PrunePlan, after: PrunePlan) -> None:
+    """Refuse a plan that says it removes heads or K/V positions and removes none (a ratio that
+    rounds to nothing on this model): it would be measured and reported under its ratio. For a
+    whole plan (`amg prune`), not for an iterative round or a ratio search's probe."""
+    tokens = after.num_tokens
+    kept_positions = (lambda p: sum(tokens if t is None else len(t) for t in p.kept_tokens))
+    for axis, unchanged in (("heads", after.heads_kept == before.heads_kept),
+                            ("tokens", after.dynamic_tokens is None and kept_positions(after) == kept_positions(before))):
+        ratio = after.ratios.get(axis, 0)
+        if ratio > 0 and unchanged:
+            raise InputError(f"a {axis[:-1]} ratio of {ratio:g} removes no {axis[:-1]} of this model (it rounds to "
+                             f"none): the plan would say {ratio:g} and prune nothing; give a larger ratio")
+
+
 def _current_channels(model: ReIDViT) -> list[list[int] | None] | None:
     """The model's MLP channels as a plan states them (None: no block's MLP is pruned)."""
     kept = channel_ids_per_block(model)

@@ -131,7 +131,13 @@ def _check_reruns(runs: Sequence[ResultsFile]) -> list[dict[tuple, dict[str, str
         raise InputError(f"a baseline is made from at least {MIN_RERUNS} reruns on one CPU, got {len(runs)}: "
                          "one run shows its own intervals, not how far a rerun drifts")
     first = runs[0]
+    seen: dict[str, Path] = {}
     for run in runs:
+        run_id = run.rows[0]["run_id"]
+        if run_id in seen:  # one run twice would narrow the interval to its own: not how reruns drift
+            raise ReportError(f"{run.path} and {seen[run_id]} are one run ({run_id}), not reruns: "
+                              "give each rerun once")
+        seen[run_id] = run.path
         if any(str(row.get("run_status") or "").strip().lower() == INTERRUPTED for row in run.rows):
             raise ReportError(f"{run.path} is an interrupted run: it cannot go into a baseline (measure it again)")
         if machine_of(run.rows) != machine_of(first.rows):
