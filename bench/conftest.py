@@ -25,6 +25,7 @@ from amg.pruning.policies import ALL_POLICY_NAMES
 
 _SUITE_KEY = pytest.StashKey()
 _JOURNAL_KEY = pytest.StashKey()  # the open, locked journal of this run
+_SLOWDOWN_KEY = pytest.StashKey()  # --amg-inject-slowdown, checked once at start-up
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -119,8 +120,7 @@ def pytest_configure(config: pytest.Config) -> None:
     threads = config.getoption("--amg-threads", None)
     if threads is not None and threads < 1:
         raise pytest.UsageError(f"--amg-threads must be >= 1, got {threads}")
-    if config.getoption("--amg-inject-slowdown", None):
-        _slowdown(config)
+    config.stash[_SLOWDOWN_KEY] = _slowdown(config)
     if config.getoption("--amg-study", None):
         from amg.benchmark.study_folder import StudyError, StudyFolder
 
@@ -172,6 +172,8 @@ def _slowdown(config: pytest.Config) -> dict[str, float]:
     """--amg-inject-slowdown as {config id: factor}; an id no case of this run measures is an
     error (it would be ignored, and the check it was meant for would pass without testing)."""
     slowdown = {}
+    if not config.getoption("--amg-inject-slowdown", None):
+        return slowdown
     for item in _split(config.getoption("--amg-inject-slowdown")) or ():
         name, _, factor = item.rpartition("=")
         try:
@@ -241,7 +243,7 @@ def suite(request: pytest.FixtureRequest):
     dataset = None
     if data_root or (trained and not study):  # a study brings its accuracy: data only when asked for
         dataset = _or_exit("--amg-data", lambda: load_dataset(data_root or synthetic_root(progress=progress)))
-    slowdown = _slowdown(config)
+    slowdown = config.stash[_SLOWDOWN_KEY]
     plans = config.getoption("--amg-plans")
     plan_store = _or_exit("--amg-plans", lambda: PlanStore(plans)) if plans else None
     try:

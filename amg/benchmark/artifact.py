@@ -43,7 +43,7 @@ from amg.measure.export import (
 from amg.measure.flops import count_macs
 from amg.model.config import describe_feature
 from amg.model.pruned import current_plan
-from amg.model.vit import ReIDViT
+from amg.model.vit import ReIDViT, refuse_beyond_memory
 from amg.train.evaluate import Evaluator, extract_fixed_batch_features
 
 FORMATS = {"onnx": ("fp32", "int8"), "openvino": ("fp32", "fp16", "int8")}
@@ -127,16 +127,11 @@ def _remove_stale_staging(out: Path) -> None:
 
 def _refuse_batches_beyond_memory(model: ReIDViT, batch: int) -> None:
     """An export traces the model on a batch: its activations must fit before tracing starts."""
-    import psutil
-
     config = model.config
     per_image = config.num_tokens * (config.embed_dim * (3 + config.mlp_ratio) + config.num_heads * config.num_tokens)
-    needed = max(batch, 1) * per_image * 4 * 2  # float32, and the exporter's copy beside the traced values
-    available = psutil.virtual_memory().available
-    if needed > available:
-        raise InputError(f"--batch {batch}: tracing the model on it needs about {needed / 2**30:.1f} GiB, more "
-                         f"than the {available / 2**30:.1f} GiB available; export a smaller batch or 0 (a free "
-                         "batch axis)")
+    refuse_beyond_memory(max(batch, 1) * per_image * 4 * 2,  # float32, and the exporter's copy beside the traced values
+                         f"--batch {batch}: tracing the model on it",
+                         "; export a smaller batch or 0 (a free batch axis)")
 
 
 def _write_artifact(model: ReIDViT, folder: Path, request: ExportRequest, calibration: torch.Tensor | None,

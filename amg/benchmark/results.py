@@ -19,7 +19,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Iterable, Mapping
+from typing import IO, Any, Iterable, Iterator, Mapping
 
 from amg.benchmark.row_checks import check_row
 from amg.errors import InputError
@@ -126,7 +126,8 @@ def safe_name(text: str) -> str:
     return cleaned[:80]
 
 
-def _csv_text(value: Any) -> str:
+def csv_cell(value: Any) -> str:
+    """A row's value as the CSV holds it (None, NaN and infinities: empty, i.e. not measured)."""
     if value is None:
         return ""
     if isinstance(value, float):
@@ -161,7 +162,7 @@ def csv_text(rows: Iterable[Mapping[str, Any]]) -> str:
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({column: _csv_text(row.get(column)) for column in COLUMNS})
+        writer.writerow({column: csv_cell(row.get(column)) for column in COLUMNS})
     return buffer.getvalue()
 
 
@@ -305,13 +306,9 @@ def _recover_query_record(journal: Path, report: Path) -> None:
     if not path.is_file():
         return
     values = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            break  # the line being written when the run was killed
+    for _, entry in _journal_lines(path.read_text(encoding="utf-8")):
         if isinstance(entry, dict):
-            values.update({k: v for k, v in entry.items() if isinstance(k, str) and isinstance(v, dict)})
+            values.update({k: v for k, v in entry.items() if isinstance(v, dict)})
     if values:
         save_query_record(report, values)
 
@@ -319,17 +316,23 @@ def _recover_query_record(journal: Path, report: Path) -> None:
 def _journal_rows(text: str, journal: Path) -> list[dict[str, Any]]:
     """The rows of a killed run's journal, as an interrupted run's; InputError for rows that are not the suite's."""
     rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            break  # the line being written when the run was killed
+    for number, row in _journal_lines(text):
         if not isinstance(row, dict):
             raise InputError(f"{journal} line {number} is not a row (a JSON object)")
         unknown = sorted(set(row) - set(COLUMNS))
         if unknown:
             raise InputError(f"{journal} line {number} has columns outside the schema: {unknown}")
         row = {**row, "run_status": INTERRUPTED}
-        check_row({column: _csv_text(value) for column, value in row.items()}, f"{journal} line {number}")
+        check_row({column: csv_cell(value) for column, value in row.items()}, f"{journal} line {number}")
         rows.append(row)
     return rows
+
+
+def _journal_lines(text: str) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed JSON) of each line of a journal, up to the first that does not parse:
+    the line being written when the run was killed."""
+    for number, line in enumerate(text.splitlines(), start=1):
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError:
+            return

@@ -288,24 +288,33 @@ def _tracing() -> bool:
 
 def _check_cameras(camids: torch.Tensor, num_cameras: int) -> None:
     """Camera ids index the SIE table: one the model was not trained with has no embedding."""
-    if camids.numel() and (int(camids.min()) < 0 or int(camids.max()) >= num_cameras):
-        raise InputError(f"camera id {int(camids.max()) if int(camids.max()) >= num_cameras else int(camids.min())} "
-                         f"is outside this model's camera embedding (SIE) of {num_cameras} cameras (ids 0.."
-                         f"{num_cameras - 1}): the data has cameras the model was not trained with")
+    if not camids.numel():
+        return
+    low, high = (int(bound) for bound in torch.aminmax(camids))  # one pass on the forward's path
+    if low < 0 or high >= num_cameras:
+        raise InputError(f"camera id {high if high >= num_cameras else low} is outside this model's camera "
+                         f"embedding (SIE) of {num_cameras} cameras (ids 0..{num_cameras - 1}): the data has "
+                         "cameras the model was not trained with")
 
 
 def _refuse_models_beyond_memory(config: ModelConfig, num_classes: int, source: str | Path) -> None:
     """A model file is small, but its config says how much to allocate: check before allocating,
     counting every tensor the config implies (blocks, embeddings, the camera table, the classifier)."""
+    parameters = config.estimated_parameters + (config.num_cameras + num_classes) * config.embed_dim
+    refuse_beyond_memory(parameters * 4 * 2,  # float32 weights, and the state dict read beside them
+                         f"{source}: its config ({config.embed_dim} wide, {config.depth} blocks, "
+                         f"{config.num_cameras} cameras, {num_classes} classes)")
+
+
+def refuse_beyond_memory(needed: int, what: str, hint: str = "") -> None:
+    """InputError when `what` needs more bytes than this machine has free: said before allocating,
+    not as an out-of-memory kill after it."""
     import psutil
 
-    parameters = config.estimated_parameters + (config.num_cameras + num_classes) * config.embed_dim
-    needed = parameters * 4 * 2  # float32 weights, and the state dict read beside them
     available = psutil.virtual_memory().available
     if needed > available:
-        raise InputError(f"{source}: its config ({config.embed_dim} wide, {config.depth} blocks, "
-                         f"{config.num_cameras} cameras, {num_classes} classes) needs about "
-                         f"{needed / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB available")
+        raise InputError(f"{what} needs about {needed / 2**30:.1f} GiB, more than the "
+                         f"{available / 2**30:.1f} GiB available{hint}")
 
 
 def set_neck_feat(model: ReIDViT, neck_feat: str) -> ReIDViT:

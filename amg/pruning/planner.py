@@ -154,8 +154,9 @@ def check_plan_removes(before: PrunePlan, after: PrunePlan) -> None:
     """Refuse a plan that says it removes heads or K/V positions and removes none (a ratio that
     rounds to nothing on this model): it would be measured and reported under its ratio. For a
     whole plan (`amg prune`), not for an iterative round or a ratio search's probe."""
-    tokens = after.num_tokens
-    kept_positions = (lambda p: sum(tokens if t is None else len(t) for t in p.kept_tokens))
+    def kept_positions(plan: PrunePlan) -> int:
+        return sum(plan.num_tokens if kept is None else len(kept) for kept in plan.kept_tokens)
+
     for axis, unchanged in (("heads", after.heads_kept == before.heads_kept),
                             ("tokens", after.dynamic_tokens is None and kept_positions(after) == kept_positions(before))):
         ratio = after.ratios.get(axis, 0)

@@ -30,10 +30,10 @@ from amg.reporting.gate import (
     Tolerances,
     compare,
     held_to_the_share_rule,
+    index_rows,
     machine,
     mismatches,
     parse_number,
-    row_key,
 )
 
 # What a row was measured on, for choosing its baseline: the CPU or GPU and the thread count.
@@ -115,16 +115,6 @@ def gate(baseline_path: str | Path, current_path: str | Path, tolerances: Tolera
     return dataclasses.replace(result, basis=choice.describe(current, tolerances))
 
 
-def _keyed(run: ResultsFile) -> dict[tuple, dict[str, str]]:
-    rows: dict[tuple, dict[str, str]] = {}
-    for index, row in enumerate(run.rows, start=1):
-        key = row_key(row, str(run.path), index)
-        if key in rows:
-            raise ReportError(f"{run.path} has two rows for {'/'.join(map(str, key))}: a baseline needs one")
-        rows[key] = row
-    return rows
-
-
 def _check_reruns(runs: Sequence[ResultsFile]) -> list[dict[tuple, dict[str, str]]]:
     """Each run keyed, after checking that they are reruns of one benchmark on one machine."""
     if len(runs) < MIN_RERUNS:
@@ -138,7 +128,7 @@ def _check_reruns(runs: Sequence[ResultsFile]) -> list[dict[tuple, dict[str, str
             raise ReportError(f"{run.path} and {seen[run_id]} are one run ({run_id}), not reruns: "
                               "give each rerun once")
         seen[run_id] = run.path
-        if any(str(row.get("run_status") or "").strip().lower() == INTERRUPTED for row in run.rows):
+        if any(row["run_status"] == INTERRUPTED for row in run.rows):  # read_csv checked its spelling
             raise ReportError(f"{run.path} is an interrupted run: it cannot go into a baseline (measure it again)")
         if machine_of(run.rows) != machine_of(first.rows):
             raise ReportError(f"{run.path} was made on {machine(run.rows)}, {first.path} on {machine(first.rows)}: "
@@ -146,7 +136,7 @@ def _check_reruns(runs: Sequence[ResultsFile]) -> list[dict[tuple, dict[str, str
         differences = mismatches(first.rows, run.rows)
         if differences:
             raise ReportError(f"{run.path} was not made under the conditions of {first.path}: {'; '.join(differences)}")
-    keyed = [_keyed(run) for run in runs]
+    keyed = [index_rows(run.rows, str(run.path)) for run in runs]  # two rows of one key are refused
     for run, rows in zip(runs, keyed):
         if rows.keys() != keyed[0].keys():
             absent = sorted(keyed[0].keys() ^ rows.keys())

@@ -54,8 +54,9 @@ def summary_line(result: GateResult) -> str:
 
 
 def format_findings(result: GateResult, verbose: bool = False) -> str:
-    """A table of every finding that is not "ok" (all of them with `verbose`), the notes on
-    passing rows (new or duplicated configurations), and a one-line PASS / FAIL summary."""
+    """Which baseline was used and why, a table of every finding that is not "ok" (all of them
+    with `verbose`), the notes on passing rows (new or contended configurations), and a one-line
+    PASS / FAIL summary."""
     shown = [f for f in result.findings if verbose or f.verdict != OK]
     notes = [f for f in result.findings if not verbose and f.verdict == OK and f.note]
     parts = []
