@@ -139,7 +139,7 @@ def pytest_configure(config: pytest.Config) -> None:
             pass
     except OSError as error:
         raise pytest.UsageError(f"--amg-results-dir {folder} cannot hold the report: {error}") from error
-    from amg.benchmark.results import recover_journals
+    from amg.benchmark.journals import recover_journals
 
     def warn(message: str) -> None:
         print(f"[amg] warning: {message}")
@@ -210,7 +210,7 @@ def progress_printer(config: pytest.Config) -> Callable[[str], None]:
 @pytest.fixture(scope="session")
 def suite(request: pytest.FixtureRequest):
     from amg.benchmark.plan_store import PlanStore
-    from amg.benchmark.results import claim_journal, journal_path
+    from amg.benchmark.journals import claim_journal, journal_path
     from amg.benchmark.study_folder import StudyError, StudyFolder
     from amg.benchmark.suite import Suite, untrained_model
     from amg.data.layout import load_dataset
@@ -272,7 +272,8 @@ def _or_exit(option: str, load: Callable):
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     from amg.benchmark.query_record import save_query_record
-    from amg.benchmark.results import COMPLETE, INTERRUPTED, queries_journal, write_csv
+    from amg.benchmark.journals import queries_journal
+    from amg.benchmark.results import COMPLETE, INTERRUPTED, write_csv
 
     state = session.config.stash.get(_SUITE_KEY, None)
     if state is not None and state.journal is not None and not state.rows:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from amg.benchmark.results import ResultsFile, read_csv
+from amg.benchmark.results_file import ResultsFile, read_csv
 from amg.reporting.gate import ACCURACY_METRICS, MACS_METRIC, SPEEDUP_METRIC, compare
 
 

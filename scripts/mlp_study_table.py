@@ -16,7 +16,7 @@ from collections import defaultdict
 from tabulate import tabulate
 
 from amg.benchmark.profiles import PruneSpec
-from amg.benchmark.results import read_csv
+from amg.benchmark.results_file import read_csv
 from amg.pruning.schedule import ONE_SHOT
 
 LABELS = {

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from amg.benchmark.results import ReportError, read_csv, write_csv
+from amg.benchmark.results import ReportError, write_csv
+from amg.benchmark.results_file import read_csv
 from amg.cli import main
 from amg.errors import InputError
 from amg.reporting.baselines import choose, combine

@@ -21,17 +21,9 @@ import pytest
 from conftest import TINY_DATA
 
 from amg.benchmark.query_record import load_query_record
-from amg.benchmark.results import (
-    COMPLETE,
-    INTERRUPTED,
-    append_journal,
-    claim_journal,
-    find_csvs,
-    journal_path,
-    queries_journal,
-    read_csv,
-    recover_journals,
-)
+from amg.benchmark.journals import append_journal, claim_journal, journal_path, queries_journal, recover_journals
+from amg.benchmark.results import COMPLETE, INTERRUPTED, find_csvs
+from amg.benchmark.results_file import read_csv
 from amg.data.synthetic import generate
 from amg.model.pruned import save_pruned
 from amg.model.vit import build_model

@@ -6,9 +6,11 @@ import copy
 
 import pytest
 
-from amg.benchmark.results import ReportError, read_csv, write_csv
+from amg.benchmark.results import ReportError, write_csv
+from amg.benchmark.results_file import read_csv
 from amg.reporting.baselines import gate
-from amg.reporting.gate import Finding, GateResult, Tolerances, compare, parse_number
+from amg.reporting.gate import Finding, GateResult, Tolerances, compare
+from amg.reporting.run_frames import parse_number
 from amg.reporting.gate_cli import format_findings, main
 
 

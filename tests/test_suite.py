@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from amg.benchmark.profiles import PROFILES, UNPRUNED, Case, PruneSpec, build_cases
-from amg.benchmark.results import COLUMNS, read_csv, write_csv
+from amg.benchmark.results import COLUMNS, write_csv
+from amg.benchmark.results_file import read_csv
 from amg.benchmark.suite import Suite
 from amg.reporting.baselines import gate
 

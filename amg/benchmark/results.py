@@ -11,17 +11,12 @@ whole, under their own run id.
 from __future__ import annotations
 
 import csv
-import fcntl
 import io
-import json
 import math
-import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Mapping
 
-from amg.benchmark.row_checks import check_row
 from amg.errors import InputError
 from amg.files import write_text_atomic
 
@@ -108,8 +103,6 @@ OPTIONAL_COLUMNS = ("feature", "last_block", "run_status", "query_unmatched", "o
                     "accuracy_of", "fp32_speedup", "fp32_speedup_ci_low", "fp32_speedup_ci_high", "mlp_policy",
                     "mlp_ratio")
 COMPLETE, INTERRUPTED = "complete", "interrupted"
-JOURNAL_SUFFIX = ".journal"  # rows of a run in progress, one JSON line each: `.<run-id>.journal`
-QUERIES_SUFFIX = ".queries"  # `.<run-id>.journal.queries`: {config_id: per-query values}, one line each
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -166,54 +159,6 @@ def csv_text(rows: Iterable[Mapping[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-@dataclass(frozen=True)
-class ResultsFile:
-    path: Path
-    rows: list[dict[str, str]]
-
-
-def read_csv(path: str | Path) -> ResultsFile:
-    """Read and validate one results CSV (header, column set, complete rows, key fields)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ReportError(f"results file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise ReportError(f"cannot read {path}: {error}") from error
-    if not text.strip():
-        raise ReportError(f"{path} is empty")
-    if not text.endswith("\n"):
-        raise ReportError(f"{path} is truncated: its last line is incomplete")
-    try:
-        records = list(csv.reader(io.StringIO(text)))
-    except csv.Error as error:  # e.g. an unclosed quote swallowing the rest of the file
-        raise ReportError(f"{path} is not a valid CSV: {error}") from error
-    header = records[0]
-    repeated = sorted({c for c in header if header.count(c) > 1})
-    if repeated:  # a second column of one name would hide the first from every reader
-        raise ReportError(f"{path} has the column(s) {repeated} more than once")
-    missing = [c for c in COLUMNS if c not in header and c not in OPTIONAL_COLUMNS]
-    if missing:
-        raise ReportError(f"{path} lacks columns {missing}")
-    rows = []
-    for line_number, values in enumerate(records[1:], start=2):
-        if len(values) != len(header):
-            raise ReportError(f"{path} line {line_number}: {len(values)} fields, header has {len(header)}")
-        row = {**dict.fromkeys(OPTIONAL_COLUMNS, ""), **dict(zip(header, values))}
-        empty_keys = [c for c in KEY_COLUMNS + ("device_id", "run_id") if not row[c]]
-        if empty_keys:
-            raise ReportError(f"{path} line {line_number}: empty {empty_keys}")
-        try:
-            check_row(row, f"{path} line {line_number}")
-        except InputError as error:
-            raise ReportError(str(error)) from None
-        rows.append(row)
-    if not rows:
-        raise ReportError(f"{path} has a header but no rows")
-    return ResultsFile(path, rows)
-
-
 BASELINES_DIR = "baselines"  # results/baselines/ holds the gate's references, not device reports
 
 
@@ -223,116 +168,3 @@ def find_csvs(results_dir: str | Path) -> list[Path]:
     if not root.is_dir():
         raise ReportError(f"results folder not found: {root}")
     return sorted(p for p in root.glob("*/*.csv") if not p.name.startswith(".") and p.parent.name != BASELINES_DIR)
-
-
-def journal_path(results_dir: str | Path, device: str, run_id: str) -> Path:
-    """Where a run appends its rows as it measures them (hidden: not a report until it ends)."""
-    return Path(results_dir) / safe_name(device) / f".{safe_name(run_id)}{JOURNAL_SUFFIX}"
-
-
-def queries_journal(journal: Path) -> Path:
-    """Beside a run's journal: the per-query values of each configuration it evaluated, one JSON
-    line each, so that a killed run's report keeps its per-query record too."""
-    return journal.with_name(journal.name + QUERIES_SUFFIX)
-
-
-def append_journal(path: Path, row: Mapping[str, Any]) -> None:
-    """Add one measured row (or one configuration's per-query values) to a journal, on disk
-    before the next case starts."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps({k: v for k, v in row.items() if not (isinstance(v, float) and not math.isfinite(v))})
-    with open(path, "a", encoding="utf-8") as stream:
-        stream.write(line + "\n")
-        stream.flush()
-        os.fsync(stream.fileno())
-
-
-def claim_journal(path: Path) -> IO[str]:
-    """Create the run's (empty) journal holding a lock on it, and return the handle to keep open
-    while the run lives: another run's `recover_journals` leaves a locked journal alone. The lock
-    dies with the process, so a killed run's journal is free to recover. The file appears under
-    its name already locked (made under another name, renamed)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    claim = path.with_name(path.name + ".claim")
-    handle = open(claim, "a", encoding="utf-8")
-    fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    os.replace(claim, path)
-    return handle
-
-
-DAMAGED_SUFFIX = ".damaged"  # a journal no report can be made of, set aside for a person to look at
-
-
-def recover_journals(results_dir: str | Path, warn=None) -> list[Path]:
-    """Turn the journals of runs that were killed (no CSV written) into interrupted reports;
-    returns the reports written. A journal whose report exists is only removed; the journal of
-    a run still measuring (locked: `claim_journal`) is left alone. A journal whose rows are not
-    the suite's (not JSON objects, columns outside the schema, values out of their range) is
-    renamed `<journal>.damaged` and `warn(message)` is called: one damaged file must not stop
-    every later run on the folder."""
-    written = []
-    for journal in sorted(Path(results_dir).glob(f"*/.*{JOURNAL_SUFFIX}")):
-        if not journal.is_file():
-            continue  # not a journal this project wrote
-        with open(journal, encoding="utf-8") as handle:
-            try:  # held until the journal is gone, so that no run can claim it meanwhile
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # a live run's
-            run_id = journal.name[1:-len(JOURNAL_SUFFIX)]
-            if not (journal.parent / f"{run_id}.csv").exists():
-                try:
-                    rows = _journal_rows(handle.read(), journal)
-                    if rows:
-                        report = write_csv(rows, results_dir, journal.parent.name, run_id)
-                        _recover_query_record(journal, report)
-                        written.append(report)
-                except (InputError, UnicodeDecodeError) as error:
-                    aside = journal.with_name(journal.name + DAMAGED_SUFFIX)
-                    os.replace(journal, aside)
-                    if warn is not None:
-                        warn(f"set aside a damaged journal as {aside}: {error}")
-                    continue
-            journal.unlink()
-            queries_journal(journal).unlink(missing_ok=True)
-    return written
-
-
-def _recover_query_record(journal: Path, report: Path) -> None:
-    """The per-query record of a killed run, from its queries journal (a torn last line is left out)."""
-    from amg.benchmark.query_record import save_query_record  # (a sibling that never imports this module)
-
-    path = queries_journal(journal)
-    if not path.is_file():
-        return
-    values = {}
-    for _, entry in _journal_lines(path.read_text(encoding="utf-8")):
-        if isinstance(entry, dict):
-            values.update({k: v for k, v in entry.items() if isinstance(v, dict)})
-    if values:
-        save_query_record(report, values)
-
-
-def _journal_rows(text: str, journal: Path) -> list[dict[str, Any]]:
-    """The rows of a killed run's journal, as an interrupted run's; InputError for rows that are not the suite's."""
-    rows = []
-    for number, row in _journal_lines(text):
-        if not isinstance(row, dict):
-            raise InputError(f"{journal} line {number} is not a row (a JSON object)")
-        unknown = sorted(set(row) - set(COLUMNS))
-        if unknown:
-            raise InputError(f"{journal} line {number} has columns outside the schema: {unknown}")
-        row = {**row, "run_status": INTERRUPTED}
-        check_row({column: csv_cell(value) for column, value in row.items()}, f"{journal} line {number}")
-        rows.append(row)
-    return rows
-
-
-def _journal_lines(text: str) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed JSON) of each line of a journal, up to the first that does not parse:
-    the line being written when the run was killed."""
-    for number, line in enumerate(text.splitlines(), start=1):
-        try:
-            yield number, json.loads(line)
-        except json.JSONDecodeError:
-            return

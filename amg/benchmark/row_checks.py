@@ -13,33 +13,47 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
+import numpy as np
+
 from amg.errors import InputError
+
+# A rule's test takes one float or a whole column (a numpy array) alike: `check_row` words the
+# error for one row, `first_violation` finds it among a million rows at array speed.
+Number = float | np.ndarray
 
 
 @dataclass(frozen=True)
 class Rule:
-    accepts: Callable[[float], bool]
+    accepts: Callable[[Number], bool | np.ndarray]
     means: str  # what the column must hold, for the message
 
 
-def _fraction(value: float) -> bool:
-    return 0.0 <= value <= 1.0
+def _fraction(value: Number):
+    return (value >= 0.0) & (value <= 1.0)
 
 
-def _positive(value: float) -> bool:
+def _positive(value: Number):
     return value > 0
 
 
-def _non_negative(value: float) -> bool:
+def _non_negative(value: Number):
     return value >= 0
 
 
-def _count(value: float) -> bool:
-    return value >= 0 and value == int(value)
+def _count(value: Number):
+    return (value >= 0) & (value == np.floor(value))
 
 
-def _whole_positive(value: float) -> bool:
-    return value >= 1 and value == int(value)
+def _whole_positive(value: Number):
+    return (value >= 1) & (value == np.floor(value))
+
+
+def _at_most_one(value: Number):
+    return value <= 1.0
+
+
+def _cosine(value: Number):
+    return (value >= -1.0 - 1e-6) & (value <= 1.0 + 1e-6)
 
 
 FRACTION = Rule(_fraction, "a fraction between 0 and 1")
@@ -47,8 +61,8 @@ POSITIVE = Rule(_positive, "a number > 0")
 NON_NEGATIVE = Rule(_non_negative, "a number >= 0")
 COUNT = Rule(_count, "a whole number >= 0")
 WHOLE_POSITIVE = Rule(_whole_positive, "a whole number >= 1")
-AT_MOST_ONE = Rule(lambda value: value <= 1.0, "a number <= 1")
-COSINE = Rule(lambda value: -1.0 - 1e-6 <= value <= 1.0 + 1e-6, "a cosine between -1 and 1")
+AT_MOST_ONE = Rule(_at_most_one, "a number <= 1")
+COSINE = Rule(_cosine, "a cosine between -1 and 1")
 
 ACCURACY_COLUMNS = tuple(f"{split}_{metric}" for split in ("query", "occluded")
                          for metric in ("rank1", "rank5", "mAP", "mINP"))
@@ -100,6 +114,11 @@ def finite_number(text: str) -> float | None:
     return number if math.isfinite(number) else None
 
 
+def choice_accepted(column: str, value: str) -> bool:
+    """Whether a text column with a closed set of values (`CHOICES`; any other column: anything) may hold `value`."""
+    return not value or column not in CHOICES or value in CHOICES[column]
+
+
 def check_row(row: Mapping[str, str], where: str) -> None:
     """Raise InputError naming `where` (file and line) and the column for a value out of its rule."""
     numbers: dict[str, float] = {}
@@ -110,12 +129,12 @@ def check_row(row: Mapping[str, str], where: str) -> None:
         number = finite_number(text)
         if number is None:
             raise InputError(f"{where}: {column} {text!r} is not a number (a finite one; empty if not measured)")
-        if not rule.accepts(number):
+        if not bool(rule.accepts(number)):
             raise InputError(f"{where}: {column} {text!r} must be {rule.means}")
         numbers[column] = number
     for column, choices in CHOICES.items():
         value = row.get(column) or ""
-        if value and value not in choices:
+        if not choice_accepted(column, value):
             raise InputError(f"{where}: {column} {value!r} is none of {', '.join(choices)}")
     for center, low, high in SPEEDUP_INTERVALS:
         _check_interval(numbers, center, low, high, where)
@@ -132,3 +151,25 @@ def _check_interval(numbers: Mapping[str, float], center: str, low: str, high: s
     if not numbers[low] - slack <= numbers[center] <= numbers[high] + slack:
         raise InputError(f"{where}: {center} {numbers[center]:g} lies outside its own interval "
                          f"[{numbers[low]:g}, {numbers[high]:g}]")
+
+
+def number_violations(column: str, values: np.ndarray) -> np.ndarray:
+    """Which of many rows' values (floats, NaN: empty) break `column`'s rule; `check_row` on such
+    a row words the error."""
+    with np.errstate(invalid="ignore"):
+        return ~np.isnan(values) & ~(np.isfinite(values) & NUMBER_RULES[column].accepts(values))
+
+
+def interval_violations(center: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Which of many rows' speed-up intervals (one of `SPEEDUP_INTERVALS`, NaN: empty) are incomplete
+    or do not hold their value."""
+    return _outside_interval(center, low, high)
+
+
+def _outside_interval(center: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    has_low, has_high, has_center = ~np.isnan(low), ~np.isnan(high), ~np.isnan(center)
+    bounded = has_low & has_high & has_center
+    slack = _INTERVAL_SLACK * np.where(bounded, center, 0.0)
+    with np.errstate(invalid="ignore"):
+        inside = (low - slack <= center) & (center <= high + slack)
+    return ((has_low | has_high) & ~bounded) | (bounded & ~inside)

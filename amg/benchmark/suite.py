@@ -24,7 +24,7 @@ import amg
 from amg.benchmark.plan_store import PlanStore
 from amg.benchmark.profiles import UNPRUNED, Case, Profile, PruneSpec
 from amg.benchmark.pruned_models import PrunedModels
-from amg.benchmark.results import append_journal, queries_journal
+from amg.benchmark.journals import append_journal, queries_journal
 from amg.benchmark.study_folder import StudyFolder
 from amg.data.layout import ReIDDataset
 from amg.data.transforms import normalize

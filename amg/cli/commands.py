@@ -311,12 +311,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_baseline(args: argparse.Namespace) -> int:
     from amg.reporting.baselines import make_baseline
-    from amg.reporting.gate import machine
+    from amg.reporting.run_frames import machine
 
     if args.into:
         args.into.mkdir(parents=True, exist_ok=True)
-    path, rows = make_baseline(args.runs, args.out or args.into)
-    print(f"{path}: {len(rows)} rows from {len(args.runs)} runs on {machine(rows)} "
+    baseline = make_baseline(args.runs, args.out or args.into)
+    print(f"{baseline.path}: {len(baseline.frame)} rows from {len(args.runs)} runs on {machine(baseline.frame)} "
           "(speed-ups: the runs' median, intervals spanning theirs)")
     return 0
 

@@ -17,24 +17,16 @@ import dataclasses
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
-from amg.benchmark.results import INTERRUPTED, ReportError, ResultsFile, csv_text, read_csv, safe_name
+import pandas as pd
+
+from amg.benchmark.results import COLUMNS, INTERRUPTED, ReportError, csv_text, safe_name
+from amg.benchmark.results_file import ResultsFile, frame_of_rows, read_csv
 from amg.errors import InputError
 from amg.files import write_text_atomic
-from amg.reporting.gate import (
-    ACCURACY_METRICS,
-    MACS_METRIC,
-    GateResult,
-    SpeedupRule,
-    Tolerances,
-    compare,
-    held_to_the_share_rule,
-    index_rows,
-    machine,
-    mismatches,
-    parse_number,
-)
+from amg.reporting.gate import ACCURACY_METRICS, MACS_METRIC, GateResult, SpeedupRule, Tolerances, compare, held_rows, read_for_gate
+from amg.reporting.run_frames import distinct_text, index_rows, machine, mismatches, parse_number
 
 # What a row was measured on, for choosing its baseline: the CPU or GPU and the thread count.
 Machine = frozenset  # of (device_name, threads) pairs: a run may measure a CPU and a GPU
@@ -48,14 +40,13 @@ _SPEEDUP_TRIPLES = (("speedup", "speedup_ci_low", "speedup_ci_high"),
 _LATENCY_COLUMNS = ("latency_median_ms", "latency_p90_ms", "latency_p99_ms")  # the reruns' median
 
 
-def machine_of(rows: Iterable[Mapping[str, str]]) -> Machine:
-    return frozenset((str(row.get("device_name") or "").strip(), str(row.get("threads") or "").strip())
-                     for row in rows)
+def machine_of(frame: pd.DataFrame) -> Machine:
+    return frozenset(zip(distinct_text(frame, "device_name"), distinct_text(frame, "threads")))
 
 
-def baseline_file_name(rows: Sequence[Mapping[str, str]]) -> str:
-    """The conventional file name of a baseline made on the machine that made `rows`, e.g. amd-epyc-2t.csv."""
-    names = [f"{device}-{threads}t" for device, threads in sorted(machine_of(rows))]
+def baseline_file_name(frame: pd.DataFrame) -> str:
+    """The conventional file name of a baseline made on the machine that made a run's rows, e.g. amd-epyc-2t.csv."""
+    names = [f"{device}-{threads}t" for device, threads in sorted(machine_of(frame))]
     return safe_name("+".join(names)).lower() + ".csv"
 
 
@@ -69,16 +60,17 @@ class Choice:
 
     def describe(self, current: ResultsFile, tolerances: Tolerances) -> str:
         if self.rule is SpeedupRule.SAME_CPU:
-            return f"baseline: {self.baseline.path} (this CPU's: {machine(self.baseline.rows)})"
-        held = sum(1 for row in self.baseline.rows if row.get("speedup") and held_to_the_share_rule(row, tolerances))
-        offered = "; ".join(f"{machine(c.rows)} ({c.path.name})" for c in self.candidates)
+            return f"baseline: {self.baseline.path} (this CPU's: {machine(self.baseline.frame)})"
+        frame = self.baseline.frame
+        held = int((held_rows(frame, tolerances) & frame["speedup"].notna().to_numpy()).sum())
+        offered = "; ".join(f"{machine(c.frame)} ({c.path.name})" for c in self.candidates)
         folder = self.baseline.path.parent
-        return (f"no baseline for this CPU ({machine(current.rows)}) among: {offered}\n"
+        return (f"no baseline for this CPU ({machine(current.frame)}) among: {offered}\n"
                 f"accuracy and MACs against {self.baseline.path}; speed-ups not compared with another CPU's: "
                 f"the {held} rows saving >= {tolerances.share_floor:.0%} of MACs by heads or the class-token block "
                 f"must keep a speed-up of 1 + {tolerances.speedup_share:g} x their saving\n"
                 f"to make this CPU's baseline: rerun the same benchmark 3 times on it, one after another, then\n"
-                f"  amg baseline RUN1.csv RUN2.csv RUN3.csv --into {folder}   (writes {baseline_file_name(current.rows)})")
+                f"  amg baseline RUN1.csv RUN2.csv RUN3.csv --into {folder}   (writes {baseline_file_name(current.frame)})")
 
 
 def _baseline_files(path: Path) -> list[Path]:
@@ -92,26 +84,26 @@ def _baseline_files(path: Path) -> list[Path]:
 
 def choose(baseline_path: str | Path, current: ResultsFile) -> Choice:
     """The baseline for `current` in `baseline_path` (a baseline CSV, or a folder of them, one per CPU)."""
-    candidates = tuple(read_csv(path) for path in _baseline_files(Path(baseline_path)))
+    candidates = tuple(read_for_gate(path) for path in _baseline_files(Path(baseline_path)))
     by_machine: dict[Machine, ResultsFile] = {}
     for candidate in candidates:
-        other = by_machine.setdefault(machine_of(candidate.rows), candidate)
+        other = by_machine.setdefault(machine_of(candidate.frame), candidate)
         if other is not candidate:
-            raise ReportError(f"{other.path} and {candidate.path} are both baselines for {machine(candidate.rows)}: "
+            raise ReportError(f"{other.path} and {candidate.path} are both baselines for {machine(candidate.frame)}: "
                               "keep one per CPU model and thread count")
-    same_cpu = by_machine.get(machine_of(current.rows))
+    same_cpu = by_machine.get(machine_of(current.frame))
     if same_cpu is not None:
         return Choice(same_cpu, SpeedupRule.SAME_CPU, candidates)
     return Choice(candidates[0], SpeedupRule.MACS_SHARE, candidates)
 
 
 def gate(baseline_path: str | Path, current_path: str | Path, tolerances: Tolerances = Tolerances(),
-         allow_mismatch: bool = False) -> GateResult:
-    """Read the run and its baseline (a file, or the run's CPU's in a folder) and compare them.
-    Raises `ReportError` naming the file for unreadable input."""
-    current = read_csv(current_path)
+         allow_mismatch: bool = False, keep_passing: bool = False) -> GateResult:
+    """Read the run and its baseline (a file, or the run's CPU's in a folder) and compare them
+    (`compare`). Raises `ReportError` naming the file for unreadable input."""
+    current = read_for_gate(current_path)
     choice = choose(baseline_path, current)
-    result = compare(choice.baseline, current, tolerances, allow_mismatch, choice.rule)
+    result = compare(choice.baseline, current, tolerances, allow_mismatch, choice.rule, keep_passing)
     return dataclasses.replace(result, basis=choice.describe(current, tolerances))
 
 
@@ -128,12 +120,12 @@ def _check_reruns(runs: Sequence[ResultsFile]) -> list[dict[tuple, dict[str, str
             raise ReportError(f"{run.path} and {seen[run_id]} are one run ({run_id}), not reruns: "
                               "give each rerun once")
         seen[run_id] = run.path
-        if any(row["run_status"] == INTERRUPTED for row in run.rows):  # read_csv checked its spelling
+        if (distinct_text(run.frame, "run_status") == INTERRUPTED).any():  # read_csv checked its spelling
             raise ReportError(f"{run.path} is an interrupted run: it cannot go into a baseline (measure it again)")
-        if machine_of(run.rows) != machine_of(first.rows):
-            raise ReportError(f"{run.path} was made on {machine(run.rows)}, {first.path} on {machine(first.rows)}: "
+        if machine_of(run.frame) != machine_of(first.frame):
+            raise ReportError(f"{run.path} was made on {machine(run.frame)}, {first.path} on {machine(first.frame)}: "
                               "a baseline is one CPU model's")
-        differences = mismatches(first.rows, run.rows)
+        differences = mismatches(first.frame, run.frame)
         if differences:
             raise ReportError(f"{run.path} was not made under the conditions of {first.path}: {'; '.join(differences)}")
     keyed = [index_rows(run.rows, str(run.path)) for run in runs]  # two rows of one key are refused
@@ -179,11 +171,13 @@ def combine(runs: Sequence[ResultsFile]) -> list[dict[str, str]]:
     return combined
 
 
-def make_baseline(run_paths: Sequence[str | Path], out: str | Path) -> tuple[Path, list[dict[str, str]]]:
-    """Write the baseline `combine` makes of the runs at `run_paths` to `out`, atomically; `out`
-    may be a baseline folder, where it is named after the runs' CPU (`baseline_file_name`)."""
+def make_baseline(run_paths: Sequence[str | Path], out: str | Path) -> ResultsFile:
+    """Write the baseline `combine` makes of the runs at `run_paths` to `out`, atomically, and
+    return it; `out` may be a baseline folder, where it is named after the runs' CPU
+    (`baseline_file_name`)."""
     rows = combine([read_csv(path) for path in run_paths])
+    frame = frame_of_rows(rows, COLUMNS)
     out = Path(out)
     if out.is_dir():
-        out = out / baseline_file_name(rows)
-    return write_text_atomic(out, csv_text(rows)), rows
+        out = out / baseline_file_name(frame)
+    return ResultsFile(write_text_atomic(out, csv_text(rows)), frame)

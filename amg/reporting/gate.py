@@ -38,12 +38,25 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping
 
-from amg.benchmark.results import INTERRUPTED, KEY_COLUMNS, ReportError, ResultsFile, csv_cell
+import numpy as np
+import pandas as pd
+
+from amg.benchmark.results import INTERRUPTED, KEY_COLUMNS, ReportError, csv_cell
+from amg.benchmark.results_file import ResultsFile, frame_of_rows, read_csv
 from amg.benchmark.row_checks import check_row
 from amg.errors import InputError
-from amg.measure.contention import contended
+from amg.measure.contention import CONTENDED_SHARE
+from amg.reporting.run_frames import (
+    COMPARABLE_COLUMNS,
+    RowKeys,
+    distinct_text,
+    machine,
+    matching_keys,
+    mismatches,
+    parse_number,
+)
 
 ACCURACY_METRICS = (
     "query_rank1",
@@ -133,6 +146,7 @@ class GateResult:
     mismatches: list[str] = field(default_factory=list)  # compared anyway (allow_mismatch)
     speedup_rule: SpeedupRule = SpeedupRule.SAME_CPU
     basis: str = ""  # which baseline was used, and why (amg.reporting.baselines)
+    metrics_checked: int = 0  # values judged, passing ones included (findings keep only failures and notes)
 
     @property
     def passed(self) -> bool:
@@ -146,114 +160,9 @@ class GateResult:
     def missing(self) -> list[Finding]:
         return [f for f in self.findings if f.verdict == MISSING]
 
-    @property
-    def metrics_checked(self) -> int:
-        return sum(1 for f in self.findings if f.metric in CHECKED_METRICS)
-
-
-def parse_number(value: Any) -> float | None:
-    """A finite float, or None for empty / None / NaN / infinite / not a number."""
-    if value is None:
-        return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        number = float(value)
-    else:
-        text = str(value).strip()
-        if not text:
-            return None
-        try:
-            number = float(text)
-        except ValueError:
-            return None
-    return number if math.isfinite(number) else None
-
-
-def machine(rows: Sequence[Mapping[str, Any]]) -> str:
-    """The CPU or GPU (`device_name`) and thread counts that made `rows`, e.g. "AMD EPYC, 2 threads"."""
-    seen = dict.fromkeys(f"{row.get('device_name') or 'unknown device'}, {row.get('threads') or '?'} threads"
-                         for row in rows)
-    return " + ".join(seen)
-
-
-# What must be equal for two runs to be compared: a speed-up measured with other threads, at
-# another input size or on another device is another experiment, not a regression.
-COMPARABLE_COLUMNS = ("device_id", "threads", "input_size")
-
 
 class RunMismatch(ReportError):
     """The baseline and the run were made under different conditions (device, threads, input, backends)."""
-
-
-def mismatches(baseline_rows: Sequence[Mapping[str, Any]], current_rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """How the two runs' conditions differ, one line each (blank values, e.g. older CSVs, are not compared)."""
-    found = []
-    for column in COMPARABLE_COLUMNS:
-        base = {str(row[column]).strip() for row in baseline_rows if not _is_blank(row.get(column))}
-        cur = {str(row[column]).strip() for row in current_rows if not _is_blank(row.get(column))}
-        if base and cur and base != cur:
-            found.append(f"{column}: baseline {', '.join(sorted(base))}; current {', '.join(sorted(cur))}")
-    base_backends = {row.get("backend") for row in baseline_rows}
-    cur_backends = {row.get("backend") for row in current_rows}
-    if current_rows and not base_backends & cur_backends:
-        found.append(f"backend: no backend in common (baseline {', '.join(sorted(map(str, base_backends)))}; "
-                     f"current {', '.join(sorted(map(str, cur_backends)))})")
-    return found
-
-
-def _is_blank(value: Any) -> bool:
-    return value is None or (isinstance(value, str) and not value.strip())
-
-
-def row_key(row: Mapping[str, Any], source: str, index: int) -> tuple:
-    """(config_id, backend, precision, batch as an integer) of a CSV row; `source` and `index` name it in errors."""
-    values = []
-    for column in KEY_COLUMNS:
-        value = row.get(column)
-        if _is_blank(value):
-            raise ReportError(f"{source} row {index}: empty key column {column!r}")
-        values.append(str(value).strip())
-    batch = parse_number(values[-1])
-    if batch is None or batch != int(batch):
-        raise ReportError(f"{source} row {index}: batch {values[-1]!r} is not an integer")
-    return (*values[:-1], int(batch))
-
-
-def index_rows(rows: Iterable[Mapping[str, Any]], source: str) -> dict[tuple, Mapping[str, Any]]:
-    """Rows by key; two rows of one key are an error (either could hide a bad value behind the other)."""
-    by_key: dict[tuple, Mapping[str, Any]] = {}
-    for index, row in enumerate(rows, start=1):
-        key = row_key(row, source, index)
-        if key in by_key:
-            raise ReportError(f"{source} has two rows for {'/'.join(map(str, key))} (rows {list(by_key).index(key) + 1} "
-                              f"and {index}): a run measures each configuration once")
-        by_key[key] = row
-    return by_key
-
-
-def _rows_and_name(rows: ResultsFile | Iterable[Mapping[str, Any]], default: str) -> tuple[list, str]:
-    if isinstance(rows, ResultsFile):
-        return list(rows.rows), str(rows.path)  # read_csv checked every row
-    rows = list(rows)
-    for index, row in enumerate(rows, start=1):
-        try:
-            check_row({column: csv_cell(value) for column, value in row.items()}, f"{default} row {index}")
-        except InputError as error:
-            raise ReportError(str(error)) from None
-    return rows, default
-
-
-def _intervals(row: Mapping[str, Any]) -> tuple[float, float] | None:
-    low, high = parse_number(row.get("speedup_ci_low")), parse_number(row.get("speedup_ci_high"))
-    return (low, high) if low is not None and high is not None else None
-
-
-def _check_speedup_intervals(base: float, cur: float, base_ci: tuple[float, float], cur_ci: tuple[float, float],
-                             tol: Tolerances) -> tuple[str, str]:
-    """On evidence: the run's 95% interval wholly below the baseline's, and more than the floor lost."""
-    if cur_ci[1] < base_ci[0] and cur < base * (1 - tol.speedup_min_drop) - _EPSILON:
-        return REGRESSION, (f"speed-up fell to {cur / base:.1%} of baseline: interval [{cur_ci[0]:.3f}, "
-                            f"{cur_ci[1]:.3f}] below [{base_ci[0]:.3f}, {base_ci[1]:.3f}]")
-    return OK, ""
 
 
 def held_to_the_share_rule(row: Mapping[str, Any], tol: Tolerances) -> bool:
@@ -262,42 +171,108 @@ def held_to_the_share_rule(row: Mapping[str, Any], tol: Tolerances) -> bool:
     saving = parse_number(row.get("macs_saving"))
     pruned_elsewhere = any(str(row.get(column) or "none").strip() != "none"
                            for column in _POLICY_COLUMNS_OUTSIDE_THE_SHARE_RULE)
-    return saving is not None and saving >= tol.share_floor - _EPSILON and not pruned_elsewhere
+    return bool(_held(np.nan if saving is None else saving, pruned_elsewhere, tol))
 
 
-def required_speedup(base_row: Mapping[str, Any], tol: Tolerances) -> float:
+def held_rows(frame: pd.DataFrame, tol: Tolerances) -> np.ndarray:
+    """`held_to_the_share_rule` for every row of a frame at once."""
+    pruned_elsewhere = np.zeros(len(frame), dtype=bool)
+    for column in _POLICY_COLUMNS_OUTSIDE_THE_SHARE_RULE:
+        policy = distinct_text(frame, column)
+        pruned_elsewhere |= (policy != "none") & (policy != "")
+    return _held(frame["macs_saving"].to_numpy(dtype=float), pruned_elsewhere, tol)
+
+
+def _held(saving, pruned_elsewhere, tol: Tolerances):
+    with np.errstate(invalid="ignore"):
+        return ~np.isnan(saving) & (saving >= tol.share_floor - _EPSILON) & ~pruned_elsewhere
+
+
+def required_speedup(macs_saving, tol: Tolerances):
     """MACS_SHARE: the speed-up a configuration must keep, 1 + share x its MACs saving (the
     baseline's saving: the run's MACs are gated to be the baseline's)."""
-    return 1 + tol.speedup_share * parse_number(base_row.get("macs_saving"))
+    return 1 + tol.speedup_share * macs_saving
 
 
-def _check_speedup_share(floor: float, cur: float, cur_ci: tuple[float, float] | None,
-                         tol: Tolerances) -> tuple[str, str]:
-    """The run's speed-up (its interval's top, with one) must reach `floor`."""
-    top = cur_ci[1] if cur_ci else cur
-    if top < floor - _EPSILON:
-        measured = f"interval [{cur_ci[0]:.3f}, {cur_ci[1]:.3f}]" if cur_ci else f"{cur:.3f}"
-        return REGRESSION, (f"pruning's speed-up is lost: {measured} below 1 + {tol.speedup_share:g} x "
-                            f"MACs saving = {floor:.3f} (the least it must keep on any CPU)")
-    return OK, ""
+# The columns the gate keeps of a file (read_csv checks them all).
+GATE_COLUMNS = (*KEY_COLUMNS, "run_status", "device_name", *COMPARABLE_COLUMNS, *CHECKED_METRICS,
+                "speedup_ci_low", "speedup_ci_high", "macs_saving", *_POLICY_COLUMNS_OUTSIDE_THE_SHARE_RULE,
+                "other_cpu_share")
 
 
-def _check(metric: str, base: float, cur: float, tol: Tolerances) -> tuple[str, str]:
-    """(verdict, note) for one metric present in both runs."""
+def read_for_gate(path) -> ResultsFile:
+    """A run's or a baseline's file, as read_csv checks it, keeping the columns the gate reads."""
+    return read_csv(path, GATE_COLUMNS)
+
+
+def _frame_and_name(rows: ResultsFile | Iterable[Mapping[str, Any]], default: str) -> tuple[pd.DataFrame, str]:
+    if isinstance(rows, ResultsFile):
+        return rows.frame, str(rows.path)  # read_csv checked every row
+    rows = list(rows)
+    for index, row in enumerate(rows, start=1):
+        try:
+            check_row({column: csv_cell(value) for column, value in row.items()}, f"{default} row {index}")
+        except InputError as error:
+            raise ReportError(str(error)) from None
+    return frame_of_rows(rows, GATE_COLUMNS), default
+
+
+@dataclass(frozen=True)
+class _Sides:
+    """The baseline's and the run's values of one column, for the configurations both measured."""
+
+    base: np.ndarray
+    cur: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Matched:
+    """The configurations both runs measured: each one's row in the baseline and in the run."""
+
+    baseline: pd.DataFrame
+    current: pd.DataFrame
+    base_at: np.ndarray
+    cur_at: np.ndarray
+    held: np.ndarray  # held_rows of the baseline's rows
+
+    def sides(self, column: str) -> _Sides:
+        return _Sides(self.baseline[column].to_numpy(dtype=float)[self.base_at],
+                      self.current[column].to_numpy(dtype=float)[self.cur_at])
+
+
+def _metric_checks(metric: str, matched: _Matched, tol: Tolerances, rule: SpeedupRule):
+    """(which rows are judged, the baseline value shown, which regressed, a note for row i) of
+    one metric over the matched configurations."""
+    base, cur = (values := matched.sides(metric)).base, values.cur
+    judged = ~np.isnan(base)  # not measured in the baseline: not checked
     if metric in ACCURACY_METRICS:
-        if cur < base - tol.accuracy_drop - _EPSILON:
-            return REGRESSION, f"dropped {base - cur:.4f}, tolerance {tol.accuracy_drop:g}"
-        return OK, ""
+        fails = cur < base - tol.accuracy_drop - _EPSILON
+        return judged, base, fails, lambda i: f"dropped {base[i] - cur[i]:.4f}, tolerance {tol.accuracy_drop:g}"
     if metric == MACS_METRIC:
-        if abs(cur - base) > tol.macs_change * abs(base) + _EPSILON * max(1.0, abs(base)):
-            direction = "increased" if cur > base else "decreased"
-            return REGRESSION, f"{direction}: MACs must not change (tolerance {tol.macs_change:g} relative)"
-        return OK, ""
-    if metric == SPEEDUP_METRIC:
-        if cur < base * (1 - tol.speedup_drop) - _EPSILON:
-            return REGRESSION, f"speed-up fell to {cur / base:.1%} of baseline, tolerance {tol.speedup_drop:g}"
-        return OK, ""
-    raise InputError(f"no rule for metric {metric!r}")
+        fails = np.abs(cur - base) > tol.macs_change * np.abs(base) + _EPSILON * np.maximum(1.0, np.abs(base))
+        return judged, base, fails, lambda i: (f"{'increased' if cur[i] > base[i] else 'decreased'}: MACs must not "
+                                               f"change (tolerance {tol.macs_change:g} relative)")
+    low, high = matched.sides("speedup_ci_low"), matched.sides("speedup_ci_high")
+    cur_ci = ~np.isnan(low.cur) & ~np.isnan(high.cur)
+    if rule is SpeedupRule.MACS_SHARE:
+        floor = required_speedup(matched.sides("macs_saving").base, tol)  # what the table shows as the bar to reach
+        fails = np.where(cur_ci, high.cur, cur) < floor - _EPSILON
+
+        def share_note(i: int) -> str:
+            measured = f"interval [{low.cur[i]:.3f}, {high.cur[i]:.3f}]" if cur_ci[i] else f"{cur[i]:.3f}"
+            return (f"pruning's speed-up is lost: {measured} below 1 + {tol.speedup_share:g} x MACs saving = "
+                    f"{floor[i]:.3f} (the least it must keep on any CPU)")
+        return judged & matched.held, floor, fails, share_note
+    both_ci = cur_ci & ~np.isnan(low.base) & ~np.isnan(high.base)
+    by_interval = (high.cur < low.base) & (cur < base * (1 - tol.speedup_min_drop) - _EPSILON)
+    by_drop = cur < base * (1 - tol.speedup_drop) - _EPSILON
+
+    def speedup_note(i: int) -> str:
+        if both_ci[i]:
+            return (f"speed-up fell to {cur[i] / base[i]:.1%} of baseline: interval [{low.cur[i]:.3f}, "
+                    f"{high.cur[i]:.3f}] below [{low.base[i]:.3f}, {high.base[i]:.3f}]")
+        return f"speed-up fell to {cur[i] / base[i]:.1%} of baseline, tolerance {tol.speedup_drop:g}"
+    return judged, base, np.where(both_ci, by_interval, by_drop), speedup_note
 
 
 def compare(
@@ -306,70 +281,74 @@ def compare(
     tolerances: Tolerances = Tolerances(),
     allow_mismatch: bool = False,
     speedup_rule: SpeedupRule = SpeedupRule.SAME_CPU,
+    keep_passing: bool = False,
 ) -> GateResult:
     """Compare rows of a run with rows of a baseline (CSV rows as dicts, or `ResultsFile`s);
     `speedup_rule` says whether the baseline's speed-ups are this CPU's (`SAME_CPU`) or not.
+    Findings are the failures and the notes; `keep_passing` adds every passing check.
 
     Raises `ReportError` for a row whose key columns are empty or whose batch is not an integer,
     and `RunMismatch` for runs made under other conditions (`mismatches`) unless `allow_mismatch`.
     """
-    baseline_list, baseline_name = _rows_and_name(baseline_rows, "baseline")
-    current_list, current_name = _rows_and_name(current_rows, "current")
-    findings: list[Finding] = []
-    if not baseline_list:
-        findings.append(Finding((), BASELINE, None, None, MISSING, f"{baseline_name} has no rows: nothing to compare"))
-        return GateResult(findings)
-    if any(row.get("run_status") == INTERRUPTED for row in baseline_list):
+    baseline_frame, baseline_name = _frame_and_name(baseline_rows, "baseline")
+    current_frame, current_name = _frame_and_name(current_rows, "current")
+    if not len(baseline_frame):
+        return GateResult([Finding((), BASELINE, None, None, MISSING, f"{baseline_name} has no rows: nothing to compare")])
+    if (distinct_text(baseline_frame, "run_status") == INTERRUPTED).any():
         raise ReportError(f"{baseline_name} is an interrupted run: it cannot be a baseline (measure it again)")
-    differences = mismatches(baseline_list, current_list)
+    differences = mismatches(baseline_frame, current_frame)
     if differences and not allow_mismatch:
         raise RunMismatch(f"{current_name} was not made under the conditions of {baseline_name}: "
                           + "; ".join(differences) + " (--allow-mismatch compares them anyway)")
-    baseline, current = index_rows(baseline_list, baseline_name), index_rows(current_list, current_name)
+    base_keys, cur_keys = matching_keys((baseline_frame, baseline_name), (current_frame, current_name))
+    cur_at = pd.Index(cur_keys.codes).get_indexer(base_keys.codes)  # each baseline row's in the run, or -1
+    base_at = np.flatnonzero(cur_at >= 0)
+    cur_at = cur_at[base_at]
+    findings: list[tuple[tuple, Finding]] = []  # (order, finding): the baseline's row order, then metric order
+    for position in np.flatnonzero(~np.isin(base_keys.codes, cur_keys.codes)):
+        findings.append(((position, -1), Finding(base_keys.of(position), CONFIGURATION, None, None, MISSING,
+                                                 "configuration absent from the current run")))
+    both = _Matched(baseline_frame, current_frame, base_at, cur_at, held_rows(baseline_frame, tolerances)[base_at])
+    checked = 0
+    for order, metric in enumerate(CHECKED_METRICS):
+        values = both.sides(metric)
+        judged, shown, fails, note = _metric_checks(metric, both, tolerances, speedup_rule)
+        lacking = judged & np.isnan(values.cur)
+        failing = judged & ~lacking & fails
+        checked += int(judged.sum())
+        for i in np.flatnonzero(lacking):
+            findings.append(((base_at[i], order), Finding(base_keys.of(base_at[i]), metric, float(shown[i]), None, MISSING,
+                                                          "current value is empty")))
+        for i in np.flatnonzero(failing):
+            findings.append(((base_at[i], order), Finding(base_keys.of(base_at[i]), metric, float(shown[i]), float(values.cur[i]),
+                                                          REGRESSION, note(i))))
+        if keep_passing:
+            for i in np.flatnonzero(judged & ~lacking & ~fails):
+                findings.append(((base_at[i], order), Finding(base_keys.of(base_at[i]), metric, float(shown[i]),
+                                                              float(values.cur[i]), OK)))
+    findings.sort(key=lambda pair: pair[0])
+    new = np.flatnonzero(~np.isin(cur_keys.codes, base_keys.codes))
+    notes = _notes(new, current_frame, cur_keys, current_name)
+    return GateResult([finding for _, finding in findings] + notes, configurations=len(base_at),
+                      baseline_machine=machine(baseline_frame), current_machine=machine(current_frame),
+                      mismatches=differences, speedup_rule=speedup_rule, metrics_checked=checked)
 
-    for key, base_row in baseline.items():
-        cur_row = current.get(key)
-        if cur_row is None:
-            findings.append(Finding(key, CONFIGURATION, None, None, MISSING, "configuration absent from the current run"))
-            continue
-        base_ci, cur_ci = _intervals(base_row), _intervals(cur_row)
-        for metric in CHECKED_METRICS:
-            raw_base = base_row.get(metric)
-            if _is_blank(raw_base):
-                continue  # not measured in the baseline: not checked
-            base = parse_number(raw_base)
-            raw_cur = cur_row.get(metric)
-            cur = parse_number(raw_cur)
-            if base is None:
-                findings.append(Finding(key, metric, None, cur, MISSING,
-                                        f"baseline value {raw_base!r} is not a finite number"))
-                continue
-            if cur is None:
-                what = "empty" if _is_blank(raw_cur) else f"{raw_cur!r}, not a finite number"
-                findings.append(Finding(key, metric, base, None, MISSING, f"current value is {what}"))
-                continue
-            if metric == SPEEDUP_METRIC and speedup_rule is SpeedupRule.MACS_SHARE:
-                if not held_to_the_share_rule(base_row, tolerances):
-                    continue  # its saving does not reach latency alike on every CPU: not judged here
-                base = required_speedup(base_row, tolerances)  # what the table shows as the bar to reach
-                verdict, note = _check_speedup_share(base, cur, cur_ci, tolerances)
-            elif metric == SPEEDUP_METRIC and base_ci and cur_ci:
-                verdict, note = _check_speedup_intervals(base, cur, base_ci, cur_ci, tolerances)
-            else:
-                verdict, note = _check(metric, base, cur, tolerances)
-            findings.append(Finding(key, metric, base, cur, verdict, note))
 
-    for key, row in current.items():
-        if key not in baseline:
-            findings.append(Finding(key, CONFIGURATION, None, None, OK, "new: not in the baseline, not checked"))
-        share = parse_number(row.get("other_cpu_share"))
-        if contended(share):
-            findings.append(Finding(key, CONFIGURATION, None, None, OK,
-                                    f"timed while other processes took {100 * share:.0f}% of the CPU: "
-                                    "its speed-up deserves less trust"))
-    if any(row.get("run_status") == INTERRUPTED for row in current_list):
-        findings.append(Finding((), CONFIGURATION, None, None, OK,
-                                f"{current_name} is an interrupted run: configurations it did not reach are missing"))
-    return GateResult(findings, configurations=sum(1 for key in baseline if key in current),
-                      baseline_machine=machine(baseline_list), current_machine=machine(current_list),
-                      mismatches=differences, speedup_rule=speedup_rule)
+def _notes(new: np.ndarray, current: pd.DataFrame, cur_keys: RowKeys, current_name: str) -> list[Finding]:
+    """Passing notes on the run's rows, in its row order: configurations new to it (`new`, their
+    positions), rows timed under contention."""
+    share = current["other_cpu_share"].to_numpy(dtype=float)
+    new = set(new.tolist())
+    notes = []
+    for position in sorted(new | set(np.flatnonzero(share > CONTENDED_SHARE).tolist())):
+        key = cur_keys.of(position)
+        if position in new:
+            notes.append(Finding(key, CONFIGURATION, None, None, OK, "new: not in the baseline, not checked"))
+        if share[position] > CONTENDED_SHARE:
+            notes.append(Finding(key, CONFIGURATION, None, None, OK,
+                                 f"timed while other processes took {100 * share[position]:.0f}% of the CPU: "
+                                 "its speed-up deserves less trust"))
+    if (distinct_text(current, "run_status") == INTERRUPTED).any():
+        notes.append(Finding((), CONFIGURATION, None, None, OK,
+                             f"{current_name} is an interrupted run: configurations it did not reach are missing"))
+    return notes

@@ -139,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         parser.error(str(error))
     try:
-        result = gate(args.baseline, args.current, tolerances, args.allow_mismatch)
+        result = gate(args.baseline, args.current, tolerances, args.allow_mismatch, keep_passing=args.verbose)
     except ReportError as error:
         print(f"amg gate: error: {error}", file=sys.stderr)
         return EXIT_USAGE

@@ -11,10 +11,10 @@ import csv
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import pandas as pd
 
-from amg.benchmark.results import COLUMNS, ReportError, ResultsFile, find_csvs, read_csv
+from amg.benchmark.results import COLUMNS, ReportError, find_csvs
+from amg.benchmark.results_file import ResultsFile, read_csv
 from amg.benchmark.row_checks import NUMBER_RULES
 
 NUMERIC_COLUMNS = list(NUMBER_RULES)  # read_csv has checked each against its rule
@@ -38,13 +38,6 @@ def _paths(paths_or_dir: str | Path | Sequence[str | Path]) -> list[Path]:
     return paths
 
 
-def _numeric(frame: pd.DataFrame) -> pd.DataFrame:
-    """Numeric columns as floats/ints (empty -> NaN)."""
-    for column in NUMERIC_COLUMNS:
-        frame[column] = pd.to_numeric(frame[column].astype(object).where(frame[column] != "", np.nan))
-    return frame
-
-
 def _read(path: Path) -> ResultsFile:
     try:
         return read_csv(path)
@@ -56,14 +49,16 @@ def load_reports(paths_or_dir: str | Path | Sequence[str | Path]) -> pd.DataFram
     """All rows of the given CSVs (or of every CSV under a results folder) as one frame.
 
     Each file goes through `read_csv`, so a bad one raises `ReportError` naming it. Numeric
-    columns are numbers (empty -> NaN); the other columns stay text. `source` is the file.
+    columns are numbers (empty -> NaN); the other columns are text ("" when empty). `source`
+    is the file.
     """
     frames = []
     for path in _paths(paths_or_dir):
         results = _read(path)
-        frame = _numeric(pd.DataFrame(results.rows, dtype=object))
-        frames.append(frame.assign(source=str(results.path)))
+        frames.append(results.frame.assign(source=str(results.path)))
     frame = pd.concat(frames, ignore_index=True)
+    text = [c for c in frame.columns if c not in NUMERIC_COLUMNS]
+    frame[text] = frame[text].astype(str)  # categories of different files do not concatenate as categories
     extra = [c for c in frame.columns if c not in COLUMNS and c != "source"]
     return frame[COLUMNS + extra + ["source"]]
 
